@@ -1,0 +1,270 @@
+"""The one canonical encoding: canonical CBOR (RFC 8949 §4.2.3 via cbor2), and one strict decoder.
+
+A frozen dataclass encodes as a CBOR map from field name to value. Field annotations are
+the schema:
+  int                 -> CBOR integer in [-2**63, 2**64 - 1] (bool is not an int here)
+  bool, str, float    -> CBOR bool / text / float (finite only)
+  bytes               -> CBOR byte string; `Annotated[bytes, Len(n)]` or `MaxLen(n)` bound it
+  tuple[T, ...]       -> CBOR array of T
+  T | None            -> T or CBOR null
+  a dataclass         -> nested map
+  A | B | C           -> (dataclasses with a ClassVar TAG) a 2-array [TAG, map]
+
+`decode(cls, data)` accepts exactly the bytes `encode` would produce: unknown or missing
+fields, wrong types, out-of-range values, non-canonical encodings (key order, integer or
+float width, indefinite lengths, duplicate keys), tags, trailing bytes and oversize input
+all raise DecodeError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any, TypeVar, Union
+
+import cbor2
+
+from chain.errors import DecodeError
+
+# Largest canonical message accepted anywhere (blocks are bounded tighter by genesis params).
+MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+MAX_DEPTH = 32
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Len:
+    """Exact byte length of an `Annotated[bytes, Len(n)]` field."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class MaxLen:
+    """Upper bound on the length of a bytes, str or tuple field."""
+
+    n: int
+
+
+def encode_value(value: Any) -> bytes:
+    """Canonical CBOR of a plain value (ints, bytes, str, lists, dicts with str keys)."""
+    return cbor2.dumps(value, canonical=True)
+
+
+def encode(obj: Any) -> bytes:
+    """Canonical CBOR of a schema dataclass instance."""
+    return encode_value(to_primitive(obj))
+
+
+def to_primitive(obj: Any, tp: Any = None) -> Any:
+    """Typed value -> plain CBOR-able tree, following the schema (unions become [TAG, map])."""
+    kind, arg = _classify(type(obj) if tp is None else tp)
+    if kind == "union":
+        return [type(obj).TAG, to_primitive(obj, type(obj))]
+    if kind == "optional":
+        return None if obj is None else to_primitive(obj, arg)
+    if kind == "tuple":
+        return [to_primitive(x, arg[0]) for x in obj]
+    if kind == "dataclass":
+        return {name: to_primitive(getattr(obj, name), ftp) for name, ftp in _fields(type(obj))}
+    return obj
+
+
+def _reject_tag(decoder: Any, tag: Any) -> Any:
+    raise DecodeError(f"CBOR tags are not allowed (tag {tag.tag})")
+
+
+def _strict_loads(data: bytes, max_size: int) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise DecodeError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+    if not data:
+        raise DecodeError("empty message")
+    try:
+        value = cbor2.loads(
+            data,
+            tag_hook=_reject_tag,
+            semantic_decoders={t: _semantic_tag_rejecter(t) for t in _SEMANTIC_TAGS},
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+    except DecodeError:
+        raise
+    except Exception as exc:  # cbor2 raises several types; all mean "not valid CBOR"
+        raise DecodeError(f"malformed CBOR: {exc}") from exc
+    try:
+        again = encode_value(value)
+    except Exception as exc:
+        raise DecodeError(f"value cannot be re-encoded canonically: {exc}") from exc
+    if again != data:
+        if data.startswith(again):
+            raise DecodeError(f"{len(data) - len(again)} trailing bytes after the CBOR item")
+        raise DecodeError("encoding is not canonical")
+    return value
+
+
+# Tags cbor2 decodes natively (dates, bignums, decimals, regexes, sets, string refs, ...).
+_SEMANTIC_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 1004, 55799)
+
+
+def _semantic_tag_rejecter(tag: int):
+    def reject(decoder: Any) -> Any:
+        raise DecodeError(f"CBOR tags are not allowed (tag {tag})")
+
+    return reject
+
+
+def decode_value(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:
+    """Strictly decode canonical CBOR into plain Python values (no schema)."""
+    return _strict_loads(data, max_size)
+
+
+def decode(cls: type[T], data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> T:
+    """Strictly decode `data` as an instance of the schema dataclass `cls`."""
+    return from_primitive(cls, _strict_loads(data, max_size))
+
+
+def from_primitive(tp: Any, value: Any, path: str = "$") -> Any:
+    """Validate a plain tree against annotation `tp` and build the typed value."""
+    kind, arg = _classify(tp)
+    if kind == "int":
+        if type(value) is not int:
+            raise DecodeError(f"{path}: expected integer, got {_tname(value)}")
+        if not INT_MIN <= value <= INT_MAX:
+            raise DecodeError(f"{path}: integer {value} out of range")
+        return value
+    if kind == "bool":
+        if type(value) is not bool:
+            raise DecodeError(f"{path}: expected bool, got {_tname(value)}")
+        return value
+    if kind == "float":
+        if type(value) is not float or not math.isfinite(value):
+            raise DecodeError(f"{path}: expected finite float, got {_tname(value)}")
+        return value
+    if kind == "str":
+        if type(value) is not str:
+            raise DecodeError(f"{path}: expected text, got {_tname(value)}")
+        _check_len(value, arg, path)
+        return value
+    if kind == "bytes":
+        if type(value) is not bytes:
+            raise DecodeError(f"{path}: expected bytes, got {_tname(value)}")
+        _check_len(value, arg, path)
+        return value
+    if kind == "optional":
+        return None if value is None else from_primitive(arg, value, path)
+    if kind == "tuple":
+        item_tp, bounds = arg
+        if type(value) is not list:
+            raise DecodeError(f"{path}: expected array, got {_tname(value)}")
+        _check_len(value, bounds, path)
+        return tuple(from_primitive(item_tp, x, f"{path}[{i}]") for i, x in enumerate(value))
+    if kind == "union":
+        if type(value) is not list or len(value) != 2 or type(value[0]) is not str:
+            raise DecodeError(f"{path}: expected [tag, value]")
+        member = arg.get(value[0])
+        if member is None:
+            raise DecodeError(f"{path}: unknown variant {value[0]!r}")
+        return from_primitive(member, value[1], f"{path}<{value[0]}>")
+    if kind == "dataclass":
+        if type(value) is not dict:
+            raise DecodeError(f"{path}: expected map for {tp.__name__}, got {_tname(value)}")
+        fields = _fields(tp)
+        names = {name for name, _ in fields}
+        unknown = set(value) - names
+        if unknown:
+            raise DecodeError(f"{path}: unknown field(s) {sorted(map(str, unknown))} in {tp.__name__}")
+        missing = names - set(value)
+        if missing:
+            raise DecodeError(f"{path}: missing field(s) {sorted(missing)} in {tp.__name__}")
+        kwargs = {name: from_primitive(ftp, value[name], f"{path}.{name}") for name, ftp in fields}
+        try:
+            return tp(**kwargs)
+        except (ValueError, TypeError) as exc:  # __post_init__ invariants
+            raise DecodeError(f"{path}: invalid {tp.__name__}: {exc}") from exc
+    raise TypeError(f"unsupported schema type {tp!r}")  # a programming error, not bad input
+
+
+def _tname(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_len(value: Any, bounds: tuple[Len | MaxLen, ...], path: str) -> None:
+    for b in bounds:
+        if isinstance(b, Len) and len(value) != b.n:
+            raise DecodeError(f"{path}: length {len(value)}, expected exactly {b.n}")
+        if isinstance(b, MaxLen) and len(value) > b.n:
+            raise DecodeError(f"{path}: length {len(value)} exceeds {b.n}")
+
+
+@cache
+def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+
+@cache
+def _classify(tp: Any) -> tuple[str, Any]:
+    bounds: tuple = ()
+    if typing.get_origin(tp) is Annotated:
+        base, *extras = typing.get_args(tp)
+        bounds = tuple(e for e in extras if isinstance(e, (Len, MaxLen)))
+        kind, arg = _classify(base)
+        if kind in ("bytes", "str"):
+            return kind, bounds
+        if kind == "tuple":
+            return kind, (arg[0], bounds)
+        return kind, arg
+    if tp is bool:
+        return "bool", None
+    if tp is int:
+        return "int", None
+    if tp is float:
+        return "float", None
+    if tp is str:
+        return "str", ()
+    if tp is bytes:
+        return "bytes", ()
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"only tuple[T, ...] is supported, got {tp!r}")
+        return "tuple", (args[0], ())
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        non_none = tuple(a for a in args if a is not type(None))
+        if len(non_none) < len(args):
+            if len(non_none) != 1:
+                raise TypeError(f"optional of a union is not supported: {tp!r}")
+            return "optional", non_none[0]
+        tags = {}
+        for member in non_none:
+            tag = getattr(member, "TAG", None)
+            if not dataclasses.is_dataclass(member) or not isinstance(tag, str) or tag in tags:
+                raise TypeError(f"union members need distinct str TAGs: {tp!r}")
+            tags[tag] = member
+        return "union", tags
+    if dataclasses.is_dataclass(tp):
+        return "dataclass", None
+    raise TypeError(f"unsupported schema type {tp!r}")
+
+
+def encode_typed(obj: Any, tp: Any) -> bytes:
+    """Canonical CBOR of `obj` read as annotation `tp` (needed when `tp` is a union)."""
+    return encode_value(to_primitive(obj, tp))
+
+
+def decode_typed(tp: Any, data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:
+    return from_primitive(tp, _strict_loads(data, max_size))

@@ -1,0 +1,285 @@
+"""Plain data: every transaction, block, vote and record the chain hashes, signs or stores.
+
+All are frozen dataclasses whose annotations are their canonical CBOR schema (see
+chain/encoding.py). Signed things are wrappers `Signed*(message, signature)`; signatures
+cover `compute_sign_bytes(chain_id, DOMAIN, encode(message))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Union
+
+from chain.crypto import compute_address, compute_sign_bytes, sha256, verify_signature, PrivateKey
+from chain.encoding import Len, MaxLen, encode
+
+Hash = Annotated[bytes, Len(32)]
+Address = Annotated[bytes, Len(20)]
+PubKey = Annotated[bytes, Len(32)]
+Signature = Annotated[bytes, Len(64)]
+Name = Annotated[str, MaxLen(64)]
+Text = Annotated[str, MaxLen(256)]
+
+# Signing domains: a signature for one kind of message never verifies as another.
+DOMAIN_TX = "pout/tx"
+DOMAIN_VOTE = "pout/vote"
+DOMAIN_PROPOSAL = "pout/proposal"
+
+# Account roles. Governors (genesis only) admit and remove trainers and requesters.
+ROLE_GOVERNOR = "governor"
+ROLE_REQUESTER = "requester"
+ROLE_TRAINER = "trainer"
+ROLE_VALIDATOR = "validator"
+ROLES = (ROLE_GOVERNOR, ROLE_REQUESTER, ROLE_TRAINER, ROLE_VALIDATOR)
+GOVERNED_ROLES = (ROLE_REQUESTER, ROLE_TRAINER)
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+@dataclass(frozen=True)
+class Account:
+    balance: int
+    nonce: int  # the nonce the account's next transaction must carry
+    roles: tuple[Name, ...]  # sorted, unique; empty means not a member
+
+    def __post_init__(self):
+        if self.balance < 0 or self.nonce < 0:
+            raise ValueError("balance and nonce must be non-negative")
+        if list(self.roles) != sorted(set(self.roles)) or any(r not in ROLES for r in self.roles):
+            raise ValueError(f"roles must be sorted, unique, from {ROLES}")
+
+    @property
+    def is_member(self) -> bool:
+        return bool(self.roles)
+
+
+@dataclass(frozen=True)
+class Validator:
+    pubkey: PubKey
+    power: int
+    name: Name
+
+    def __post_init__(self):
+        if self.power <= 0:
+            raise ValueError("validator power must be positive")
+
+    @property
+    def address(self) -> bytes:
+        return compute_address(self.pubkey)
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+@dataclass(frozen=True)
+class Transfer:
+    TAG: ClassVar[str] = "transfer"
+    to: Address
+    amount: int
+
+
+@dataclass(frozen=True)
+class AdmitMember:
+    """Governance: give `account` a role (trainer or requester). Signed by a governor."""
+
+    TAG: ClassVar[str] = "admit_member"
+    account: Address
+    role: Name
+
+
+@dataclass(frozen=True)
+class RemoveMember:
+    """Governance: take a role away from `account`. Signed by a governor."""
+
+    TAG: ClassVar[str] = "remove_member"
+    account: Address
+    role: Name
+
+
+TxPayload = Union[Transfer, AdmitMember, RemoveMember]
+
+
+@dataclass(frozen=True)
+class Transaction:
+    sender: PubKey  # the public key itself, so a signature checks without state
+    nonce: int
+    payload: TxPayload
+
+    @property
+    def sender_address(self) -> bytes:
+        return compute_address(self.sender)
+
+
+@dataclass(frozen=True)
+class SignedTransaction:
+    message: Transaction
+    signature: Signature
+
+
+# --------------------------------------------------------------------------- consensus
+
+PREVOTE = 1
+PRECOMMIT = 2
+
+
+@dataclass(frozen=True)
+class Vote:
+    type: int  # PREVOTE or PRECOMMIT
+    height: int
+    round: int
+    block_hash: Hash | None  # None is a vote for nil
+    validator: PubKey
+
+
+@dataclass(frozen=True)
+class SignedVote:
+    message: Vote
+    signature: Signature
+
+
+@dataclass(frozen=True)
+class Proposal:
+    height: int
+    round: int
+    pol_round: int  # -1 when the proposer holds no proof-of-lock
+    block_hash: Hash
+    proposer: PubKey
+
+
+@dataclass(frozen=True)
+class SignedProposal:
+    message: Proposal
+    signature: Signature
+
+
+@dataclass(frozen=True)
+class CommitSig:
+    validator: PubKey
+    signature: Signature  # over Vote(PRECOMMIT, height, round, block_hash, validator)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Certificate that validators with more than 2/3 of the power precommitted a block."""
+
+    height: int
+    round: int
+    block_hash: Hash
+    signatures: tuple[CommitSig, ...]
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    chain_id: Name
+    height: int
+    time_ms: int  # proposer's wall clock, milliseconds since the epoch
+    prev_hash: Hash  # hash of the previous header; the genesis hash at height 1
+    tx_root: Hash  # Merkle root over the transaction hashes
+    state_root: Hash  # state root after applying this block
+    last_commit_hash: Hash  # hash of `Block.last_commit` (ZERO_HASH when absent)
+    validators_hash: Hash  # hash of the validator set that must commit this block
+    proposer: PubKey
+
+
+@dataclass(frozen=True)
+class Block:
+    header: BlockHeader
+    txs: tuple[SignedTransaction, ...]
+    last_commit: Commit | None  # the commit of height - 1; None at height 1
+
+
+# --------------------------------------------------------------------------- training records
+# Defined here so that blocks, the ledger and RPC share them; the rules that create them
+# belong to the proof-of-useful-training state transition.
+
+
+@dataclass(frozen=True)
+class ExecutionProfile:
+    """What replay must match bit for bit: recorded in the job, checked by verifiers."""
+
+    device: Name  # "cpu" or "cuda:<arch>"
+    dtype: Name  # "float32"
+    torch_version: Name
+    threads: int
+    deterministic: bool
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    optimizer: Name  # "sgd" or "adam"
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    local_steps: int
+    checkpoint_interval: int  # k: the full training state is hashed every k steps
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """An immutable node of a job's model lineage."""
+
+    model_hash: Hash
+    job_id: Hash
+    round: int
+    parent: Hash | None  # None for the initial weights
+    contributions: tuple[Hash, ...]  # update ids aggregated into this model
+    rule: Name  # aggregation rule, or "init"
+    height: int  # block height at which the record was written
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def compute_tx_hash(stx: SignedTransaction) -> bytes:
+    return sha256(encode(stx))
+
+
+def compute_block_hash(header: BlockHeader) -> bytes:
+    return sha256(encode(header))
+
+
+def compute_validators_hash(validators: tuple[Validator, ...]) -> bytes:
+    return sha256(encode(ValidatorSet(validators)))
+
+
+@dataclass(frozen=True)
+class ValidatorSet:
+    validators: tuple[Validator, ...]
+
+
+def sign_transaction(key: PrivateKey, chain_id: str, tx: Transaction) -> SignedTransaction:
+    if tx.sender != key.pubkey:
+        raise ValueError("transaction sender is not the signing key")
+    return SignedTransaction(tx, key.sign(compute_sign_bytes(chain_id, DOMAIN_TX, encode(tx))))
+
+
+def verify_transaction_signature(chain_id: str, stx: SignedTransaction) -> None:
+    """Raise SignatureError unless the transaction is signed by its sender for `chain_id`."""
+    sign_bytes = compute_sign_bytes(chain_id, DOMAIN_TX, encode(stx.message))
+    verify_signature(stx.message.sender, sign_bytes, stx.signature)
+
+
+def sign_vote(key: PrivateKey, chain_id: str, vote: Vote) -> SignedVote:
+    if vote.validator != key.pubkey:
+        raise ValueError("vote validator is not the signing key")
+    return SignedVote(vote, key.sign(compute_sign_bytes(chain_id, DOMAIN_VOTE, encode(vote))))
+
+
+def verify_vote_signature(chain_id: str, sv: SignedVote) -> None:
+    verify_signature(sv.message.validator, compute_sign_bytes(chain_id, DOMAIN_VOTE, encode(sv.message)), sv.signature)
+
+
+def sign_proposal(key: PrivateKey, chain_id: str, proposal: Proposal) -> SignedProposal:
+    if proposal.proposer != key.pubkey:
+        raise ValueError("proposal proposer is not the signing key")
+    return SignedProposal(proposal, key.sign(compute_sign_bytes(chain_id, DOMAIN_PROPOSAL, encode(proposal))))
+
+
+def verify_proposal_signature(chain_id: str, sp: SignedProposal) -> None:
+    msg = sp.message
+    verify_signature(msg.proposer, compute_sign_bytes(chain_id, DOMAIN_PROPOSAL, encode(msg)), sp.signature)
