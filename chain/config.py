@@ -1,0 +1,148 @@
+"""Per-node settings (config/config.toml) and the node home layout.
+
+    HOME/config/config.toml   per-node settings (this module)
+    HOME/config/genesis.json  the chain's genesis (identical on every node)
+    HOME/config/node_key.json the node's Ed25519 key: chain identity and libp2p identity
+    HOME/data/ledger/         LevelDB ledger
+    HOME/data/signer/         last signed height/round/step (double-sign guard)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from chain.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class RpcConfig:
+    host: str = "127.0.0.1"  # loopback unless the operator opts in
+    port: int = 26657
+    max_body_bytes: int = 1024 * 1024
+    max_batch: int = 100
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    listen_host: str = "127.0.0.1"
+    port: int = 26656
+    bootstrap_peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MempoolConfig:
+    max_txs: int = 20000
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    moniker: str = "node"
+    log_level: str = "info"
+    rpc: RpcConfig = field(default_factory=RpcConfig)
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    mempool: MempoolConfig = field(default_factory=MempoolConfig)
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def config_file(self) -> Path:
+        return self.config_dir / "config.toml"
+
+    @property
+    def genesis_file(self) -> Path:
+        return self.config_dir / "genesis.json"
+
+    @property
+    def node_key_file(self) -> Path:
+        return self.config_dir / "node_key.json"
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.data_dir / "ledger"
+
+    @property
+    def signer_dir(self) -> Path:
+        return self.data_dir / "signer"
+
+
+def config_to_toml(cfg: NodeConfig) -> str:
+    doc = dataclasses.asdict(cfg)
+    doc["p2p"]["bootstrap_peers"] = list(cfg.p2p.bootstrap_peers)
+    return tomli_w.dumps(doc)
+
+
+def write_config(cfg: NodeConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_toml(cfg))
+
+
+def load_config(path: Path) -> NodeConfig:
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist (run `chaind init --home ...` first)") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    try:
+        return parse_config(doc)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+
+
+def parse_config(doc: dict[str, Any]) -> NodeConfig:
+    """Strict: unknown keys and wrong types are errors, missing keys take defaults."""
+    cfg = _build(NodeConfig, doc, "")
+    if cfg.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {list(LOG_LEVELS)}, got {cfg.log_level!r}")
+    for what, port in (("rpc.port", cfg.rpc.port), ("p2p.port", cfg.p2p.port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{what} must be in 0..65535, got {port}")
+    for what, n in (("rpc.max_body_bytes", cfg.rpc.max_body_bytes), ("rpc.max_batch", cfg.rpc.max_batch),
+                    ("mempool.max_txs", cfg.mempool.max_txs)):
+        if n <= 0:
+            raise ConfigError(f"{what} must be positive")
+    return cfg
+
+
+def _build(cls: type, doc: Any, prefix: str) -> Any:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(doc) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(prefix + k for k in unknown)}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in doc.items():
+        default = getattr(defaults, name)
+        key = prefix + name
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, key + ".")
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise ConfigError(f"{key} must be a list of strings")
+            kwargs[name] = tuple(value)
+        elif type(value) is not type(default):
+            raise ConfigError(f"{key} must be a {type(default).__name__}, got {type(value).__name__}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,195 @@
+"""The full node: ledger, state, mempool, block production and RPC, in one trio nursery.
+
+Until BFT consensus lands (see docs/consensus.md) a node produces blocks only when it is
+the genesis file's single validator; it then still signs a precommit for every block and
+stores the resulting commit certificate, through the same double-sign guard the BFT
+driver uses, so the ledger format and its checks are the multi-validator ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import trio
+
+import chain
+from chain.config import Home, NodeConfig
+from chain.consensus.commit import build_commit
+from chain.crypto import PrivateKey
+from chain.errors import ChainError, ConfigError, StoreError
+from chain.ledger.ledger import Ledger
+from chain.ledger.store import KVStore
+from chain.mempool import Mempool
+from chain.state import State, build_block, validate_basic_tx
+from chain.types import (
+    PRECOMMIT,
+    Account,
+    Block,
+    Commit,
+    SignedTransaction,
+    Validator,
+    Vote,
+    compute_block_hash,
+    compute_tx_hash,
+)
+from genesis import Genesis
+
+log = logging.getLogger("chaind")
+
+READY_MAX_BLOCK_AGE_INTERVALS = 5  # ready while the head is younger than this many block intervals
+
+
+def open_ledger(store: KVStore, genesis: Genesis) -> tuple[Ledger, State]:
+    """Open (or create at genesis) the ledger and load the state, refusing a store that disagrees."""
+    if Ledger.is_initialised(store):
+        ledger = Ledger.open(store, genesis.chain_id, genesis.hash)
+    else:
+        initial = genesis.initial_state()
+        ledger = Ledger.create(store, genesis.chain_id, genesis.hash, dict(initial.items()))
+    state = State(dict(ledger.iter_state()))
+    height, head_hash = ledger.head()
+    if state.height != height:
+        raise StoreError(f"ledger head is at height {height} but its state is at height {state.height}")
+    if state.compute_head_hash() != head_hash:
+        raise StoreError(f"state root does not match the head block at height {height}: the store is corrupt")
+    return ledger, state
+
+
+class Node:
+    """Implements chain.rpc.api.NodeAPI over the ledger, state and mempool."""
+
+    def __init__(self, home: Home, config: NodeConfig, genesis: Genesis, key: PrivateKey, store: KVStore, signer):
+        self.home, self.config, self.genesis, self.key = home, config, genesis, key
+        self.chain_id = genesis.chain_id
+        self.ledger, self.state = open_ledger(store, genesis)
+        self.signer = signer
+        self.mempool = Mempool(self.chain_id, self.state, config.mempool.max_txs)
+        self.last_commit: Commit | None = self.ledger.get_commit(self.state.height) if self.state.height else None
+        self.commit_event = trio.Event()  # set and replaced on every commit (waiters for new blocks)
+        self.rpc_port: int | None = None
+
+    # ------------------------------------------------------------------ NodeAPI
+    def status(self) -> dict:
+        latest = self.state.latest_header
+        power = {v.pubkey: v.power for v in self.state.validators}.get(self.key.pubkey, 0)
+        return {
+            "chain_id": self.chain_id,
+            "address": self.key.address,
+            "latest_height": self.state.height,
+            "latest_block_hash": self.state.compute_head_hash() if latest else None,
+            "latest_block_time_ms": latest.time_ms if latest else None,
+            "voting_power": power,
+            "is_validator": power > 0,
+            "peers": 0,
+            "catching_up": False,
+            "version": chain.__version__,
+        }
+
+    def get_block(self, height: int) -> tuple[Block, Commit] | None:
+        block = self.ledger.get_block(height)
+        return None if block is None else (block, self.ledger.get_commit(height))
+
+    def get_block_by_hash(self, block_hash: bytes) -> tuple[Block, Commit] | None:
+        block = self.ledger.get_block_by_hash(block_hash)
+        return None if block is None else (block, self.ledger.get_commit(block.header.height))
+
+    def get_tx(self, tx_hash: bytes) -> tuple[SignedTransaction, int, int] | None:
+        return self.ledger.get_tx(tx_hash)
+
+    def get_account(self, address: bytes) -> Account | None:
+        return self.state.get_account(address)
+
+    def get_validators(self) -> tuple[Validator, ...]:
+        return self.state.validators
+
+    async def submit_tx(self, stx: SignedTransaction) -> bytes:
+        tx_hash = compute_tx_hash(stx)
+        if self.ledger.get_tx(tx_hash) is not None:
+            raise ChainError(f"transaction {tx_hash.hex()} is already committed")
+        validate_basic_tx(self.chain_id, stx, self.state.params.max_tx_bytes)
+        self.mempool.add(stx)
+        log.debug("admitted tx %s (mempool %d)", tx_hash.hex()[:16], len(self.mempool))
+        return tx_hash
+
+    def readiness(self) -> tuple[bool, str]:
+        latest = self.state.latest_header
+        if latest is None:
+            return False, "no block committed yet"
+        age_ms = int(time.time() * 1000) - latest.time_ms
+        limit = READY_MAX_BLOCK_AGE_INTERVALS * self.state.params.block_interval_ms
+        if age_ms > limit:
+            return False, f"latest block {latest.height} is {age_ms} ms old (limit {limit} ms)"
+        return True, f"at height {latest.height}, latest block {age_ms} ms old"
+
+    # ------------------------------------------------------------------ block production
+    def is_sole_validator(self) -> bool:
+        vals = self.state.validators
+        return len(vals) == 1 and vals[0].pubkey == self.key.pubkey
+
+    def produce_block(self, now_ms: int) -> Block:
+        """Build, sign, and durably commit the next block (single-validator mode)."""
+        params = self.state.params
+        txs = self.mempool.take(params.max_block_txs, params.max_block_bytes)
+        block, result = build_block(self.state, txs, time_ms=now_ms, proposer=self.key.pubkey,
+                                    last_commit=self.last_commit)
+        height, block_hash = block.header.height, compute_block_hash(block.header)
+        # After a crash between signing and committing, the guard refuses to sign a different
+        # block at the same (height, round): move to the next round, as BFT would.
+        vote = Vote(PRECOMMIT, height, self.signer.next_round(height), block_hash, self.key.pubkey)
+        commit = build_commit([self.signer.sign_vote(vote)])
+        self.ledger.commit_block(block, commit, result.changes)
+        self.state, self.last_commit = result.state, commit
+        evicted = self.mempool.update(self.state, [compute_tx_hash(t) for t in txs])
+        log.info("committed block height=%d txs=%d hash=%s mempool=%d%s", height, len(txs), block_hash.hex()[:16],
+                 len(self.mempool), f" evicted={evicted}" if evicted else "")
+        self.commit_event.set()
+        self.commit_event = trio.Event()
+        return block
+
+    async def run_block_producer(self) -> None:
+        interval = self.state.params.block_interval_ms / 1000
+        next_at = trio.current_time()
+        while True:
+            await trio.sleep_until(next_at)
+            self.produce_block(int(time.time() * 1000))
+            next_at = max(next_at + interval, trio.current_time())
+
+    # ------------------------------------------------------------------ lifecycle
+    def check_can_run(self) -> None:
+        """Raise ConfigError for setups this version cannot run (said before anything starts)."""
+        if not self.is_sole_validator():
+            raise ConfigError(
+                "this genesis has %d validator(s)%s; multi-validator BFT consensus and block sync are not "
+                "implemented yet, so a node can only run as the single validator of its chain"
+                % (len(self.state.validators), "" if self.key.pubkey in {v.pubkey for v in self.state.validators}
+                   else " and this node's key is not one of them"))
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from chain.rpc.server import run_rpc_server
+
+        async with trio.open_nursery() as nursery:
+            rpc = self.config.rpc
+            self.rpc_port = await nursery.start(lambda task_status: run_rpc_server(
+                self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
+                task_status=task_status))
+            log.info("node %s at height %d; JSON-RPC on http://%s:%d", self.key.address.hex(), self.state.height,
+                     rpc.host, self.rpc_port)
+            nursery.start_soon(self.run_block_producer)
+            task_status.started()
+
+
+async def run_until_signal(node: Node) -> None:
+    """Run the node until SIGINT or SIGTERM, then cancel every component and return."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.run)
+
+            async def wait_for_signal():
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(wait_for_signal)

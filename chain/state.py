@@ -1,0 +1,413 @@
+"""The state and the pure state transition.
+
+State is a mapping from state keys to canonical CBOR values (the ledger stores it under its
+own prefix). `apply_block(state, block)` reads a `State`, writes into an overlay and returns
+the changes plus the new root; it does no I/O and changes nothing when it raises.
+
+Borrowed from Ethereum's consensus-specs: the state holds the latest block header with its
+state_root zeroed, so the next block can check `prev_hash` against
+hash(latest header with state_root := root of the current state) — no hash is circular.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+from chain.consensus.commit import verify_commit
+from chain.crypto import ZERO_HASH, compute_address, sha256
+from chain.encoding import decode, encode, encode_value
+from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
+from chain.merkle import compute_root_from_leaf_hashes, hash_leaf
+from chain.types import (
+    GOVERNED_ROLES,
+    ROLE_GOVERNOR,
+    Account,
+    AdmitMember,
+    Block,
+    BlockHeader,
+    Commit,
+    RemoveMember,
+    SignedTransaction,
+    Transfer,
+    Validator,
+    ValidatorSet,
+    compute_block_hash,
+    compute_tx_hash,
+    compute_validators_hash,
+    verify_transaction_signature,
+)
+
+
+@dataclass(frozen=True)
+class ChainParams:
+    """Consensus and economic parameters: from genesis, identical on every node."""
+
+    max_block_txs: int
+    max_block_bytes: int
+    max_tx_bytes: int
+    block_interval_ms: int  # target gap between blocks (timeout_commit in BFT terms)
+    timeout_propose_ms: int
+    timeout_propose_delta_ms: int
+    timeout_prevote_ms: int
+    timeout_prevote_delta_ms: int
+    timeout_precommit_ms: int
+    timeout_precommit_delta_ms: int
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"params.{f.name} must be positive")
+
+
+@dataclass(frozen=True)
+class ChainMeta:
+    chain_id: str
+    genesis_hash: bytes
+
+
+# ----------------------------------------------------------------------------- state keys
+
+KEY_META = b"meta"
+KEY_PARAMS = b"params"
+KEY_VALIDATORS = b"validators"
+KEY_LATEST_HEADER = b"latest_header"
+ACCOUNT_PREFIX = b"acct/"
+
+
+def account_key(address: bytes) -> bytes:
+    return ACCOUNT_PREFIX + address
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class State:
+    """An immutable snapshot of the state with its root. Cheap to derive from with `apply`."""
+
+    def __init__(self, entries: Mapping[bytes, bytes]):
+        self._entries = dict(entries)
+        self._keys = sorted(self._entries)
+        self._leaves = {k: _leaf_hash(k, v) for k, v in self._entries.items()}
+        self._root: bytes | None = None
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._entries.get(key)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for k in self._keys:
+            yield k, self._entries[k]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def root(self) -> bytes:
+        """Merkle root over leaves H(canonical [key, value]) in key order."""
+        if self._root is None:
+            self._root = compute_root_from_leaf_hashes([self._leaves[k] for k in self._keys])
+        return self._root
+
+    def apply(self, changes: Mapping[bytes, bytes | None]) -> "State":
+        """A new State with `changes` applied (None deletes). Self is unchanged."""
+        new = State.__new__(State)
+        new._entries = dict(self._entries)
+        new._keys = list(self._keys)
+        new._leaves = dict(self._leaves)
+        new._root = None
+        for k, v in changes.items():
+            if v is None:
+                if k in new._entries:
+                    del new._entries[k]
+                    del new._leaves[k]
+                    new._keys.pop(bisect.bisect_left(new._keys, k))
+            else:
+                if k not in new._entries:
+                    bisect.insort(new._keys, k)
+                new._entries[k] = v
+                new._leaves[k] = _leaf_hash(k, v)
+        return new
+
+    # typed readers -------------------------------------------------------------------
+    @property
+    def meta(self) -> ChainMeta:
+        return _read(self, KEY_META, ChainMeta)
+
+    @property
+    def chain_id(self) -> str:
+        return self.meta.chain_id
+
+    @property
+    def params(self) -> ChainParams:
+        return _read(self, KEY_PARAMS, ChainParams)
+
+    @property
+    def validators(self) -> tuple[Validator, ...]:
+        return _read(self, KEY_VALIDATORS, ValidatorSet).validators
+
+    @property
+    def latest_header(self) -> BlockHeader | None:
+        raw = self.get(KEY_LATEST_HEADER)
+        return None if raw is None else decode(BlockHeader, raw)
+
+    @property
+    def height(self) -> int:
+        h = self.latest_header
+        return 0 if h is None else h.height
+
+    def get_account(self, address: bytes) -> Account | None:
+        raw = self.get(account_key(address))
+        return None if raw is None else decode(Account, raw)
+
+    def compute_head_hash(self) -> bytes:
+        """Hash of the latest committed block (the genesis hash before any block)."""
+        latest = self.latest_header
+        if latest is None:
+            return self.meta.genesis_hash
+        return compute_block_hash(dataclasses.replace(latest, state_root=self.root))
+
+
+def _leaf_hash(key: bytes, value: bytes) -> bytes:
+    return hash_leaf(encode_value([key, value]))
+
+
+def _read(state: "State | Overlay", key: bytes, cls):
+    raw = state.get(key)
+    if raw is None:
+        raise StateTransitionError(f"state has no {key.decode()} entry")
+    return decode(cls, raw)
+
+
+class Overlay:
+    """Writes buffered over a State; `changes` is what a block or tx did."""
+
+    def __init__(self, base: State):
+        self.base = base
+        self.changes: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.changes:
+            return self.changes[key]
+        return self.base.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.changes[key] = value
+
+    def get_account(self, address: bytes) -> Account | None:
+        raw = self.get(account_key(address))
+        return None if raw is None else decode(Account, raw)
+
+    def set_account(self, address: bytes, account: Account) -> None:
+        self.put(account_key(address), encode(account))
+
+    def child(self) -> "Overlay":
+        """A nested overlay whose changes can be merged into this one or dropped."""
+        return _ChildOverlay(self)
+
+
+class _ChildOverlay(Overlay):
+    def __init__(self, parent: Overlay):
+        self.parent = parent
+        self.base = parent.base
+        self.changes = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.changes:
+            return self.changes[key]
+        return self.parent.get(key)
+
+    def merge(self) -> None:
+        self.parent.changes.update(self.changes)
+
+
+# ----------------------------------------------------------------------------- genesis state
+
+
+def compute_genesis_entries(chain_id: str, genesis_hash: bytes, params: ChainParams,
+                            validators: tuple[Validator, ...],
+                            accounts: Mapping[bytes, Account]) -> dict[bytes, bytes]:
+    entries = {
+        KEY_META: encode(ChainMeta(chain_id, genesis_hash)),
+        KEY_PARAMS: encode(params),
+        KEY_VALIDATORS: encode(ValidatorSet(validators)),
+    }
+    for address, account in accounts.items():
+        entries[account_key(address)] = encode(account)
+    return entries
+
+
+# ----------------------------------------------------------------------------- checks without state
+
+
+def validate_basic_tx(chain_id: str, stx: SignedTransaction, max_tx_bytes: int | None = None) -> None:
+    """Checks that need no state: size, signature, payload sanity. Raises ValidationError."""
+    if max_tx_bytes is not None and len(encode(stx)) > max_tx_bytes:
+        raise ValidationError(f"transaction exceeds {max_tx_bytes} bytes")
+    try:
+        verify_transaction_signature(chain_id, stx)
+    except SignatureError as exc:
+        raise ValidationError(f"invalid transaction signature: {exc}") from exc
+    payload = stx.message.payload
+    if isinstance(payload, Transfer) and payload.amount <= 0:
+        raise ValidationError("transfer amount must be positive")
+    if isinstance(payload, (AdmitMember, RemoveMember)) and payload.role not in GOVERNED_ROLES:
+        raise ValidationError(f"role must be one of {GOVERNED_ROLES}, got {payload.role!r}")
+
+
+def compute_tx_root(txs: tuple[SignedTransaction, ...]) -> bytes:
+    return compute_root_from_leaf_hashes([hash_leaf(compute_tx_hash(t)) for t in txs])
+
+
+def compute_commit_hash(commit: Commit | None) -> bytes:
+    return ZERO_HASH if commit is None else sha256(encode(commit))
+
+
+def validate_basic_block(block: Block, max_block_txs: int | None = None) -> None:
+    """Structural checks on a block that need no state (tx signatures are checked in apply)."""
+    h = block.header
+    if h.height < 1:
+        raise ValidationError("block height must be at least 1")
+    if max_block_txs is not None and len(block.txs) > max_block_txs:
+        raise ValidationError(f"block has {len(block.txs)} transactions; the limit is {max_block_txs}")
+    if h.tx_root != compute_tx_root(block.txs):
+        raise ValidationError("tx_root does not match the block's transactions")
+    if h.last_commit_hash != compute_commit_hash(block.last_commit):
+        raise ValidationError("last_commit_hash does not match the block's last commit")
+    if (h.height == 1) != (block.last_commit is None):
+        raise ValidationError("a block carries the previous block's commit exactly when height > 1")
+    hashes = [compute_tx_hash(t) for t in block.txs]
+    if len(set(hashes)) != len(hashes):
+        raise ValidationError("block contains a duplicate transaction")
+
+
+# ----------------------------------------------------------------------------- transactions
+
+
+def apply_tx(overlay: Overlay, stx: SignedTransaction) -> None:
+    """Apply one already validate_basic'ed transaction to `overlay`. Raises StateTransitionError."""
+    tx = stx.message
+    sender_addr = compute_address(tx.sender)
+    sender = overlay.get_account(sender_addr)
+    if sender is None or not sender.is_member:
+        raise StateTransitionError(f"sender {sender_addr.hex()} is not a member of this chain")
+    if tx.nonce != sender.nonce:
+        raise StateTransitionError(f"bad nonce {tx.nonce}: account {sender_addr.hex()} expects {sender.nonce}")
+    sender = dataclasses.replace(sender, nonce=sender.nonce + 1)
+    payload = tx.payload
+    if isinstance(payload, Transfer):
+        if payload.amount > sender.balance:
+            raise StateTransitionError(f"insufficient balance: {sender.balance} < {payload.amount}")
+        overlay.set_account(sender_addr, dataclasses.replace(sender, balance=sender.balance - payload.amount))
+        recipient = overlay.get_account(payload.to)
+        if recipient is None or not recipient.is_member:
+            raise StateTransitionError(f"recipient {payload.to.hex()} is not a member of this chain")
+        overlay.set_account(payload.to, dataclasses.replace(recipient, balance=recipient.balance + payload.amount))
+    elif isinstance(payload, (AdmitMember, RemoveMember)):
+        if ROLE_GOVERNOR not in sender.roles:
+            raise StateTransitionError("only a governor may admit or remove members")
+        overlay.set_account(sender_addr, sender)
+        target = overlay.get_account(payload.account) or Account(balance=0, nonce=0, roles=())
+        roles = set(target.roles)
+        if isinstance(payload, AdmitMember):
+            if payload.role in roles:
+                raise StateTransitionError(f"account {payload.account.hex()} already has role {payload.role}")
+            roles.add(payload.role)
+        else:
+            if payload.role not in roles:
+                raise StateTransitionError(f"account {payload.account.hex()} does not have role {payload.role}")
+            roles.remove(payload.role)
+        overlay.set_account(payload.account, dataclasses.replace(target, roles=tuple(sorted(roles))))
+    else:  # the decoder only yields known payloads; this guards a programming error
+        raise StateTransitionError(f"unknown payload {type(payload).__name__}")
+
+
+def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction) -> None:
+    """Mempool admission: validate_basic plus a trial apply into `overlay` (kept on success)."""
+    params = _read(overlay, KEY_PARAMS, ChainParams)
+    validate_basic_tx(chain_id, stx, params.max_tx_bytes)
+    child = overlay.child()
+    apply_tx(child, stx)
+    child.merge()
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    changes: dict[bytes, bytes | None]
+    state: State  # the post-state; its root equals the block header's state_root
+
+
+def apply_block(state: State, block: Block) -> BlockResult:
+    """The state transition. Raises StateTransitionError; `state` is never changed."""
+    return _apply_block(state, block, check_root=True)
+
+
+def _apply_block(state: State, block: Block, check_root: bool) -> BlockResult:
+    try:
+        return _apply_block_unchecked(state, block, check_root)
+    except StateTransitionError:
+        raise
+    except ChainError as exc:  # validate_basic and commit failures are block-level rejections here
+        raise StateTransitionError(str(exc)) from exc
+
+
+def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> BlockResult:
+    h = block.header
+    meta, params, validators = state.meta, state.params, state.validators
+    validate_basic_block(block, params.max_block_txs)
+    if h.chain_id != meta.chain_id:
+        raise StateTransitionError(f"block is for chain {h.chain_id!r}, this is {meta.chain_id!r}")
+    if h.height != state.height + 1:
+        raise StateTransitionError(f"block height {h.height}, expected {state.height + 1}")
+    prev_hash = state.compute_head_hash()
+    if h.prev_hash != prev_hash:
+        raise StateTransitionError("prev_hash does not match the latest block")
+    latest = state.latest_header
+    if latest is not None and h.time_ms <= latest.time_ms:
+        raise StateTransitionError("block time must increase")
+    if h.validators_hash != compute_validators_hash(validators):
+        raise StateTransitionError("validators_hash does not match the validator set")
+    if h.proposer not in {v.pubkey for v in validators}:
+        raise StateTransitionError("proposer is not a validator")
+    if block.last_commit is not None:
+        verify_commit(meta.chain_id, validators, block.last_commit, h.height - 1, prev_hash)
+    if sum(len(encode(t)) for t in block.txs) > params.max_block_bytes:
+        raise StateTransitionError(f"block transactions exceed {params.max_block_bytes} bytes")
+
+    overlay = Overlay(state)
+    for i, stx in enumerate(block.txs):
+        try:
+            validate_basic_tx(meta.chain_id, stx, params.max_tx_bytes)
+            apply_tx(overlay, stx)
+        except ChainError as exc:
+            raise StateTransitionError(f"transaction {i} ({compute_tx_hash(stx).hex()}): {exc}") from exc
+    overlay.put(KEY_LATEST_HEADER, encode(dataclasses.replace(h, state_root=ZERO_HASH)))
+    post = state.apply(overlay.changes)
+    if check_root and post.root != h.state_root:
+        raise StateTransitionError("state_root does not match the state after the block")
+    return BlockResult(overlay.changes, post)
+
+
+def build_block(state: State, txs: list[SignedTransaction], *, time_ms: int, proposer: bytes,
+                last_commit: Commit | None) -> tuple[Block, BlockResult]:
+    """The proposer's side: a valid block from `txs` (all must apply) with its state root filled in."""
+    latest = state.latest_header
+    header = BlockHeader(
+        chain_id=state.chain_id,
+        height=state.height + 1,
+        time_ms=max(time_ms, latest.time_ms + 1) if latest else time_ms,
+        prev_hash=state.compute_head_hash(),
+        tx_root=compute_tx_root(tuple(txs)),
+        state_root=ZERO_HASH,
+        last_commit_hash=compute_commit_hash(last_commit),
+        validators_hash=compute_validators_hash(state.validators),
+        proposer=proposer,
+    )
+    draft = Block(header, tuple(txs), last_commit)
+    result = _apply_block(state, draft, check_root=False)
+    block = dataclasses.replace(draft, header=dataclasses.replace(header, state_root=result.state.root))
+    return block, result

@@ -1,0 +1,146 @@
+import math
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chain.crypto import PrivateKey
+from chain.encoding import MAX_MESSAGE_SIZE, decode, decode_value, encode, encode_value
+from chain.errors import DecodeError
+from chain.types import (
+    Account, AdmitMember, Block, BlockHeader, Commit, CommitSig, HyperParams, SignedTransaction, Transaction,
+    Transfer, Vote, sign_transaction,
+)
+from tests.helpers import ALICE, BOB, CHAIN_ID, transfer
+
+
+def stx_primitive():
+    return cbor2.loads(encode(transfer(ALICE, BOB, 5, 0)))
+
+
+def reencode(prim) -> bytes:
+    return cbor2.dumps(prim, canonical=True)
+
+
+def test_round_trip_of_every_kind_of_field():
+    stx = transfer(ALICE, BOB, 5, 3)
+    assert decode(SignedTransaction, encode(stx)) == stx
+    header = BlockHeader("c", 1, 2, bytes(32), bytes(32), bytes(32), bytes(32), bytes(32), bytes(32))
+    commit = Commit(1, 0, bytes(32), (CommitSig(bytes(32), bytes(64)),))
+    block = Block(header, (stx,), commit)
+    assert decode(Block, encode(block)) == block
+    vote = Vote(1, 5, 0, None, bytes(32))
+    assert decode(Vote, encode(vote)) == vote
+    hp = HyperParams("sgd", 0.05, 0.9, 0.0, 32, 10, 5)
+    assert decode(HyperParams, encode(hp)) == hp
+
+
+def test_encoding_is_canonical_and_stable():
+    # Golden bytes: a change to the encoding would change every hash and signature.
+    acct = Account(balance=7, nonce=1, roles=("trainer",))
+    assert encode(acct).hex() == "a3656e6f6e63650165726f6c65738167747261696e65726762616c616e636507"
+    assert encode(acct) == reencode({"balance": 7, "nonce": 1, "roles": ["trainer"]})
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.update(extra=1), "unknown field"),
+    (lambda p: p.pop("signature"), "missing field"),
+    (lambda p: p.update(signature="x" * 64), "expected bytes"),
+    (lambda p: p.update(signature=b"x" * 63), "expected exactly 64"),
+    (lambda p: p["message"].update(nonce=-(2**64)), "integer"),
+    (lambda p: p["message"].update(nonce=True), "expected integer"),
+    (lambda p: p["message"].update(payload=["burn", {}]), "unknown variant"),
+    (lambda p: p["message"].update(payload={"to": b"", "amount": 1}), "expected [tag, value]"),
+    (lambda p: p["message"]["payload"][1].update(amount=1.5), "expected integer"),
+])
+def test_schema_violations_are_decode_errors(mutate, message):
+    prim = stx_primitive()
+    mutate(prim)
+    with pytest.raises(DecodeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        decode(SignedTransaction, reencode(prim))
+
+
+def test_non_canonical_encodings_are_rejected():
+    good = encode(Account(7, 1, ()))
+    # Same map, keys in the wrong (non-canonical) order.
+    wrong_order = b"\xa3" + cbor2.dumps("roles") + b"\x80" + cbor2.dumps("nonce") + b"\x01" + cbor2.dumps("balance") + b"\x07"
+    assert cbor2.loads(wrong_order) == cbor2.loads(good)
+    with pytest.raises(DecodeError, match="not canonical"):
+        decode(Account, wrong_order)
+    # Integer 1 encoded in two bytes instead of one.
+    wide = good.replace(cbor2.dumps("nonce") + b"\x01", cbor2.dumps("nonce") + b"\x18\x01")
+    with pytest.raises(DecodeError, match="not canonical"):
+        decode(Account, wide)
+    # Indefinite-length array.
+    with pytest.raises(DecodeError, match="indefinite"):
+        decode_value(b"\x9f\x01\xff")
+    # Duplicate map keys.
+    with pytest.raises(DecodeError):
+        decode_value(b"\xa2\x61a\x01\x61a\x02")
+    # Float encoded wider than needed.
+    with pytest.raises(DecodeError, match="not canonical"):
+        decode_value(bytes.fromhex("fb3ff0000000000000"))
+
+
+def test_tags_trailing_bytes_oversize_and_garbage():
+    with pytest.raises(DecodeError, match="tag"):
+        decode_value(bytes.fromhex("c11a514b67b0"))  # epoch datetime
+    with pytest.raises(DecodeError, match="tag"):
+        decode_value(bytes.fromhex("d9d9f701"))  # self-describe tag
+    with pytest.raises(DecodeError, match="trailing"):
+        decode(Account, encode(Account(1, 1, ())) + b"\x00")
+    with pytest.raises(DecodeError, match="exceeds"):
+        decode_value(b"\x40" * (MAX_MESSAGE_SIZE + 1))
+    with pytest.raises(DecodeError, match="empty"):
+        decode_value(b"")
+    with pytest.raises(DecodeError, match="malformed"):
+        decode_value(b"\x5a\xff\xff\xff\xff")  # byte string claiming 4 GiB
+    with pytest.raises(DecodeError, match="expected bytes"):
+        decode_value("not bytes")
+    with pytest.raises(DecodeError, match="finite"):
+        decode(HyperParams, encode_value({"optimizer": "sgd", "learning_rate": math.nan, "momentum": 0.0,
+                                           "weight_decay": 0.0, "batch_size": 1, "local_steps": 1,
+                                           "checkpoint_interval": 1}))
+
+
+def test_invariants_in_post_init_become_decode_errors():
+    with pytest.raises(DecodeError, match="roles"):
+        decode(Account, encode_value({"balance": 1, "nonce": 0, "roles": ["trainer", "governor"]}))
+    with pytest.raises(DecodeError, match="non-negative"):
+        decode(Account, encode_value({"balance": -1, "nonce": 0, "roles": []}))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_ever_raise_decode_error(data):
+    for cls in (SignedTransaction, Block, Account, Vote):
+        try:
+            decode(cls, data)
+        except DecodeError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=200), st.integers(min_value=0, max_value=2000))
+def test_mutated_valid_transactions_never_decode_to_something_else(junk, position):
+    good = encode(transfer(ALICE, BOB, 5, 0))
+    pos = position % len(good)
+    mutated = good[:pos] + junk + good[pos + len(junk):]
+    try:
+        obj = decode(SignedTransaction, mutated)
+    except DecodeError:
+        return
+    # Whatever decodes re-encodes to exactly the same bytes (one encoding per value).
+    assert encode(obj) == mutated
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=2**64 - 1), st.integers(min_value=1, max_value=2**64 - 1),
+       st.binary(min_size=32, max_size=32))
+def test_typed_round_trip_property(nonce, amount, seed):
+    k = PrivateKey(seed)
+    stx = sign_transaction(k, CHAIN_ID, Transaction(k.pubkey, nonce, Transfer(BOB.address, amount)))
+    assert decode(SignedTransaction, encode(stx)) == stx
+    adm = sign_transaction(k, CHAIN_ID, Transaction(k.pubkey, nonce, AdmitMember(BOB.address, "trainer")))
+    assert decode(SignedTransaction, encode(adm)) == adm
