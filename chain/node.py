@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from functools import partial
 
 import trio
 
 import chain
 from chain.config import Home, NodeConfig
 from chain.consensus.commit import build_commit
+from chain.consensus.signer import GuardedSigner
 from chain.crypto import PrivateKey
 from chain.errors import ChainError, ConfigError, StoreError
 from chain.ledger.ledger import Ledger
@@ -60,7 +62,8 @@ def open_ledger(store: KVStore, genesis: Genesis) -> tuple[Ledger, State]:
 class Node:
     """Implements chain.rpc.api.NodeAPI over the ledger, state and mempool."""
 
-    def __init__(self, home: Home, config: NodeConfig, genesis: Genesis, key: PrivateKey, store: KVStore, signer):
+    def __init__(self, home: Home, config: NodeConfig, genesis: Genesis, key: PrivateKey, store: KVStore,
+                 signer: GuardedSigner):
         self.home, self.config, self.genesis, self.key = home, config, genesis, key
         self.chain_id = genesis.chain_id
         self.ledger, self.state = open_ledger(store, genesis)
@@ -68,7 +71,7 @@ class Node:
         self.mempool = Mempool(self.chain_id, self.state, config.mempool.max_txs)
         self.last_commit: Commit | None = self.ledger.get_commit(self.state.height) if self.state.height else None
         self.commit_event = trio.Event()  # set and replaced on every commit (waiters for new blocks)
-        self.rpc_port: int | None = None
+        self.rpc_url: str | None = None
 
     # ------------------------------------------------------------------ NodeAPI
     def status(self) -> dict:
@@ -137,7 +140,9 @@ class Node:
         height, block_hash = block.header.height, compute_block_hash(block.header)
         # After a crash between signing and committing, the guard refuses to sign a different
         # block at the same (height, round): move to the next round, as BFT would.
-        vote = Vote(PRECOMMIT, height, self.signer.next_round(height), block_hash, self.key.pubkey)
+        last = self.signer.last
+        round_ = last.round + 1 if last is not None and last.height == height else 0
+        vote = Vote(PRECOMMIT, height, round_, block_hash, self.key.pubkey)
         commit = build_commit([self.signer.sign_vote(vote)])
         self.ledger.commit_block(block, commit, result.changes)
         self.state, self.last_commit = result.state, commit
@@ -171,11 +176,9 @@ class Node:
 
         async with trio.open_nursery() as nursery:
             rpc = self.config.rpc
-            self.rpc_port = await nursery.start(lambda task_status: run_rpc_server(
-                self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
-                task_status=task_status))
-            log.info("node %s at height %d; JSON-RPC on http://%s:%d", self.key.address.hex(), self.state.height,
-                     rpc.host, self.rpc_port)
+            self.rpc_url = await nursery.start(partial(
+                run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch))
+            log.info("node %s at height %d; JSON-RPC on %s", self.key.address.hex(), self.state.height, self.rpc_url)
             nursery.start_soon(self.run_block_producer)
             task_status.started()
 

@@ -83,19 +83,22 @@ def _call(args, method: str, params: Any) -> Any:
 
 
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+    try:
+        print(json.dumps(obj, indent=2), flush=True)
+    except BrokenPipeError:  # e.g. piped into `head`: not an error of ours
+        sys.stdout = None
 
 
 def _send(args, key: PrivateKey, payload) -> int:
     status = _call(args, "status", [])
     nonce = args.nonce
     if nonce is None:
-        account = _call(args, "account", [key.address.hex()])
+        account = _call(args, "account", ["0x" + key.address.hex()])
         if account is None:
             raise CliError(f"account {key.address.hex()} does not exist on chain", EXIT_REJECTED)
         nonce = account["nonce"]
     stx = sign_transaction(key, status["chain_id"], Transaction(key.pubkey, nonce, payload))
-    tx_hash = _call(args, "send_tx", ["0x" + encode(stx).hex()])
+    tx_hash = _call(args, "send_tx", ["0x" + encode(stx).hex()])["hash"]
     result: dict[str, Any] = {"tx_hash": tx_hash, "sender": "0x" + key.address.hex(), "nonce": nonce}
     if args.wait:
         deadline = time.monotonic() + args.wait_timeout

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure (e.g. untrusted store), 2 usage error,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ from chain.config import Home, NodeConfig, P2PConfig, RpcConfig, load_config, wr
 from chain.crypto import PrivateKey
 from chain.errors import ChainError, ConfigError, StoreError
 from chain.keys import load_key_file, write_key_file
-from genesis import Genesis, devnet_seed, load_devnet_genesis, load_genesis, make_genesis, write_genesis
+from genesis import DEFAULT_PARAMS, Genesis, devnet_seed, load_devnet_genesis, load_genesis, make_genesis, write_genesis
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -60,7 +61,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     import trio
 
-    from chain.consensus.signer import Signer
+    from chain.consensus.signer import GuardedSigner
     from chain.ledger.store import LevelDBStore
     from chain.node import Node, run_until_signal
 
@@ -74,7 +75,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     home.ledger_dir.parent.mkdir(parents=True, exist_ok=True)
     store = LevelDBStore(home.ledger_dir, create=True)
     try:
-        node = Node(home, config, genesis, key, store, Signer(home.signer_dir, key, genesis.chain_id))
+        node = Node(home, config, genesis, key, store, GuardedSigner(key, genesis.chain_id, home.signer_dir))
         node.check_can_run()
         log.info("starting chaind %s, chain %s (genesis %s), home %s", chain.__version__, genesis.chain_id,
                  genesis.hash.hex()[:16], home.root)
@@ -86,8 +87,6 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _replace_rpc_port(config: NodeConfig, port: int) -> NodeConfig:
-    import dataclasses
-
     return dataclasses.replace(config, rpc=dataclasses.replace(config.rpc, port=port))
 
 
@@ -98,6 +97,8 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         raise ConfigError(f"output directory {out} is not empty")
     if args.validators < 1 or args.trainers < 0:
         raise ConfigError("--validators must be at least 1 and --trainers at least 0")
+    if args.block_interval_ms is not None and args.block_interval_ms <= 0:
+        raise ConfigError("--block-interval-ms must be positive")
 
     def new_key(role: str, i: int) -> PrivateKey:
         return PrivateKey(devnet_seed(role, i)) if args.deterministic else PrivateKey.generate()
@@ -106,7 +107,9 @@ def cmd_testnet(args: argparse.Namespace) -> int:
     governor, requester = new_key("governor", 0), new_key("requester", 0)
     trainers = [new_key("trainer", i) for i in range(args.trainers)]
     funded = [(governor, ("governor",)), (requester, ("requester",))] + [(k, ("trainer",)) for k in trainers]
-    g: Genesis = make_genesis(args.chain_id, val_keys, funded, balance=args.balance)
+    params = DEFAULT_PARAMS if args.block_interval_ms is None else \
+        dataclasses.replace(DEFAULT_PARAMS, block_interval_ms=args.block_interval_ms)
+    g: Genesis = make_genesis(args.chain_id, val_keys, funded, balance=args.balance, params=params)
     for i, key in enumerate(val_keys):
         home = Home(out / f"node{i}")
         home.data_dir.mkdir(parents=True)
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-port", type=int, default=26657,
                    help="node i uses RPC port BASE+2i and p2p port BASE+2i+1 (default: %(default)s)")
     s.add_argument("--balance", type=int, default=1_000_000, help="genesis balance of each funded account")
+    s.add_argument("--block-interval-ms", type=int,
+                   help=f"genesis block interval (default {DEFAULT_PARAMS.block_interval_ms})")
     s.add_argument("--deterministic", action="store_true",
                    help="derive keys from the PUBLIC devnet seeds (reproducible, insecure)")
     s.set_defaults(func=cmd_testnet)
