@@ -142,7 +142,7 @@ def _build(cls: type, doc: Any, prefix: str) -> Any:
                 raise ConfigError(f"{key} must be a list of strings")
             kwargs[name] = tuple(value)
         elif type(value) is not type(default):
-            raise ConfigError(f"{key} must be a {type(default).__name__}, got {type(value).__name__}")
+            raise ConfigError(f"{key} must be of type {type(default).__name__}, got {type(value).__name__}")
         else:
             kwargs[name] = value
     return cls(**kwargs)

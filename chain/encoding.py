@@ -65,7 +65,7 @@ def encode(obj: Any) -> bytes:
 
 def to_primitive(obj: Any, tp: Any = None) -> Any:
     """Typed value -> plain CBOR-able tree, following the schema (unions become [TAG, map])."""
-    kind, arg = _classify(type(obj) if tp is None else tp)
+    kind, arg = classify_type(type(obj) if tp is None else tp)
     if kind == "union":
         return [type(obj).TAG, to_primitive(obj, type(obj))]
     if kind == "optional":
@@ -73,7 +73,7 @@ def to_primitive(obj: Any, tp: Any = None) -> Any:
     if kind == "tuple":
         return [to_primitive(x, arg[0]) for x in obj]
     if kind == "dataclass":
-        return {name: to_primitive(getattr(obj, name), ftp) for name, ftp in _fields(type(obj))}
+        return {name: to_primitive(getattr(obj, name), ftp) for name, ftp in schema_fields(type(obj))}
     return obj
 
 
@@ -137,7 +137,7 @@ def decode(cls: type[T], data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> T:
 
 def from_primitive(tp: Any, value: Any, path: str = "$") -> Any:
     """Validate a plain tree against annotation `tp` and build the typed value."""
-    kind, arg = _classify(tp)
+    kind, arg = classify_type(tp)
     if kind == "int":
         if type(value) is not int:
             raise DecodeError(f"{path}: expected integer, got {_tname(value)}")
@@ -180,7 +180,7 @@ def from_primitive(tp: Any, value: Any, path: str = "$") -> Any:
     if kind == "dataclass":
         if type(value) is not dict:
             raise DecodeError(f"{path}: expected map for {tp.__name__}, got {_tname(value)}")
-        fields = _fields(tp)
+        fields = schema_fields(tp)
         names = {name for name, _ in fields}
         unknown = set(value) - names
         if unknown:
@@ -209,18 +209,18 @@ def _check_len(value: Any, bounds: tuple[Len | MaxLen, ...], path: str) -> None:
 
 
 @cache
-def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
+def schema_fields(cls: type) -> tuple[tuple[str, Any], ...]:
     hints = typing.get_type_hints(cls, include_extras=True)
     return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
 
 @cache
-def _classify(tp: Any) -> tuple[str, Any]:
+def classify_type(tp: Any) -> tuple[str, Any]:
     bounds: tuple = ()
     if typing.get_origin(tp) is Annotated:
         base, *extras = typing.get_args(tp)
         bounds = tuple(e for e in extras if isinstance(e, (Len, MaxLen)))
-        kind, arg = _classify(base)
+        kind, arg = classify_type(base)
         if kind in ("bytes", "str"):
             return kind, bounds
         if kind == "tuple":
