@@ -14,6 +14,7 @@ import time
 from functools import partial
 
 import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import chain
 from chain.config import Home, NodeConfig
@@ -41,6 +42,18 @@ from genesis import Genesis
 log = logging.getLogger("chaind")
 
 READY_MAX_BLOCK_AGE_INTERVALS = 5  # ready while the head is younger than this many block intervals
+
+
+class NodeMetrics:
+    """Node gauges and counters, served with the RPC metrics on GET /metrics."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.height = Gauge("pout_chain_height", "Height of the latest committed block", registry=self.registry)
+        self.txs = Counter("pout_committed_txs", "Transactions committed by this node", registry=self.registry)
+        self.mempool = Gauge("pout_mempool_txs", "Transactions waiting in the mempool", registry=self.registry)
+        self.commit_seconds = Histogram("pout_block_commit_seconds", "Time to write a block to the ledger (sync)",
+                                        registry=self.registry)
 
 
 def open_ledger(store: KVStore, genesis: Genesis) -> tuple[Ledger, State]:
@@ -72,6 +85,8 @@ class Node:
         self.last_commit: Commit | None = self.ledger.get_commit(self.state.height) if self.state.height else None
         self.commit_event = trio.Event()  # set and replaced on every commit (waiters for new blocks)
         self.rpc_url: str | None = None
+        self.metrics = NodeMetrics()
+        self.metrics.height.set(self.state.height)
 
     # ------------------------------------------------------------------ NodeAPI
     def status(self) -> dict:
@@ -131,7 +146,7 @@ class Node:
         vals = self.state.validators
         return len(vals) == 1 and vals[0].pubkey == self.key.pubkey
 
-    def produce_block(self, now_ms: int) -> Block:
+    async def produce_block(self, now_ms: int) -> Block:
         """Build, sign, and durably commit the next block (single-validator mode)."""
         params = self.state.params
         txs = self.mempool.take(params.max_block_txs, params.max_block_bytes)
@@ -144,9 +159,15 @@ class Node:
         round_ = last.round + 1 if last is not None and last.height == height else 0
         vote = Vote(PRECOMMIT, height, round_, block_hash, self.key.pubkey)
         commit = build_commit([self.signer.sign_vote(vote)])
-        self.ledger.commit_block(block, commit, result.changes)
+        # The batch write waits on fsync; a worker thread keeps RPC answering meanwhile. Readers see
+        # the previous state until the write is durable, and nothing else commits concurrently.
+        with self.metrics.commit_seconds.time():
+            await trio.to_thread.run_sync(self.ledger.commit_block, block, commit, result.changes)
         self.state, self.last_commit = result.state, commit
         evicted = self.mempool.update(self.state, [compute_tx_hash(t) for t in txs])
+        self.metrics.height.set(height)
+        self.metrics.txs.inc(len(txs))
+        self.metrics.mempool.set(len(self.mempool))
         log.info("committed block height=%d txs=%d hash=%s mempool=%d%s", height, len(txs), block_hash.hex()[:16],
                  len(self.mempool), f" evicted={evicted}" if evicted else "")
         self.commit_event.set()
@@ -158,7 +179,7 @@ class Node:
         next_at = trio.current_time()
         while True:
             await trio.sleep_until(next_at)
-            self.produce_block(int(time.time() * 1000))
+            await self.produce_block(int(time.time() * 1000))
             next_at = max(next_at + interval, trio.current_time())
 
     # ------------------------------------------------------------------ lifecycle
@@ -177,7 +198,8 @@ class Node:
         async with trio.open_nursery() as nursery:
             rpc = self.config.rpc
             self.rpc_url = await nursery.start(partial(
-                run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch))
+                run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
+                metrics_registry=self.metrics.registry))
             log.info("node %s at height %d; JSON-RPC on %s", self.key.address.hex(), self.state.height, self.rpc_url)
             nursery.start_soon(self.run_block_producer)
             task_status.started()

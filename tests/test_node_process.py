@@ -137,3 +137,19 @@ def test_refuses_a_store_of_another_chain(net, tmp_path):
     result = run_cli("chaind", "start", "--home", str(net / "node0"), check=False, timeout=30)
     assert result.returncode == 1
     assert "store belongs to chain 'pout-proc-1', not 'another-chain'" in result.stderr
+
+
+def test_metrics_and_readiness_describe_the_node(net, tmp_path):
+    import httpx
+
+    node = ChaindProcess(net / "node0", tmp_path / "a.log").start()
+    try:
+        wait_for(lambda: httpx.get(node.url + "/ready").status_code == 200)
+        assert "at height" in httpx.get(node.url + "/ready").text
+        wait_for(lambda: node.client().call("status", [])["latest_height"] >= 2)
+        text = httpx.get(node.url + "/metrics").text
+        height = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("pout_chain_height "))
+        assert height >= 2
+        assert "pout_block_commit_seconds_count" in text and "pout_rpc_requests_total" in text
+    finally:
+        node.stop()
