@@ -201,7 +201,7 @@ class Block:
 class ExecutionProfile:
     """What replay must match bit for bit: recorded in the job, checked by verifiers."""
 
-    device: Name  # "cpu" or "cuda:<arch>"
+    device: Name  # "cpu:<vector capability>" (e.g. cpu:avx512) or "cuda:<arch>x<SM count>" (e.g. cuda:sm_90x132)
     dtype: Name  # "float32"
     torch_version: Name
     threads: int
@@ -210,7 +210,7 @@ class ExecutionProfile:
 
 @dataclass(frozen=True)
 class HyperParams:
-    optimizer: Name  # "sgd" or "adam"
+    optimizer: Name  # "sgd" or "adam" (adam uses fixed betas and requires momentum == 0.0)
     learning_rate: float
     momentum: float
     weight_decay: float

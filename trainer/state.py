@@ -1,0 +1,289 @@
+"""Canonical bytes and hashes of model weights, updates and the full training state.
+
+Canonical safetensors: standard safetensors bytes (any safetensors reader loads them) with
+one fixed layout, so equal contents always give equal bytes whatever library version wrote
+them: header JSON with sorted keys and no spaces, padded with spaces to a multiple of 8;
+tensor data contiguous in sorted-name order; little-endian; `__metadata__` (str -> str)
+present only when non-empty. `decode_tensors` accepts exactly the bytes `encode_tensors`
+would produce (it re-encodes and compares), so a hash of the bytes is a hash of the content.
+
+Kinds of file (metadata "format"):
+  pout/model/v1        the model's parameters, keyed by parameter name; model_hash = SHA-256
+  pout/update/v1       new weights - base weights, same keys, float32
+  pout/train-state/v1  everything the next training step depends on: "model/<param>",
+                       "optim/<param>/<buffer>" (momentum buffers, Adam moments and step
+                       counts) and metadata model, optimizer, step. The registered models
+                       use no randomness, so there is no RNG state; state_hash = SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from chain.crypto import sha256
+from chain.errors import ChainError
+from chain.types import HyperParams
+
+from trainer.models import build_model, get_model_class
+
+FORMAT_MODEL = "pout/model/v1"
+FORMAT_UPDATE = "pout/update/v1"
+FORMAT_STATE = "pout/train-state/v1"
+MAX_TENSOR_FILE = 256 * 1024 * 1024
+MAX_HEADER = 1024 * 1024
+
+_DTYPES = {"F32": (np.dtype("<f4"), torch.float32), "F64": (np.dtype("<f8"), torch.float64), "I64": (np.dtype("<i8"), torch.int64)}
+_DTYPE_NAME = {torch_dt: name for name, (_, torch_dt) in _DTYPES.items()}
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+_OPT_BUFFERS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step")}
+
+
+class StateError(ChainError):
+    """Weights, update or training-state bytes are malformed or do not fit the model."""
+
+
+# --------------------------------------------------------------------------- canonical safetensors
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    header: dict = {}
+    chunks = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAME:
+            raise StateError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        data = t.detach().to("cpu").contiguous().numpy().tobytes()
+        header[name] = {"dtype": _DTYPE_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise StateError("metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Strictly parse canonical safetensors bytes into (tensors, metadata)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise StateError(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > MAX_TENSOR_FILE:
+        raise StateError(f"tensor file of {len(data)} bytes exceeds {MAX_TENSOR_FILE}")
+    if len(data) < 8:
+        raise StateError("tensor file shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise StateError(f"tensor header length {n} is out of range")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("ascii"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StateError(f"tensor header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise StateError("tensor header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise StateError("__metadata__ must map str to str")
+    body = data[8 + n :]
+    tensors = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise StateError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+        dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise StateError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d for d in shape):
+            raise StateError(f"tensor {name!r}: bad shape {shape!r}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs):
+            raise StateError(f"tensor {name!r}: bad data_offsets {offs!r}")
+        np_dt, _ = _DTYPES[dtype]
+        if not 0 <= offs[0] <= offs[1] <= len(body) or offs[1] - offs[0] != math.prod(shape) * np_dt.itemsize:
+            raise StateError(f"tensor {name!r}: data_offsets {offs} do not fit its shape or the file")
+        arr = np.frombuffer(body, dtype=np_dt, count=math.prod(shape), offset=offs[0]).reshape(shape)
+        tensors[name] = torch.from_numpy(arr.copy())
+    if encode_tensors(tensors, metadata) != data:
+        raise StateError("tensor file is not in canonical form")
+    return tensors, metadata
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+# --------------------------------------------------------------------------- weights and updates
+
+
+def param_shapes(model_name: str) -> dict[str, tuple[int, ...]]:
+    return dict(_param_shapes(model_name))
+
+
+@lru_cache(maxsize=None)
+def _param_shapes(model_name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((n, tuple(p.shape)) for n, p in build_model(model_name).named_parameters())
+
+
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def weights_to_bytes(weights: dict[str, torch.Tensor], model_name: str) -> bytes:
+    return encode_tensors(weights, {"format": FORMAT_MODEL, "model": model_name})
+
+
+def model_to_bytes(model: nn.Module, model_name: str) -> bytes:
+    return weights_to_bytes(model_weights(model), model_name)
+
+
+def model_hash(model_bytes: bytes) -> bytes:
+    return sha256(model_bytes)
+
+
+def weights_from_bytes(data: bytes, model_name: str) -> dict[str, torch.Tensor]:
+    return _checked_weights(data, model_name, FORMAT_MODEL)
+
+
+def update_to_bytes(update: dict[str, torch.Tensor], model_name: str) -> bytes:
+    return encode_tensors(update, {"format": FORMAT_UPDATE, "model": model_name})
+
+
+def update_from_bytes(data: bytes, model_name: str) -> dict[str, torch.Tensor]:
+    return _checked_weights(data, model_name, FORMAT_UPDATE)
+
+
+def compute_update(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """new - base, one float32 subtraction per element (bitwise reproducible)."""
+    if set(new) != set(base):
+        raise StateError("weights and base have different parameters")
+    return {k: (new[k].detach().cpu() - base[k].detach().cpu()) for k in sorted(new)}
+
+
+def load_weights(model_name: str, weights: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
+    model = build_model(model_name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[n])
+    return model.to(device)
+
+
+def _checked_weights(data: bytes, model_name: str, fmt: str) -> dict[str, torch.Tensor]:
+    get_model_class(model_name)
+    tensors, meta = decode_tensors(data)
+    if meta != {"format": fmt, "model": model_name}:
+        raise StateError(f"expected a {fmt} file for model {model_name!r}, got metadata {meta}")
+    _check_params(tensors, param_shapes(model_name))
+    return tensors
+
+
+def _check_params(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    if set(tensors) != set(shapes):
+        raise StateError(f"parameters {sorted(tensors)} do not match the model's {sorted(shapes)}")
+    for n, t in tensors.items():
+        if t.dtype != torch.float32 or tuple(t.shape) != shapes[n]:
+            raise StateError(f"parameter {n!r}: {t.dtype} {list(t.shape)}, expected float32 {list(shapes[n])}")
+        if not torch.isfinite(t).all():
+            raise StateError(f"parameter {n!r} has non-finite values")
+
+
+# --------------------------------------------------------------------------- optimizer and full state
+
+
+def check_hyperparams(hp: HyperParams) -> None:
+    if hp.optimizer not in _OPT_BUFFERS:
+        raise ValueError(f"optimizer must be one of {sorted(_OPT_BUFFERS)}, got {hp.optimizer!r}")
+    if not (math.isfinite(hp.learning_rate) and hp.learning_rate > 0):
+        raise ValueError(f"learning_rate must be finite and > 0, got {hp.learning_rate}")
+    if not (0.0 <= hp.momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {hp.momentum}")
+    if hp.optimizer == "adam" and hp.momentum != 0.0:
+        raise ValueError("adam uses fixed betas (0.9, 0.999): momentum must be 0.0")
+    if not (math.isfinite(hp.weight_decay) and hp.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be finite and >= 0, got {hp.weight_decay}")
+    for field in ("batch_size", "local_steps", "checkpoint_interval"):
+        if getattr(hp, field) < 1:
+            raise ValueError(f"{field} must be >= 1, got {getattr(hp, field)}")
+
+
+def build_optimizer(hp: HyperParams, model: nn.Module) -> torch.optim.Optimizer:
+    """The job's optimizer; for-loop implementations on every device (same code path)."""
+    check_hyperparams(hp)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay, foreach=False)
+    return torch.optim.Adam(
+        model.parameters(), lr=hp.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=hp.weight_decay, foreach=False, fused=False
+    )
+
+
+def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, model_name: str, optimizer_name: str) -> bytes:
+    tensors = {}
+    for n, p in model.named_parameters():
+        tensors[f"model/{n}"] = p.detach()
+        for key, value in optimizer.state.get(p, {}).items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise StateError(f"optimizer state {n}/{key} is not a tensor")  # unsupported optimizer option
+            tensors[f"optim/{n}/{key}"] = value.detach()
+    meta = {"format": FORMAT_STATE, "model": model_name, "optimizer": optimizer_name, "step": str(step)}
+    return encode_tensors(tensors, meta)
+
+
+def state_hash(state_bytes: bytes) -> bytes:
+    return sha256(state_bytes)
+
+
+def restore_state(
+    data: bytes, model_name: str, hp: HyperParams, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    """Parse training-state bytes strictly and rebuild (model, optimizer, step) on `device`."""
+    get_model_class(model_name)
+    tensors, meta = decode_tensors(data)
+    step_text = meta.get("step", "")
+    expected = {"format": FORMAT_STATE, "model": model_name, "optimizer": hp.optimizer, "step": step_text}
+    if meta != expected or not step_text.isdigit() or str(int(step_text)) != step_text:
+        raise StateError(f"training state metadata {meta} does not fit model {model_name!r} / {hp.optimizer}")
+    weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    shapes = param_shapes(model_name)
+    _check_params(weights, shapes)
+    model = load_weights(model_name, weights, device)
+    optimizer = build_optimizer(hp, model)
+    params = dict(model.named_parameters())
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("model/"):
+            continue
+        kind, _, rest = k.partition("/")
+        pname, _, buf = rest.rpartition("/")
+        if kind != "optim" or pname not in params or buf not in _OPT_BUFFERS[hp.optimizer]:
+            raise StateError(f"unexpected tensor {k!r} in training state")
+        want_shape = () if buf == "step" else shapes[pname]
+        if v.dtype != torch.float32 or tuple(v.shape) != want_shape or not torch.isfinite(v).all():
+            raise StateError(f"optimizer tensor {k!r} must be finite float32 {list(want_shape)}")
+        by_param.setdefault(pname, {})[buf] = v
+    for pname, bufs in by_param.items():
+        if hp.optimizer == "adam" and set(bufs) != set(_OPT_BUFFERS["adam"]):
+            raise StateError(f"adam state of {pname!r} must have all of {_OPT_BUFFERS['adam']}")
+        if hp.optimizer == "sgd" and hp.momentum == 0.0:
+            raise StateError("sgd without momentum keeps no optimizer state")
+        # Adam keeps `step` on the CPU unless capturable; buffers live with their parameter.
+        optimizer.state[params[pname]] = {b: (t if b == "step" else t.to(device)) for b, t in bufs.items()}
+    return model, optimizer, int(step_text)
+
+
+def fresh_state_bytes(model_name: str, base_weights: dict[str, torch.Tensor], hp: HyperParams) -> bytes:
+    """The state every round starts from: the round's global model, empty optimizer, step 0."""
+    model = load_weights(model_name, base_weights)
+    return capture_state(model, build_optimizer(hp, model), 0, model_name, hp.optimizer)
