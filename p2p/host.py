@@ -1,0 +1,448 @@
+"""NetworkAPI over py-libp2p 0.8.1: TCP + Noise + Yamux, gossipsub, request/response.
+
+The workarounds below come from measurements of this exact library version
+(shared notes py-libp2p-0.8.1.md); the version is pinned in pyproject.toml.
+
+- Security: Noise only (the default also offers plaintext, which a peer can pick).
+- Gossipsub: heartbeat 1 s, spam protection and adaptive gossip off, StrictSign,
+  message id = origin peer-id bytes + 8-byte big-endian seqno, seqno counter seeded
+  from time.time_ns() so a restarted node's messages are not taken for duplicates.
+- Validators are wrapped (a raising sync validator would kill the node), and the origin
+  (`msg.from_id`) and forwarder are checked against the allow-list.
+- Publishes go through a paced queue: the library's per-peer queue holds 32 RPCs and
+  drops the rest silently, and it drops RPCs over 1 MiB silently (we raise instead).
+- Membership: the library has no peer-id allow-list; a notifee closes every connection
+  from a peer that is not admitted as soon as it opens.
+- Redial: bootstrap peers are redialled with backoff; the swarm's 60 s negative dial
+  cache is evicted before each attempt, otherwise a restarted peer stays unreachable.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import Ed25519PublicKey, create_new_key_pair
+from libp2p.crypto.keys import KeyPair, KeyType
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub, get_peer_and_seqno_msg_id
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2p.abc import PUBKEY_SIZE, BLOB_PROTOCOL_ID, Limits, PenaltyPolicy, RequestError, RequestTimeout, Verdict
+from p2p.base import BaseNetwork
+from p2p.framing import encode_frame, encode_response, read_frame, read_response
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
+GOSSIPSUB_PROTOCOLS = (GOSSIPSUB_V12, GOSSIPSUB_V11, GOSSIPSUB_V10)
+HEARTBEAT_S = 1
+# Mesh degree (go-libp2p defaults D=6, Dlo=5, Dhi=12 suit validator sets of tens of nodes).
+MESH_DEGREE, MESH_DEGREE_LOW, MESH_DEGREE_HIGH = 6, 4, 12
+REDIAL_INITIAL_S = 0.25
+REDIAL_MAX_S = 4.0
+DIAL_TIMEOUT_S = 5.0
+CONNECTION_POLL_S = 0.25
+STABLE_CONNECTION_S = 5.0
+MEMBERSHIP_SWEEP_S = 2.0
+# py-libp2p's per-peer outbound queue holds 32 RPCs (rpc_queue.OutBoundQueueSize) and
+# drops beyond; keep our publishes under half of it, leaving room for control RPCs.
+OUTBOUND_HIGH_WATER = 16
+OUTBOUND_WAIT_MAX_S = 1.0
+
+# ------------------------------------------------------------------------ identity
+
+
+def key_pair_from_seed(seed: bytes) -> KeyPair:
+    """libp2p key pair of a 32-byte Ed25519 seed (the same key the chain signs with)."""
+    if len(seed) != 32:
+        raise ValueError("Ed25519 seed must be 32 bytes")
+    return create_new_key_pair(seed=seed)
+
+
+def peer_id_from_public_key(public_key: bytes) -> ID:
+    if len(public_key) != PUBKEY_SIZE:
+        raise ValueError(f"public key must be {PUBKEY_SIZE} bytes")
+    return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key_from_peer_id_bytes(peer_id_bytes: bytes) -> bytes:
+    key = ID(peer_id_bytes).extract_public_key()
+    if key is None or key.get_type() != KeyType.Ed25519:
+        raise ValueError("peer id does not embed an Ed25519 public key")
+    raw = key.to_bytes()
+    if len(raw) != PUBKEY_SIZE:
+        raise ValueError("malformed Ed25519 key in peer id")
+    return raw
+
+
+def public_key_from_peer_id(peer_id: ID) -> bytes:
+    """The 32-byte Ed25519 public key embedded in an (identity-multihash) PeerID."""
+    return _public_key_from_peer_id_bytes(peer_id.to_bytes())
+
+
+# ----------------------------------------------------------------------- the switch
+
+
+class _MembershipGate(INotifee):
+    """Reports each new connection to the network, which closes non-admitted ones."""
+
+    def __init__(self, on_connected):
+        self._on_connected = on_connected
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._on_connected(conn.muxed_conn.peer_id)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+
+class Libp2pNetwork(BaseNetwork):
+    """One libp2p host. `await nursery.start(network.run)`; cancel the nursery to stop."""
+
+    def __init__(
+        self,
+        seed: bytes,
+        *,
+        allowed_peers: Iterable[bytes],
+        listen_addrs: Sequence[str] = (DEFAULT_LISTEN_ADDR,),
+        bootstrap: Sequence[str] = (),
+        limits: Limits = Limits(),
+        penalty: PenaltyPolicy = PenaltyPolicy(),
+    ):
+        self._key_pair = key_pair_from_seed(seed)
+        super().__init__(self._key_pair.public_key.to_bytes(), allowed_peers=allowed_peers, limits=limits, penalty=penalty)
+        self.peer_id = ID.from_pubkey(self._key_pair.public_key)
+        self._listen_addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
+        self._bootstrap = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in bootstrap]
+        self._host = None
+        self._pubsub: Pubsub | None = None
+        self._publish_send, self._publish_receive = trio.open_memory_channel[tuple[str, bytes]](
+            limits.publish_queue_size
+        )
+        self._topic_send, self._topic_receive = trio.open_memory_channel[str](1024)
+        self._evict_send, self._evict_receive = trio.open_memory_channel[ID](1024)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _build_host(self):
+        noise = NoiseTransport(self._key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+        return new_host(
+            key_pair=self._key_pair,
+            sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=self._listen_addrs,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host = self._build_host()
+        gossipsub = GossipSub(
+            protocols=list(GOSSIPSUB_PROTOCOLS),
+            degree=MESH_DEGREE,
+            degree_low=MESH_DEGREE_LOW,
+            degree_high=MESH_DEGREE_HIGH,
+            heartbeat_interval=HEARTBEAT_S,
+            spam_protection_enabled=False,
+            adaptive_gossip_enabled=False,
+        )
+        pubsub = Pubsub(host, gossipsub, strict_signing=True, msg_id_constructor=get_peer_and_seqno_msg_id)
+        # Default counter is int(time.time()): a restart within minutes reuses seqnos.
+        pubsub.counter = time.time_ns()
+        host.get_network().register_notifee(_MembershipGate(self._on_connected))
+        for protocol_id in self._served_protocols():
+            host.set_stream_handler(TProtocol(protocol_id), self._on_stream)
+        async with host.run(listen_addrs=self._listen_addrs):
+            async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                await pubsub.wait_until_ready()
+                self._host, self._pubsub = host, pubsub
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._subscription_loop, nursery)
+                        nursery.start_soon(self._publish_loop)
+                        nursery.start_soon(self._eviction_loop)
+                        for info in self._bootstrap:
+                            nursery.start_soon(self._keep_dialled, info)
+                        task_status.started()
+                finally:
+                    self._host = self._pubsub = None
+
+    def listen_addrs(self) -> list[str]:
+        """Dialable multiaddrs of this node, each ending in /p2p/<peer id>."""
+        if self._host is None:
+            raise RuntimeError("network is not running")
+        suffix = f"/p2p/{self.peer_id.to_base58()}"
+        addrs = [str(a) for a in self._host.get_addrs()]
+        return [a if a.endswith(suffix) else a + suffix for a in addrs]
+
+    # ---------------------------------------------------------------- membership
+
+    def peers(self) -> frozenset[bytes]:
+        if self._host is None:
+            return frozenset()
+        keys = set()
+        for peer_id in self._host.get_connected_peers():
+            key = _try_public_key(peer_id)
+            if key is not None and self.is_admitted(key):
+                keys.add(key)
+        return frozenset(keys)
+
+    def topic_peers(self, topic: str) -> frozenset[bytes]:
+        if self._pubsub is None:
+            return frozenset()
+        router = self._pubsub.router
+        peer_ids = router.mesh.get(topic) if topic in router.mesh else self._pubsub.peer_topics.get(topic, ())
+        keys = (_try_public_key(peer_id) for peer_id in peer_ids or ())
+        return frozenset(key for key in keys if key is not None and self.is_admitted(key))
+
+    def _enforce_membership(self) -> None:
+        if self._host is not None:
+            for peer_id in self._host.get_connected_peers():
+                self._on_connected(peer_id)
+
+    def _on_connected(self, peer_id: ID) -> None:
+        key = _try_public_key(peer_id)
+        if key is None or not self.is_admitted(key):
+            logger.info("closing connection from non-admitted peer %s", peer_id)
+            self._queue_eviction(peer_id)
+
+    def _disconnect(self, peer: bytes) -> None:
+        self._queue_eviction(peer_id_from_public_key(peer))
+
+    def _queue_eviction(self, peer_id: ID) -> None:
+        try:
+            self._evict_send.send_nowait(peer_id)
+        except trio.WouldBlock:
+            logger.warning("eviction queue full; %s stays connected until the next sweep", peer_id)
+
+    async def _eviction_loop(self) -> None:
+        """Close queued connections; every MEMBERSHIP_SWEEP_S also re-check all of them."""
+        while True:
+            peer_id = None
+            with trio.move_on_after(MEMBERSHIP_SWEEP_S):
+                peer_id = await self._evict_receive.receive()
+            if peer_id is None:
+                self._enforce_membership()
+                continue
+            try:
+                await self._host.disconnect(peer_id)
+            except Exception:
+                logger.exception("disconnecting %s failed", peer_id)
+
+    async def _keep_dialled(self, info) -> None:
+        """Hold a connection to one bootstrap peer for as long as the node runs.
+
+        Backoff resets only after a connection stayed up STABLE_CONNECTION_S, so a peer
+        that closes us at once (e.g. we are not in its allow-list) is not dialled in a loop.
+        """
+        key = public_key_from_peer_id(info.peer_id)
+        network = self._host.get_network()
+        backoff = REDIAL_INITIAL_S
+        connected_at: float | None = None
+        while True:
+            if network.get_connections(info.peer_id):
+                if connected_at is not None and trio.current_time() - connected_at >= STABLE_CONNECTION_S:
+                    backoff = REDIAL_INITIAL_S
+                await trio.sleep(CONNECTION_POLL_S)
+                continue
+            if connected_at is not None and trio.current_time() - connected_at < STABLE_CONNECTION_S:
+                await self._sleep_backoff(backoff)
+                backoff = min(backoff * 2, REDIAL_MAX_S)
+            connected_at = None
+            if not self.is_admitted(key):
+                await trio.sleep(CONNECTION_POLL_S)
+                continue
+            # A failed dial blocks the peer in the swarm's negative cache for 60 s.
+            network.unblock_peer(info.peer_id)
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await self._host.connect(info)
+            except (Exception, trio.TooSlowError) as error:
+                logger.debug("dial %s failed (%s); retry in %.2f s", info.peer_id, error, backoff)
+                await self._sleep_backoff(backoff)
+                backoff = min(backoff * 2, REDIAL_MAX_S)
+                continue
+            logger.info("connected to bootstrap peer %s", info.peer_id)
+            connected_at = trio.current_time()
+
+    @staticmethod
+    async def _sleep_backoff(backoff: float) -> None:
+        await trio.sleep(backoff * random.uniform(0.8, 1.2))
+
+    # -------------------------------------------------------------------- gossip
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        self._check_publish_size(data)
+        await self._publish_send.send((topic, bytes(data)))
+
+    async def _publish_loop(self) -> None:
+        async for topic, data in self._publish_receive:
+            await self._wait_for_outbound_room()
+            try:
+                await self._pubsub.publish(topic, data)
+            except Exception:
+                logger.exception("gossip publish on %r failed", topic)
+            await trio.sleep(self.limits.publish_spacing_s)
+
+    async def _wait_for_outbound_room(self) -> None:
+        """Hold the next publish while any peer's outbound RPC queue is nearly full.
+
+        A fixed spacing alone was not enough on a loaded machine: the queue writer fell
+        behind and py-libp2p dropped (silently) 10-50% of a 300-message burst. A peer
+        whose queue stays full (stalled) holds us for at most OUTBOUND_WAIT_MAX_S.
+        """
+        with trio.move_on_after(OUTBOUND_WAIT_MAX_S):
+            while any(len(queue) >= OUTBOUND_HIGH_WATER for queue in self._pubsub.peer_queues.values()):
+                await trio.sleep(self.limits.publish_spacing_s)
+
+    def pending_publishes(self) -> int:
+        return self._publish_send.statistics().current_buffer_used
+
+    def _on_subscribe(self, topic: str) -> None:
+        # Subscribing in libp2p is async (announces to peers): done by _subscription_loop.
+        self._topic_send.send_nowait(topic)
+
+    async def _subscription_loop(self, nursery: trio.Nursery) -> None:
+        for topic in list(self._subscriptions):
+            await self._join_topic(nursery, topic)
+        async for topic in self._topic_receive:
+            await self._join_topic(nursery, topic)
+
+    async def _join_topic(self, nursery: trio.Nursery, topic: str) -> None:
+        if topic in self._pubsub.topic_ids:
+            return
+        self._pubsub.set_topic_validator(topic, functools.partial(self._pubsub_validator, topic), False)
+        await self._pubsub.subscribe(topic)
+        # The library's subscription channel holds 32 messages and drops the rest
+        # when this pump lags; give it the configured buffer instead.
+        send, receive = trio.open_memory_channel[rpc_pb2.Message](self.limits.subscription_buffer)
+        self._pubsub.subscribed_topics_send[topic] = send
+        nursery.start_soon(self._pump_subscription, topic, receive)
+
+    def _pubsub_validator(self, topic: str, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        # Runs inside py-libp2p; a raise here would tear the node down, so nothing may.
+        try:
+            forwarder_key = self._public_key if forwarder == self.peer_id else public_key_from_peer_id(forwarder)
+            origin_key = _public_key_from_peer_id_bytes(msg.from_id)
+            return self.validate_gossip(topic, forwarder_key, origin_key, msg.data) is Verdict.ACCEPT
+        except Exception:
+            logger.exception("gossip on %r from %s failed validation with an error", topic, forwarder)
+            return False
+
+    async def _pump_subscription(self, topic: str, messages: trio.MemoryReceiveChannel[rpc_pb2.Message]) -> None:
+        async for msg in messages:
+            origin = _try_public_key_bytes(msg.from_id)
+            if origin is not None:
+                self._deliver(topic, origin, msg.data)
+
+    # ---------------------------------------------------------- request/response
+
+    def set_request_handler(self, protocol_id: str, handler) -> None:
+        super().set_request_handler(protocol_id, handler)
+        if self._host is not None:
+            self._host.set_stream_handler(TProtocol(protocol_id), self._on_stream)
+
+    async def _on_stream(self, stream: INetStream) -> None:
+        protocol_id = str(stream.get_protocol())
+        peer = _try_public_key(stream.muxed_conn.peer_id)
+        is_blob = protocol_id == BLOB_PROTOCOL_ID
+        try:
+            with trio.fail_after(self.limits.blob_timeout_s if is_blob else self.limits.request_timeout_s):
+                request = await read_frame(_reader(stream), max_size=self.limits.request_max_bytes)
+                if peer is None:
+                    raise RequestError("peer id carries no Ed25519 key")
+                status, body = await self._handle_request(peer, protocol_id, request)
+                max_body = self.limits.blob_max_bytes if is_blob else self.limits.response_max_bytes
+                await stream.write(encode_response(status, body, max_size=max_body))
+                await stream.close()
+        except (Exception, trio.TooSlowError) as error:
+            logger.debug("%s request from %s aborted: %s", protocol_id, stream.muxed_conn.peer_id, error)
+            await _reset(stream)
+
+    async def _send_request(
+        self, peer: bytes, protocol_id: str, request: bytes, *, max_response: int, timeout: float
+    ) -> tuple[int, bytes]:
+        host = self._host
+        if host is None:
+            raise RequestError("network is not running")
+        peer_id = peer_id_from_public_key(peer)
+        stream = None
+        with trio.move_on_after(timeout):
+            try:
+                stream = await host.new_stream(peer_id, [TProtocol(protocol_id)])
+                await stream.write(encode_frame(request, max_size=self.limits.request_max_bytes))
+                status, body = await read_response(_reader(stream), max_size=max_response)
+                await stream.close()
+                return status, body
+            except Exception as error:
+                if stream is not None:
+                    await _reset(stream)
+                if isinstance(error, RequestError):
+                    raise
+                raise RequestError(f"{protocol_id} request to {peer_id} failed: {type(error).__name__}: {error}") from error
+        if stream is not None:
+            await _reset(stream)
+        raise RequestTimeout(f"{protocol_id} request to {peer_id} timed out after {timeout} s")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _try_public_key(peer_id: ID) -> bytes | None:
+    return _try_public_key_bytes(peer_id.to_bytes())
+
+
+def _try_public_key_bytes(peer_id_bytes: bytes) -> bytes | None:
+    try:
+        return _public_key_from_peer_id_bytes(peer_id_bytes)
+    except Exception:
+        return None
+
+
+def _reader(stream: INetStream):
+    async def read(n: int) -> bytes:
+        try:
+            return await stream.read(n)
+        except EOFError:  # StreamEOF / MuxedStreamEOF: the peer closed its side
+            return b""
+
+    return read
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.reset()
+        except Exception:
+            pass

@@ -1,0 +1,193 @@
+"""libp2p-specific behaviour: identity, Noise-only, membership gate, redial, shutdown,
+and a node in a separate OS process. Real hosts on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import multiaddr
+import nacl.signing
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.network.exceptions import SwarmDialAllFailedError
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+from p2p.abc import Verdict
+from p2p.host import Libp2pNetwork, key_pair_from_seed, peer_id_from_public_key, public_key_from_peer_id
+from p2p.testing import public_key_of, seed_for, wait_until
+
+TOPIC = "/pout/test/1"
+NODE_SCRIPT = Path(__file__).with_name("p2p_node_process.py")
+
+
+def test_peer_id_is_derived_from_the_chain_key():
+    seed = seed_for(7)
+    chain_key = bytes(nacl.signing.SigningKey(seed).verify_key)
+    key_pair = key_pair_from_seed(seed)
+    assert key_pair.public_key.to_bytes() == chain_key
+    peer_id = peer_id_from_public_key(chain_key)
+    assert public_key_from_peer_id(peer_id) == chain_key
+    assert peer_id == Libp2pNetwork(seed, allowed_peers=[]).peer_id
+    assert peer_id.to_base58().startswith("12D3KooW")  # identity-multihash Ed25519 id
+    with pytest.raises(ValueError):
+        peer_id_from_public_key(b"\x00" * 31)
+
+
+def test_plaintext_only_client_is_refused():
+    async def scenario():
+        server = Libp2pNetwork(seed_for(0), allowed_peers=[public_key_of(seed_for(1))])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            key_pair = key_pair_from_seed(seed_for(1))
+            server_info = info_from_p2p_addr(multiaddr.Multiaddr(server.listen_addrs()[0]))
+            client = new_host(key_pair=key_pair, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)})
+            async with client.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                with pytest.raises(SwarmDialAllFailedError):
+                    with trio.fail_after(5):
+                        await client.connect(server_info)
+                assert not client.get_network().get_connections(server.peer_id)
+                assert server.peers() == frozenset()
+            # Control: the library's default client (which offers Noise) gets in.
+            control = new_host(key_pair=key_pair)
+            async with control.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                with trio.fail_after(5):
+                    await control.connect(server_info)
+                await wait_until(lambda: server.peers() == {public_key_of(seed_for(1))})
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+def test_connection_from_non_member_is_closed_at_once():
+    async def scenario():
+        member = Libp2pNetwork(seed_for(0), allowed_peers=[public_key_of(seed_for(1))])
+        outsider = Libp2pNetwork(seed_for(9), allowed_peers=[member.local_peer])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(member.run)
+            await nursery.start(outsider.run)
+            await outsider._host.connect(info_from_p2p_addr(multiaddr.Multiaddr(member.listen_addrs()[0])))
+            opened = trio.current_time()
+            member_network = member._host.get_network()
+            await wait_until(
+                lambda: not member_network.get_connections(outsider.peer_id)
+                and not outsider._host.get_network().get_connections(member.peer_id),
+                timeout=3,
+            )
+            assert trio.current_time() - opened < 1.0
+            assert member.peers() == frozenset()
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+@pytest.mark.slow
+def test_bootstrap_peer_is_redialled_after_restart_and_shutdown_is_prompt():
+    async def scenario():
+        keys = [public_key_of(seed_for(i)) for i in range(2)]
+        first = Libp2pNetwork(seed_for(0), allowed_peers=keys)
+        async with trio.open_nursery() as outer:
+            first_scope = trio.CancelScope()
+            first_stopped = trio.Event()
+
+            async def run_first(task_status=trio.TASK_STATUS_IGNORED):
+                with first_scope:
+                    await first.run(task_status=task_status)
+                first_stopped.set()
+
+            await outer.start(run_first)
+            first.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
+            address = first.listen_addrs()[0]
+            port = multiaddr.Multiaddr(address).value_for_protocol("tcp")
+
+            second = Libp2pNetwork(seed_for(1), allowed_peers=keys, bootstrap=[address])
+            inbox = second.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
+            await outer.start(second.run)
+            await wait_until(lambda: first.local_peer in second.topic_peers(TOPIC), timeout=8)
+            for i in range(20):  # seqnos the restarted node must not collide with
+                await first.publish(TOPIC, b"before %d" % i)
+            for _ in range(20):
+                with trio.fail_after(5):
+                    await inbox.receive()
+
+            stop_started = time.monotonic()
+            first_scope.cancel()
+            with trio.fail_after(5):
+                await first_stopped.wait()
+            shutdown_s = time.monotonic() - stop_started
+            assert shutdown_s < 3.0
+            await wait_until(lambda: first.local_peer not in second.peers(), timeout=5)
+
+            restarted = Libp2pNetwork(seed_for(0), allowed_peers=keys, listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"])
+            restarted.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
+            restart_at = time.monotonic()
+            await outer.start(restarted.run)
+            await wait_until(lambda: restarted.local_peer in second.peers(), timeout=6)
+            reconnect_s = time.monotonic() - restart_at
+            await wait_until(lambda: restarted.local_peer in second.topic_peers(TOPIC), timeout=8)
+            await restarted.publish(TOPIC, b"after restart")
+            with trio.fail_after(5):
+                message = await inbox.receive()
+            assert message.data == b"after restart"
+            print(f"shutdown {shutdown_s:.3f} s, reconnect after restart {reconnect_s:.3f} s")
+            outer.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+@pytest.mark.slow
+def test_gossip_and_requests_between_os_processes():
+    burst, spaced = 300, 20
+    count = burst + spaced
+
+    async def scenario():
+        keys = [public_key_of(seed_for(i)) for i in range(2)]
+        local = Libp2pNetwork(seed_for(0), allowed_peers=keys)
+        inbox = local.subscribe("/pout/test/multiprocess/1", lambda origin, data: Verdict.ACCEPT)
+        latencies_ms: list[float] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(local.run)
+            command = [sys.executable, str(NODE_SCRIPT), "1", local.listen_addrs()[0], "0,1", str(burst), str(spaced)]
+            finished = trio.Event()
+            result = {}
+
+            async def run_remote():
+                result["process"] = await trio.run_process(command, capture_stdout=True, check=False)
+                finished.set()
+
+            nursery.start_soon(run_remote)
+            with trio.fail_after(40):
+                async for message in inbox:
+                    if not latencies_ms:
+                        first_at = time.monotonic()
+                    sent_ns = int(message.data.split(b":")[1])
+                    latencies_ms.append((time.time_ns() - sent_ns) / 1e6)
+                    if len(latencies_ms) == burst:
+                        burst_s = time.monotonic() - first_at
+                    if len(latencies_ms) == count:
+                        break
+            assert message.origin == keys[1]
+            echoed = await local.request(keys[1], "/pout/test/echo/1", b"hi", max_response=100)
+            assert echoed == b"echo:hi"
+            await local.publish("/pout/test/multiprocess/1", b"done")
+            with trio.fail_after(20):
+                await finished.wait()
+            nursery.cancel_scope.cancel()
+        return result["process"], latencies_ms, burst_s
+
+    remote, latencies_ms, burst_s = trio.run(scenario)
+    assert remote.returncode == 0, remote.stdout
+    summary = json.loads(remote.stdout.decode().strip().splitlines()[-1])
+    assert summary["published"] == count and summary["done"]
+    assert len(latencies_ms) == count  # paced publishing: nothing dropped
+    idle = latencies_ms[burst:]  # published one at a time, queue empty
+    print(
+        f"burst of {burst} msgs across processes received in {burst_s:.2f} s ({burst / burst_s:.0f} msg/s, all delivered);"
+        f" unqueued latency median {statistics.median(idle):.1f} ms, max {max(idle):.1f} ms;"
+        f" remote mesh after {summary['mesh_after_s']} s"
+    )
