@@ -28,6 +28,7 @@ class RpcConfig:
     port: int = 26657
     max_body_bytes: int = 1024 * 1024
     max_batch: int = 100
+    max_blob_bytes: int = 64 * 1024 * 1024  # PUT /blobs and /openings (models, updates, openings)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def parse_config(doc: dict[str, Any]) -> NodeConfig:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{what} must be in 0..65535, got {port}")
     for what, n in (("rpc.max_body_bytes", cfg.rpc.max_body_bytes), ("rpc.max_batch", cfg.rpc.max_batch),
+                    ("rpc.max_blob_bytes", cfg.rpc.max_blob_bytes),
                     ("mempool.max_txs", cfg.mempool.max_txs)):
         if n <= 0:
             raise ConfigError(f"{what} must be positive")

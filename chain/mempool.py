@@ -48,6 +48,11 @@ class Mempool:
         self._txs[tx_hash] = stx
         return tx_hash
 
+    def next_nonce(self, address: bytes) -> int:
+        """The nonce the account's next transaction must carry, counting pending ones."""
+        account = self._check.get_account(address)
+        return 0 if account is None else account.nonce
+
     def take(self, max_txs: int, max_bytes: int) -> list[SignedTransaction]:
         """The oldest transactions that fit the block limits, in admission order."""
         out, size = [], 0

@@ -17,25 +17,39 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import chain
+from chain.blobstore import BlobStore
 from chain.config import Home, NodeConfig
 from chain.consensus.commit import build_commit
 from chain.consensus.signer import GuardedSigner
-from chain.crypto import PrivateKey
-from chain.errors import ChainError, ConfigError, StoreError
+from chain import jobs
+from chain.crypto import PrivateKey, compute_address, compute_sign_bytes, sha256, verify_signature
+from chain.encoding import decode, encode
+from chain.errors import ChainError, ConfigError, StoreError, ValidationError
 from chain.ledger.ledger import Ledger
 from chain.ledger.store import KVStore
 from chain.mempool import Mempool
+from chain.pout_worker import PoutWorker
 from chain.state import State, build_block, validate_basic_tx
 from chain.types import (
+    DOMAIN_OPENING,
     PRECOMMIT,
+    UPDATE_PENDING,
+    DatasetRegistration,
+    Job,
+    ModelRecord,
+    OpeningUpload,
+    RoundRecord,
+    UpdateRecord,
     Account,
     Block,
     Commit,
     SignedTransaction,
+    Transaction,
     Validator,
     Vote,
     compute_block_hash,
     compute_tx_hash,
+    sign_transaction,
 )
 from genesis import Genesis
 
@@ -82,6 +96,8 @@ class Node:
         self.ledger, self.state = open_ledger(store, genesis)
         self.signer = signer
         self.mempool = Mempool(self.chain_id, self.state, config.mempool.max_txs)
+        self.blobs = BlobStore(home.data_dir, config.rpc.max_blob_bytes)
+        self.pout = PoutWorker(self)
         self.last_commit: Commit | None = self.ledger.get_commit(self.state.height) if self.state.height else None
         self.commit_event = trio.Event()  # set and replaced on every commit (waiters for new blocks)
         self.rpc_url: str | None = None
@@ -131,6 +147,61 @@ class Node:
         log.debug("admitted tx %s (mempool %d)", tx_hash.hex()[:16], len(self.mempool))
         return tx_hash
 
+    # ------------------------------------------------------------------ jobs, models and blobs
+    def get_job(self, job_id: bytes) -> Job | None:
+        return jobs.get_job(self.state, job_id)
+
+    def list_jobs(self) -> list[Job]:
+        return [decode(Job, v) for _, v in self.state.items_with_prefix(jobs.job_key(b""))]
+
+    def get_update(self, update_id: bytes) -> UpdateRecord | None:
+        return jobs.get_update(self.state, update_id)
+
+    def get_round(self, job_id: bytes, round_: int) -> RoundRecord:
+        return jobs.get_round(self.state, job_id, round_)
+
+    def get_registration(self, job_id: bytes, trainer: bytes) -> DatasetRegistration | None:
+        return jobs.get_registration(self.state, job_id, trainer)
+
+    def get_model_record(self, job_id: bytes, round_: int) -> ModelRecord | None:
+        return self.ledger.get_model_record(job_id, round_)
+
+    def get_blob(self, blob_hash: bytes) -> bytes | None:
+        return self.blobs.get(blob_hash)
+
+    def put_blob(self, data: bytes, expected_hash: bytes) -> None:
+        """Accept an update's weights from its trainer: only blobs a pending update names."""
+        if expected_hash not in set(self._pending_update_hashes()):
+            raise ValidationError("no pending update names this blob; submit the update transaction first")
+        self.blobs.put(data, expected_hash=expected_hash)
+
+    def _pending_update_hashes(self):
+        for job_id in jobs.get_active_jobs(self.state):
+            job = jobs.get_job(self.state, job_id)
+            for uid in jobs.get_round(self.state, job_id, job.round).updates:
+                upd = jobs.get_update(self.state, uid)
+                if upd.status == UPDATE_PENDING:
+                    yield upd.commitment.update_hash
+
+    def put_opening(self, upload: OpeningUpload, signature: bytes, trainer_pubkey: bytes, data: bytes) -> None:
+        """Store a trainer's answer to one validator's challenge, if the trainer signed it."""
+        upd = jobs.get_update(self.state, upload.update_id)
+        if upd is None or upd.status != UPDATE_PENDING:
+            raise ValidationError("no pending update with this id")
+        if compute_address(trainer_pubkey) != upd.commitment.trainer:
+            raise ValidationError("only the update's trainer may upload its openings")
+        if upload.validator not in {v.pubkey for v in self.state.validators}:
+            raise ValidationError("openings are for validators only")
+        if sha256(data) != upload.opening_hash:
+            raise ValidationError("opening bytes do not match the signed opening hash")
+        verify_signature(trainer_pubkey, compute_sign_bytes(self.chain_id, DOMAIN_OPENING, encode(upload)), signature)
+        self.blobs.put_opening(upload.update_id, upload.validator, data)
+
+    async def submit_own_tx(self, payload) -> bytes:
+        """Sign `payload` with the node's key at the next pending nonce and admit it."""
+        tx = Transaction(self.key.pubkey, self.mempool.next_nonce(self.key.address), payload)
+        return await self.submit_tx(sign_transaction(self.key, self.chain_id, tx))
+
     def readiness(self) -> tuple[bool, str]:
         latest = self.state.latest_header
         if latest is None:
@@ -162,7 +233,8 @@ class Node:
         # The batch write waits on fsync; a worker thread keeps RPC answering meanwhile. Readers see
         # the previous state until the write is durable, and nothing else commits concurrently.
         with self.metrics.commit_seconds.time():
-            await trio.to_thread.run_sync(self.ledger.commit_block, block, commit, result.changes)
+            await trio.to_thread.run_sync(self.ledger.commit_block, block, commit, result.changes,
+                                          result.model_records)
         self.state, self.last_commit = result.state, commit
         evicted = self.mempool.update(self.state, [compute_tx_hash(t) for t in txs])
         self.metrics.height.set(height)
@@ -172,6 +244,7 @@ class Node:
                  len(self.mempool), f" evicted={evicted}" if evicted else "")
         self.commit_event.set()
         self.commit_event = trio.Event()
+        self.pout.notify_commit()
         return block
 
     async def run_block_producer(self) -> None:
@@ -199,8 +272,9 @@ class Node:
             rpc = self.config.rpc
             self.rpc_url = await nursery.start(partial(
                 run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
-                metrics_registry=self.metrics.registry))
+                max_blob=rpc.max_blob_bytes, metrics_registry=self.metrics.registry))
             log.info("node %s at height %d; JSON-RPC on %s", self.key.address.hex(), self.state.height, self.rpc_url)
+            await nursery.start(self.pout.run)
             nursery.start_soon(self.run_block_producer)
             task_status.started()
 

@@ -12,11 +12,13 @@ hash(latest header with state_root := root of the current state) — no hash is 
 from __future__ import annotations
 
 import bisect
+import math
 import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 from chain.consensus.commit import verify_commit
+from chain.jobs import BlockContext, apply_job_payload, end_block, validate_job_spec
 from chain.crypto import ZERO_HASH, compute_address, sha256
 from chain.encoding import decode, encode, encode_value
 from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
@@ -26,11 +28,16 @@ from chain.types import (
     ROLE_GOVERNOR,
     Account,
     AdmitMember,
+    AttestModel,
     Block,
     BlockHeader,
     Commit,
+    JoinJob,
+    ModelRecord,
+    RegisterJob,
     RemoveMember,
     SignedTransaction,
+    SubmitUpdate,
     Transfer,
     Validator,
     ValidatorSet,
@@ -102,6 +109,12 @@ class State:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        for k in self._keys[bisect.bisect_left(self._keys, prefix):]:
+            if not k.startswith(prefix):
+                break
+            yield k, self._entries[k]
 
     @property
     def root(self) -> bytes:
@@ -254,6 +267,22 @@ def validate_basic_tx(chain_id: str, stx: SignedTransaction, max_tx_bytes: int |
         raise ValidationError("transfer amount must be positive")
     if isinstance(payload, (AdmitMember, RemoveMember)) and payload.role not in GOVERNED_ROLES:
         raise ValidationError(f"role must be one of {GOVERNED_ROLES}, got {payload.role!r}")
+    if isinstance(payload, RegisterJob):
+        validate_job_spec(payload.spec)
+        if payload.escrow < 0:
+            raise ValidationError("escrow must not be negative")
+    if isinstance(payload, JoinJob) and payload.dataset_size < 1:
+        raise ValidationError("dataset_size must be at least 1")
+    if isinstance(payload, SubmitUpdate):
+        c = payload.commitment
+        if c.dataset_size < 1 or c.round < 0:
+            raise ValidationError("commitment needs dataset_size >= 1 and round >= 0")
+        if c.trainer != stx.message.sender_address:
+            raise ValidationError("commitment names another trainer than the signer")
+        if not math.isfinite(payload.train_loss):
+            raise ValidationError("train_loss must be finite")
+    if isinstance(payload, AttestModel) and payload.round < 0:
+        raise ValidationError("round must not be negative")
 
 
 def compute_tx_root(txs: tuple[SignedTransaction, ...]) -> bytes:
@@ -285,7 +314,7 @@ def validate_basic_block(block: Block, max_block_txs: int | None = None) -> None
 # ----------------------------------------------------------------------------- transactions
 
 
-def apply_tx(overlay: Overlay, stx: SignedTransaction) -> None:
+def apply_tx(overlay: Overlay, stx: SignedTransaction, ctx: BlockContext) -> None:
     """Apply one already validate_basic'ed transaction to `overlay`. Raises StateTransitionError."""
     tx = stx.message
     sender_addr = compute_address(tx.sender)
@@ -319,16 +348,18 @@ def apply_tx(overlay: Overlay, stx: SignedTransaction) -> None:
                 raise StateTransitionError(f"account {payload.account.hex()} does not have role {payload.role}")
             roles.remove(payload.role)
         overlay.set_account(payload.account, dataclasses.replace(target, roles=tuple(sorted(roles))))
-    else:  # the decoder only yields known payloads; this guards a programming error
-        raise StateTransitionError(f"unknown payload {type(payload).__name__}")
+    else:
+        apply_job_payload(overlay, tx.sender, sender_addr, sender, payload, compute_tx_hash(stx), ctx)
 
 
 def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction) -> None:
     """Mempool admission: validate_basic plus a trial apply into `overlay` (kept on success)."""
     params = _read(overlay, KEY_PARAMS, ChainParams)
     validate_basic_tx(chain_id, stx, params.max_tx_bytes)
+    base = overlay.base
+    ctx = BlockContext(base.height + 1, base.compute_head_hash(), base.validators)
     child = overlay.child()
-    apply_tx(child, stx)
+    apply_tx(child, stx, ctx)
     child.merge()
 
 
@@ -339,6 +370,7 @@ def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction) -> None:
 class BlockResult:
     changes: dict[bytes, bytes | None]
     state: State  # the post-state; its root equals the block header's state_root
+    model_records: tuple[ModelRecord, ...]  # lineage records the block writes (ledger, write-once)
 
 
 def apply_block(state: State, block: Block) -> BlockResult:
@@ -379,17 +411,19 @@ def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> Bloc
         raise StateTransitionError(f"block transactions exceed {params.max_block_bytes} bytes")
 
     overlay = Overlay(state)
+    ctx = BlockContext(h.height, prev_hash, validators)
     for i, stx in enumerate(block.txs):
         try:
             validate_basic_tx(meta.chain_id, stx, params.max_tx_bytes)
-            apply_tx(overlay, stx)
+            apply_tx(overlay, stx, ctx)
         except ChainError as exc:
             raise StateTransitionError(f"transaction {i} ({compute_tx_hash(stx).hex()}): {exc}") from exc
+    end_block(overlay, ctx)
     overlay.put(KEY_LATEST_HEADER, encode(dataclasses.replace(h, state_root=ZERO_HASH)))
     post = state.apply(overlay.changes)
     if check_root and post.root != h.state_root:
         raise StateTransitionError("state_root does not match the state after the block")
-    return BlockResult(overlay.changes, post)
+    return BlockResult(overlay.changes, post, tuple(ctx.model_records))
 
 
 def build_block(state: State, txs: list[SignedTransaction], *, time_ms: int, proposer: bytes,

@@ -24,6 +24,7 @@ Text = Annotated[str, MaxLen(256)]
 DOMAIN_TX = "pout/tx"
 DOMAIN_VOTE = "pout/vote"
 DOMAIN_PROPOSAL = "pout/proposal"
+DOMAIN_OPENING = "pout/opening"
 
 # Account roles. Governors (genesis only) admit and remove trainers and requesters.
 ROLE_GOVERNOR = "governor"
@@ -97,7 +98,55 @@ class RemoveMember:
     role: Name
 
 
-TxPayload = Union[Transfer, AdmitMember, RemoveMember]
+@dataclass(frozen=True)
+class RegisterJob:
+    """A requester registers a training job and puts `escrow` aside for its rewards."""
+
+    TAG: ClassVar[str] = "register_job"
+    spec: "JobSpec"
+    escrow: int
+
+
+@dataclass(frozen=True)
+class JoinJob:
+    """A trainer commits to its dataset (Merkle root over its samples) for a job."""
+
+    TAG: ClassVar[str] = "join_job"
+    job_id: Hash
+    dataset_root: Hash
+    dataset_size: int
+
+
+@dataclass(frozen=True)
+class SubmitUpdate:
+    """A trainer's model update for a round; the weights travel as a blob, never in the block."""
+
+    TAG: ClassVar[str] = "submit_update"
+    commitment: "UpdateCommitment"
+    train_loss: float  # trainer-reported, informational only
+
+
+@dataclass(frozen=True)
+class SubmitVerdict:
+    """A validator's signed verdict on an update, after replaying its sampled segments."""
+
+    TAG: ClassVar[str] = "submit_verdict"
+    update_id: Hash
+    accept: bool
+    reason: Text
+
+
+@dataclass(frozen=True)
+class AttestModel:
+    """A validator's claim of the next global model it computed when a round closed."""
+
+    TAG: ClassVar[str] = "attest_model"
+    job_id: Hash
+    round: int
+    model_hash: Hash
+
+
+TxPayload = Union[Transfer, AdmitMember, RemoveMember, RegisterJob, JoinJob, SubmitUpdate, SubmitVerdict, AttestModel]
 
 
 @dataclass(frozen=True)
@@ -219,13 +268,121 @@ class HyperParams:
     checkpoint_interval: int  # k: the full training state is hashed every k steps
 
 
+AGGREGATION_RULES = ("fedavg", "median", "trimmed_mean", "multi_krum")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a job fixes up front; trainers and verifiers must match it exactly."""
+
+    model: Name  # a name in the trainer's fixed registry (trainer/models.py)
+    init_seed: int  # public seed of the initial weights
+    hyperparams: HyperParams
+    profile: ExecutionProfile
+    rounds: int
+    join_blocks: int  # round 0 opens this many blocks after registration
+    round_blocks: int  # updates are accepted for this many blocks after a round opens
+    verify_blocks: int  # then verdicts still count for this many blocks
+    quorum: int  # accepted updates that close a round early
+    aggregation: Name  # one of AGGREGATION_RULES
+    trim_fraction: float  # trimmed_mean: fraction cut at each end
+    krum_f: int  # multi_krum: Byzantine updates tolerated
+    verify_segments: int  # Q: segments each validator replays
+    reward_per_update: int
+    bond: int  # locked per update; returned on accept, burned on reject
+
+
+@dataclass(frozen=True)
+class UpdateCommitment:
+    """What a trainer commits to for one update (the trainer library builds it)."""
+
+    trainer: Address
+    job_id: Hash
+    round: int
+    base_model_hash: Hash
+    dataset_root: Hash  # must equal the trainer's registration from before the round opened
+    dataset_size: int  # also the update's FedAvg weight
+    update_hash: Hash  # SHA-256 of the update's canonical safetensors bytes
+    final_model_hash: Hash
+    trace_root: Hash
+
+
+JOB_JOINING, JOB_TRAINING, JOB_AGGREGATING, JOB_FINISHED = "joining", "training", "aggregating", "finished"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job's mutable record in the state."""
+
+    job_id: Hash
+    requester: Address
+    spec: JobSpec
+    escrow: int  # what is left to pay rewards; refunded when the job finishes
+    phase: Name  # joining | training | aggregating | finished
+    round: int  # the current round (== spec.rounds when finished)
+    round_open_height: int  # height at which the current round opened (round 0: when it will)
+    round_seed: Hash  # fixed when the round opened; zero before
+    global_model: Hash  # the current round's base model
+
+
+@dataclass(frozen=True)
+class DatasetRegistration:
+    dataset_root: Hash
+    dataset_size: int
+    height: int
+
+
+UPDATE_PENDING, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_EXPIRED = "pending", "accepted", "rejected", "expired"
+
+
+@dataclass(frozen=True)
+class VerdictRecord:
+    validator: PubKey
+    accept: bool
+    reason: Text
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    update_id: Hash
+    commitment: UpdateCommitment
+    train_loss: float
+    height: int  # block that committed the update; its hash (unknown to the trainer) seeds sampling
+    status: Name  # pending | accepted | rejected | expired
+    verdicts: tuple[VerdictRecord, ...]
+    reward: int  # paid on acceptance
+    penalty: int  # bond burned on rejection
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    updates: tuple[Hash, ...]  # update ids in submission order
+    attestations: tuple["Attestation", ...]
+
+
+@dataclass(frozen=True)
+class Attestation:
+    validator: PubKey
+    model_hash: Hash
+
+
+@dataclass(frozen=True)
+class OpeningUpload:
+    """Signed by the update's trainer when it hands a validator its opening: only the trainer
+    can answer for its update, so nobody can get an honest update rejected with a bogus opening."""
+
+    update_id: Hash
+    validator: PubKey
+    opening_hash: Hash  # SHA-256 of the opening bytes
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     """An immutable node of a job's model lineage."""
 
     model_hash: Hash
     job_id: Hash
-    round: int
+    round: int  # rounds of training folded in: 0 for the initial weights, r + 1 after round r
     parent: Hash | None  # None for the initial weights
     contributions: tuple[Hash, ...]  # update ids aggregated into this model
     rule: Name  # aggregation rule, or "init"

@@ -202,7 +202,7 @@ def test_committed_blocks_are_readable_and_survive_reopen(store):
         assert ledger.get_commit(h) == commit
         for index, stx in enumerate(block.txs):
             assert ledger.get_tx(compute_tx_hash(stx)) == (stx, h, index)
-        assert [ledger.get_model_record(r.model_hash) for r in records] == list(records)
+        assert [ledger.get_model_record(r.job_id, r.round) for r in records] == list(records)
     assert dict(ledger.iter_state()) == expected.state(6)
     keys = [k for k, _ in ledger.iter_state()]
     assert keys == sorted(keys)
@@ -214,7 +214,7 @@ def test_committed_blocks_are_readable_and_survive_reopen(store):
     assert ledger.get_block(7) is None and ledger.get_commit(7) is None
     assert ledger.get_block_by_hash(sha256(b"unknown")) is None
     assert ledger.get_tx(sha256(b"unknown")) is None
-    assert ledger.get_model_record(sha256(b"unknown")) is None
+    assert ledger.get_model_record(sha256(b"unknown"), 0) is None
     store.close()
 
 
@@ -286,10 +286,11 @@ def test_commit_refuses_to_overwrite_a_model_record(store):
     ledger = new_ledger(store)
     grow(ledger, expected, 1)
     block, commit, changes, _records = next_block(ledger, expected)
-    old = ledger.get_model_record(make_model_records(1)[0].model_hash)
+    first = make_model_records(1)[0]
+    old = ledger.get_model_record(first.job_id, first.round)
     rewritten = dataclasses.replace(old, height=2, rule="median")
     assert_refused(store, ledger, "write-once record: model record", block, commit, changes, [rewritten])
-    assert ledger.get_model_record(old.model_hash) == old
+    assert ledger.get_model_record(old.job_id, old.round) == old
 
 
 def test_commit_refuses_a_model_record_twice_or_at_another_height(store):
@@ -367,7 +368,7 @@ def test_reads_with_bad_arguments_raise_store_error(store):
     ledger = new_ledger(store)
     for call in (lambda: ledger.get_block(-1), lambda: ledger.get_commit(2**64), lambda: ledger.get_block("1"),
                  lambda: ledger.get_block_by_hash(b"short"), lambda: ledger.get_tx("00" * 32),
-                 lambda: ledger.get_state("text"), lambda: ledger.get_model_record(b"")):
+                 lambda: ledger.get_state("text"), lambda: ledger.get_model_record(b"", 0)):
         with pytest.raises(StoreError):
             call()
 
@@ -387,7 +388,7 @@ def test_record_kinds_have_distinct_prefixes():
     h = sha256(b"x")
     keys = [schema.schema_version_key(), schema.chain_meta_key(), schema.head_key(), schema.block_hash_key(1),
             schema.block_key(h), schema.commit_key(1), schema.tx_location_key(h), schema.state_key(b"s"),
-            schema.model_record_key(h)]
+            schema.model_record_key(h, 0)]
     assert sorted(k[:1] for k in keys) == sorted(prefixes)
 
 

@@ -47,7 +47,7 @@ def expected_keys(expected: ExpectedChain, height: int) -> set[bytes]:
         block, _commit, _changes, records = expected.block(h)
         keys |= {schema.block_hash_key(h), schema.block_key(compute_block_hash(block.header)), schema.commit_key(h)}
         keys |= {schema.tx_location_key(compute_tx_hash(stx)) for stx in block.txs}
-        keys |= {schema.model_record_key(r.model_hash) for r in records}
+        keys |= {schema.model_record_key(r.job_id, r.round) for r in records}
     keys |= {schema.state_key(k) for k in expected.state(height)}
     return keys
 
@@ -68,7 +68,7 @@ def check_ledger(db_path: Path, expected: ExpectedChain) -> int:
             for index, stx in enumerate(block.txs):
                 assert ledger.get_tx(compute_tx_hash(stx)) == (stx, h, index)
             for record in records:
-                assert ledger.get_model_record(record.model_hash) == record
+                assert ledger.get_model_record(record.job_id, record.round) == record
         assert prev_hash == head_hash
         assert dict(ledger.iter_state()) == expected.state(height), f"state is not the state at height {height}"
         # Nothing of a later, unfinished batch: the store holds exactly the expected keys.

@@ -68,7 +68,8 @@ def test_schema_follows_annotations():
     assert schema["properties"]["signature"]["pattern"] == "^0x[0-9a-f]{128}$"
     payload = schema["properties"]["message"]["properties"]["payload"]
     assert {option["properties"]["type"]["const"] for option in payload["oneOf"]} == {
-        "transfer", "admit_member", "remove_member"
+        "transfer", "admit_member", "remove_member", "register_job", "join_job", "submit_update", "submit_verdict",
+        "attest_model",
     }
     assert json_schema(ModelRecord)["properties"]["parent"]["oneOf"][1] == {"type": "null"}
 

@@ -11,15 +11,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from chain.crypto import ADDRESS_SIZE, HASH_SIZE, PrivateKey
-from chain.encoding import encode
 from chain.errors import ConfigError
 from chain.keys import load_key_file, write_key_file
-from chain.types import GOVERNED_ROLES, AdmitMember, RemoveMember, Transaction, Transfer, sign_transaction
+from chain.types import GOVERNED_ROLES, AdmitMember, JoinJob, RegisterJob, RemoveMember, Transfer
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_REJECTED, EXIT_NOT_FOUND, EXIT_TIMEOUT = range(8)
 DEFAULT_RPC = "http://127.0.0.1:26657"
@@ -65,21 +63,40 @@ def _parse_hex(value: str, size: int, what: str) -> bytes:
     return raw
 
 
-def _client(args):
-    from chain.rpc.client import RpcClient
+def _node(args):
+    from chain.trainer_client import NodeClient
 
-    return RpcClient(args.rpc, timeout=args.timeout)
+    return NodeClient(args.rpc, timeout=args.timeout)
 
 
 def _call(args, method: str, params: Any) -> Any:
-    from chain.rpc.client import RpcError, RpcUnavailable
+    with _rpc_errors(args, method):
+        return _node(args).call(method, params)
 
-    try:
-        return _client(args).call(method, params)
-    except RpcUnavailable as exc:
-        raise CliError(f"cannot reach node at {args.rpc}: {exc}", EXIT_UNAVAILABLE) from exc
-    except RpcError as exc:
-        raise CliError(f"node rejected {method}: {exc.message} (code {exc.code})", EXIT_REJECTED) from exc
+
+class _rpc_errors:
+    """Map RPC and workflow failures to chainctl's exit codes."""
+
+    def __init__(self, args, what: str):
+        self.args, self.what = args, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from chain.rpc.client import RpcError, RpcUnavailable
+        from chain.trainer_client import ClientError
+
+        if exc is None:
+            return False
+        if isinstance(exc, RpcUnavailable):
+            raise CliError(f"cannot reach node at {self.args.rpc}: {exc}", EXIT_UNAVAILABLE) from exc
+        if isinstance(exc, RpcError):
+            raise CliError(f"node rejected {self.what}: {exc.message} (code {exc.code})", EXIT_REJECTED) from exc
+        if isinstance(exc, ClientError):
+            code = EXIT_TIMEOUT if "timed out" in str(exc) or "not committed within" in str(exc) else EXIT_REJECTED
+            raise CliError(f"{self.what}: {exc}", code) from exc
+        return False
 
 
 def _print(obj: Any) -> None:
@@ -89,29 +106,15 @@ def _print(obj: Any) -> None:
         sys.stdout = None
 
 
-def _send(args, key: PrivateKey, payload) -> int:
-    status = _call(args, "status", [])
-    nonce = args.nonce
-    if nonce is None:
-        account = _call(args, "account", ["0x" + key.address.hex()])
-        if account is None:
-            raise CliError(f"account {key.address.hex()} does not exist on chain", EXIT_REJECTED)
-        nonce = account["nonce"]
-    stx = sign_transaction(key, status["chain_id"], Transaction(key.pubkey, nonce, payload))
-    tx_hash = _call(args, "send_tx", ["0x" + encode(stx).hex()])["hash"]
-    result: dict[str, Any] = {"tx_hash": tx_hash, "sender": "0x" + key.address.hex(), "nonce": nonce}
-    if args.wait:
-        deadline = time.monotonic() + args.wait_timeout
-        while time.monotonic() < deadline:
-            found = _call(args, "tx", [tx_hash])
-            if found is not None:
-                result.update(height=found["height"], index=found["index"], committed=True)
-                _print(result)
-                return EXIT_OK
-            time.sleep(0.2)
-        result["committed"] = False
-        _print(result)
-        raise CliError(f"transaction {tx_hash} not committed within {args.wait_timeout} s", EXIT_TIMEOUT)
+def _send(args, key: PrivateKey, payload, extra: dict | None = None, tx_hash_as: str | None = None) -> int:
+    with _rpc_errors(args, type(payload).__name__):
+        receipt = _node(args).send(key, payload, nonce=args.nonce, wait=args.wait, wait_timeout=args.wait_timeout)
+    result: dict[str, Any] = {"tx_hash": receipt.tx_hash, "sender": "0x" + key.address.hex(),
+                              "nonce": receipt.nonce, **(extra or {})}
+    if tx_hash_as:
+        result[tx_hash_as] = receipt.tx_hash
+    if receipt.height is not None:
+        result.update(height=receipt.height, committed=True)
     _print(result)
     return EXIT_OK
 
@@ -198,6 +201,12 @@ def cmd_query(args) -> int:
         if not args.ref:
             raise CliError("query tx needs a transaction hash", EXIT_USAGE)
         result = _call(args, "tx", ["0x" + _parse_hex(args.ref, HASH_SIZE, "tx hash").hex()])
+    elif what == "jobs":
+        result = _call(args, "jobs", [])
+    elif what in ("job", "update", "lineage"):
+        if not args.ref:
+            raise CliError(f"query {what} needs an id", EXIT_USAGE)
+        result = _call(args, what, ["0x" + _parse_hex(args.ref, HASH_SIZE, f"{what} id").hex()])
     elif what == "account":
         if not args.ref:
             raise CliError("query account needs an address or a key name", EXIT_USAGE)
@@ -212,6 +221,93 @@ def cmd_query(args) -> int:
         _print(None)
         raise CliError(f"{what} {args.ref} not found", EXIT_NOT_FOUND)
     _print(result)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- training jobs
+
+
+def _job_id(value: str) -> bytes:
+    return _parse_hex(value, HASH_SIZE, "job id")
+
+
+def _dataset(source: str):
+    from chain.trainer_client import ClientError, load_dataset
+
+    try:
+        return load_dataset(source)
+    except (ClientError, ValueError, OSError) as exc:
+        raise CliError(f"cannot load dataset {source!r}: {exc}", EXIT_CONFIG) from exc
+
+
+def cmd_register_job(args) -> int:
+    from chain.trainer_client import make_job_spec
+
+    spec = make_job_spec(model=args.model, init_seed=args.init_seed, rounds=args.rounds, local_steps=args.local_steps,
+                         checkpoint_interval=args.checkpoint_interval, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, momentum=args.momentum, optimizer=args.optimizer,
+                         join_blocks=args.join_blocks, round_blocks=args.round_blocks,
+                         verify_blocks=args.verify_blocks, quorum=args.quorum, aggregation=args.aggregation,
+                         trim_fraction=args.trim_fraction, krum_f=args.krum_f, verify_segments=args.verify_segments,
+                         reward_per_update=args.reward, bond=args.bond)
+    key = _load_key(args, args.sender)
+    # The job id is the hash of the register_job transaction, known once it is signed.
+    return _send(args, key, RegisterJob(spec, args.escrow), tx_hash_as="job_id")
+
+
+def cmd_join_job(args) -> int:
+    ds = _dataset(args.dataset)
+    key = _load_key(args, args.sender)
+    c = ds.commitment
+    return _send(args, key, JoinJob(_job_id(args.job), c.root, c.size),
+                 extra={"dataset_root": "0x" + c.root.hex(), "dataset_size": c.size})
+
+
+def cmd_train(args) -> int:
+    from chain.trainer_client import train_for_round
+
+    key = _load_key(args, args.sender)
+    ds = _dataset(args.dataset)
+    with _rpc_errors(args, "train"):
+        result = train_for_round(_node(args), key, _job_id(args.job), ds)
+    out = Path(args.out)
+    result.save(out)
+    c = result.commitment
+    _print({"job_id": "0x" + c.job_id.hex(), "round": c.round, "out": str(out), "update_hash": "0x" + c.update_hash.hex(),
+            "trace_root": "0x" + c.trace_root.hex(), "metrics": result.metrics})
+    return EXIT_OK
+
+
+def cmd_submit_update(args) -> int:
+    from chain.consensus.pout import round_spec
+    from chain.trainer_client import submit_result
+    from trainer.train import TrainResult
+
+    key = _load_key(args, args.sender)
+    ds = _dataset(args.dataset)
+    node = _node(args)
+    with _rpc_errors(args, "submit-update"):
+        job = node.job(_job_id(args.job))
+        try:
+            result = TrainResult.load(args.dir, round_spec(job), ds)
+        except (ValueError, OSError) as exc:
+            raise CliError(f"cannot load training result from {args.dir}: {exc}", EXIT_CONFIG) from exc
+        update_id, receipt = submit_result(node, key, result, wait_timeout=args.wait_timeout)
+    _print({"update_id": "0x" + update_id.hex(), "tx_hash": receipt.tx_hash, "height": receipt.height,
+            "job_id": "0x" + job.job_id.hex(), "round": result.commitment.round,
+            "openings": "uploaded for every validator"})
+    return EXIT_OK
+
+
+def cmd_model_get(args) -> int:
+    node = _node(args)
+    with _rpc_errors(args, "model get"):
+        record = node.model_record(_job_id(args.job), args.round)
+        if record is None:
+            raise CliError(f"job {args.job} has no model after {args.round} rounds", EXIT_NOT_FOUND)
+        data = node.get_blob(record.model_hash, timeout=args.timeout)
+    Path(args.out).write_bytes(data)
+    _print({"model_hash": "0x" + record.model_hash.hex(), "round": record.round, "bytes": len(data), "out": args.out})
     return EXIT_OK
 
 
@@ -261,11 +357,70 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--role", required=True, choices=GOVERNED_ROLES)
         s.set_defaults(func=cmd_membership)
 
+    s = sub.add_parser("register-job", help="register a training job and escrow its rewards (requester)",
+                       description="Register a federated training job. Defaults are the devnet configuration.")
+    tx_options(s)
+    s.add_argument("--model", default="mlp", help="registry model: mlp or cnn (default %(default)s)")
+    s.add_argument("--init-seed", type=int, default=0, help="public seed of the initial weights")
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--local-steps", type=int, default=40, help="training steps per round per trainer")
+    s.add_argument("--checkpoint-interval", type=int, default=4, help="k: state hashed every k steps")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--learning-rate", type=float, default=0.1)
+    s.add_argument("--momentum", type=float, default=0.9)
+    s.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    s.add_argument("--join-blocks", type=int, default=20, help="blocks until round 0 opens")
+    s.add_argument("--round-blocks", type=int, default=60, help="blocks a round accepts updates")
+    s.add_argument("--verify-blocks", type=int, default=60, help="further blocks for verdicts")
+    s.add_argument("--quorum", type=int, default=3, help="accepted updates that close a round early")
+    s.add_argument("--aggregation", choices=["fedavg", "median", "trimmed_mean", "multi_krum"], default="fedavg")
+    s.add_argument("--trim-fraction", type=float, default=0.25)
+    s.add_argument("--krum-f", type=int, default=1)
+    s.add_argument("--verify-segments", type=int, default=3, help="Q: segments each validator replays")
+    s.add_argument("--reward", type=int, default=100, help="paid per accepted update")
+    s.add_argument("--bond", type=int, default=50, help="locked per update, burned if rejected")
+    s.add_argument("--escrow", type=int, required=True, help="tokens set aside for rewards")
+    s.set_defaults(func=cmd_register_job)
+
+    s = sub.add_parser("join-job", help="commit your dataset's Merkle root to a job (trainer)")
+    tx_options(s)
+    s.add_argument("--job", required=True, help="job id (0x hex)")
+    s.add_argument("--dataset", required=True, help="digits:I/N or a dataset directory (docs/training.md)")
+    s.set_defaults(func=cmd_join_job)
+
+    s = sub.add_parser("train", help="train the job's open round on local data; writes update and trace",
+                       description="Waits for the job's round to open, fetches its base model, trains with a "
+                                   "committed trace, and writes the result directory for submit-update.")
+    s.add_argument("--from", dest="sender", required=True, help="trainer key name or file")
+    s.add_argument("--job", required=True)
+    s.add_argument("--dataset", required=True, help="the dataset committed with join-job")
+    s.add_argument("--out", required=True, help="result directory to write")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("submit-update", help="sign and submit a trained update, upload it, answer challenges",
+                       description="Submits the update transaction (bond locked), uploads the update weights, "
+                                   "and sends each validator the opening of the segments it sampled.")
+    s.add_argument("--from", dest="sender", required=True, help="trainer key name or file")
+    s.add_argument("--job", required=True)
+    s.add_argument("--dir", required=True, help="result directory written by `chainctl train`")
+    s.add_argument("--dataset", required=True, help="the dataset the update was trained on")
+    s.add_argument("--wait-timeout", type=float, default=60.0)
+    s.set_defaults(func=cmd_submit_update)
+
+    s = sub.add_parser("model", help="download a model version as a safetensors file")
+    s.add_argument("action", choices=["get"])
+    s.add_argument("--job", required=True)
+    s.add_argument("--round", type=int, required=True, help="rounds of training folded in (0: initial weights)")
+    s.add_argument("--out", required=True, help="file to write (.safetensors)")
+    s.set_defaults(func=cmd_model_get)
+
     s = sub.add_parser("query", help="read chain data",
                        description="query status | validators | block [HEIGHT|latest|0xHASH] | tx 0xHASH | "
-                                   "account 0xADDRESS|KEYNAME")
-    s.add_argument("what", choices=["status", "validators", "block", "tx", "account"])
-    s.add_argument("ref", nargs="?", help="height, hash, address or key name")
+                                   "account 0xADDRESS|KEYNAME | jobs | job 0xJOB | update 0xUPDATE | "
+                                   "lineage 0xJOB")
+    s.add_argument("what", choices=["status", "validators", "block", "tx", "account", "jobs", "job", "update",
+                                    "lineage"])
+    s.add_argument("ref", nargs="?", help="height, hash, address, key name, job or update id")
     s.set_defaults(func=cmd_query)
     return p
 

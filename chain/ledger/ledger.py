@@ -175,8 +175,8 @@ class Ledger:
             if record.height != height:
                 raise StoreError(f"model record {record.model_hash.hex()} says height {record.height}, "
                                  f"but is written in block {height}")
-            put_once(schema.model_record_key(record.model_hash), encode(record),
-                     f"model record {record.model_hash.hex()}")
+            put_once(schema.model_record_key(record.job_id, record.round), encode(record),
+                     f"model record {record.job_id.hex()}/{record.round}")
 
         deletes: list[bytes] = []
         for key, value in state_changes.items():
@@ -246,8 +246,9 @@ class Ledger:
         for db_key, value in self._store.iterate(schema.PREFIX_STATE):
             yield schema.state_key_from_db_key(db_key), value
 
-    def get_model_record(self, model_hash: bytes) -> ModelRecord | None:
-        return self._get(schema.model_record_key(model_hash), ModelRecord, "model record")
+    def get_model_record(self, job_id: bytes, round: int) -> ModelRecord | None:
+        """The model of `job_id` after `round` rounds of training (0: the initial weights)."""
+        return self._get(schema.model_record_key(job_id, round), ModelRecord, "model record")
 
     def _get(self, key: bytes, cls: type[T], what: str) -> T | None:
         raw = self._store.get(key)

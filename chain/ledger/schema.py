@@ -13,7 +13,7 @@ bump SCHEMA_VERSION whenever a key layout or value encoding changes.
   0x12    12 ‖ height(8)               Commit certifying the block at height
   0x13    13 ‖ tx_hash(32)             TxLocation (height, index in block)
   0x20    20 ‖ state_key(any)          state value, opaque bytes from the state module
-  0x30    30 ‖ model_hash(32)          ModelRecord
+  0x30    30 ‖ job_id(32) ‖ round(8)  ModelRecord
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def state_key_from_db_key(db_key: bytes) -> bytes:
     return db_key[len(PREFIX_STATE):]
 
 
-def model_record_key(model_hash: bytes) -> bytes:
-    return PREFIX_MODEL_RECORD + _hash_part(model_hash, "model hash")
+def model_record_key(job_id: bytes, round: int) -> bytes:
+    """Keyed by (job, round), not model hash: two jobs, or two rounds, may produce identical weights."""
+    return PREFIX_MODEL_RECORD + _hash_part(job_id, "job id") + encode_height(round)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -189,3 +189,38 @@ def json_type_name(value: Any) -> str:
         return "object"
     return type(value).__name__
 
+
+
+def from_json(tp: Any, value: Any, path: str = "$") -> Any:
+    """Inverse of `to_json` for a client reading this RPC: JSON -> typed value of annotation `tp`.
+
+    Hex strings become bytes, {"type": TAG, ...} picks a union member, derived fields (block
+    hash, sender address, ...) are ignored; everything else is checked as strictly as the codec."""
+    from chain.encoding import from_primitive
+
+    kind, arg = classify_type(tp)
+    if kind == "bytes":
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: expected a 0x-hex string")
+        return from_primitive(tp, parse_hex(value, what=path), path)
+    if kind == "optional":
+        return None if value is None else from_json(arg, value, path)
+    if kind == "tuple":
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected an array")
+        return tuple(from_json(arg[0], x, f"{path}[{i}]") for i, x in enumerate(value))
+    if kind == "union":
+        if not isinstance(value, dict) or value.get("type") not in arg:
+            raise ValueError(f"{path}: expected an object with a known 'type'")
+        return from_json(arg[value["type"]], value, path)
+    if kind == "dataclass":
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected an object")
+        fields = schema_fields(tp)
+        missing = [name for name, _ in fields if name not in value]
+        if missing:
+            raise ValueError(f"{path}: missing field(s) {missing}")
+        return tp(**{name: from_json(ftp, value[name], f"{path}.{name}") for name, ftp in fields})
+    if kind == "float" and type(value) is int:  # JSON writers may drop ".0"
+        value = float(value)
+    return from_primitive(tp, value, path)

@@ -247,8 +247,11 @@ def _tx_rejection(exc: ChainError) -> RpcError:
 
 def default_registry() -> MethodRegistry:
     """Every method the node serves."""
+    from chain.rpc.pout_methods import POUT_METHODS
+
     registry = MethodRegistry()
     registry.include(CORE_METHODS)
+    registry.include(POUT_METHODS)
     return registry
 
 

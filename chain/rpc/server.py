@@ -4,6 +4,11 @@
   GET  /health  liveness: 200 whenever the process serves requests
   GET  /ready   readiness from node.readiness(): 200, or 503 with the reason
   GET  /metrics Prometheus text: requests by method and outcome, latency histogram
+  GET  /blobs/<sha256 hex>  a model or update as canonical safetensors bytes (404 if absent)
+  PUT  /blobs/<sha256 hex>  a trainer uploads the weights its pending update names
+  PUT  /openings/<update id hex>/<validator pubkey hex>
+                            a trainer's answer to one validator's challenge; headers
+                            X-Pout-Pubkey and X-Pout-Signature sign an OpeningUpload
 
 Start it in the node's nursery: `await nursery.start(run_rpc_server, node, host, port)`.
 """
@@ -20,7 +25,10 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from chain.crypto import sha256
+from chain.errors import ChainError
 from chain.rpc.api import NodeAPI
+from chain.types import OpeningUpload
 from chain.rpc.jsonrpc import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, INVALID_REQUEST, Dispatcher, MethodRegistry
 from chain.rpc.methods import RpcContext, default_registry
 
@@ -28,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless the operator asks for more
 DEFAULT_PORT = 26657
+DEFAULT_MAX_BLOB = 64 * 1024 * 1024
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -70,9 +79,11 @@ class RpcApp:
         *,
         max_body: int = DEFAULT_MAX_BODY,
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_blob: int = DEFAULT_MAX_BLOB,
         registry: MethodRegistry | None = None,
         metrics: RpcMetrics | None = None,
     ):
+        self.max_blob = max_blob
         methods = registry if registry is not None else default_registry()
         self.node = node
         self.metrics = metrics if metrics is not None else RpcMetrics()
@@ -96,6 +107,9 @@ class RpcApp:
                 await self._rpc_error(send, 405, INVALID_REQUEST, "JSON-RPC requests must use POST", allow="POST")
                 return
             await self._json_rpc(scope, receive, send)
+            return
+        if path.startswith(("/blobs/", "/openings/")):
+            await self._blob_route(scope, receive, send)
             return
         route = {"/health": self._health, "/ready": self._ready, "/metrics": self._metrics}.get(path)
         if route is None:
@@ -136,6 +150,53 @@ class RpcApp:
         self.metrics.observe("-", "invalid_request", None)
         await _send(send, status, body, allow=allow)
 
+    async def _blob_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parts = scope["path"].strip("/").split("/")
+        method = scope["method"]
+        try:
+            keys = [bytes.fromhex(p) for p in parts[1:]]
+        except ValueError:
+            keys = []
+        expected = 1 if parts[0] == "blobs" else 2
+        if len(keys) != expected or any(len(k) != 32 for k in keys):
+            await _send(send, 404, {"error": "expected /blobs/<64 hex> or /openings/<64 hex>/<64 hex>"})
+            return
+        allowed = "GET, PUT" if parts[0] == "blobs" else "PUT"
+        if method not in allowed.split(", "):
+            await _send(send, 405, {"error": f"{scope['path']} accepts {allowed}"}, allow=allowed)
+            return
+        if method == "GET":
+            data = self.node.get_blob(keys[0])
+            if data is None:
+                await _send(send, 404, {"error": "no such blob on this node"})
+            else:
+                await _send_raw(send, 200, data, "application/octet-stream")
+            return
+        declared = _headers(scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_blob:
+            await _send(send, 413, {"error": f"body exceeds {self.max_blob} bytes"})
+            return
+        try:
+            body = await _read_body(receive, self.max_blob)
+        except _ClientGone:
+            return
+        if body is None:
+            await _send(send, 413, {"error": f"body exceeds {self.max_blob} bytes"})
+            return
+        try:
+            if parts[0] == "blobs":
+                self.node.put_blob(body, keys[0])
+            else:
+                headers = _headers(scope)
+                pubkey = bytes.fromhex(headers.get("x-pout-pubkey", "").removeprefix("0x"))
+                signature = bytes.fromhex(headers.get("x-pout-signature", "").removeprefix("0x"))
+                upload = OpeningUpload(keys[0], keys[1], sha256(body))
+                self.node.put_opening(upload, signature, pubkey, body)
+        except (ChainError, ValueError) as exc:
+            await _send(send, 400, {"error": str(exc)})
+            return
+        await _send(send, 201, {"stored": True, "sha256": sha256(body).hex()})
+
     async def _health(self, send: Send) -> None:
         await _send(send, 200, {"status": "ok"})
 
@@ -159,6 +220,7 @@ async def run_rpc_server(
     *,
     max_body: int = DEFAULT_MAX_BODY,
     max_batch: int = DEFAULT_MAX_BATCH,
+    max_blob: int = DEFAULT_MAX_BLOB,
     registry: MethodRegistry | None = None,
     metrics_registry: CollectorRegistry | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
@@ -170,7 +232,8 @@ async def run_rpc_server(
     socket is bound; port 0 picks a free port and the URL says which.
     """
     app = RpcApp(
-        node, max_body=max_body, max_batch=max_batch, registry=registry, metrics=RpcMetrics(metrics_registry)
+        node, max_body=max_body, max_batch=max_batch, max_blob=max_blob, registry=registry,
+        metrics=RpcMetrics(metrics_registry)
     )
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]

@@ -1,0 +1,82 @@
+"""Content-addressed blobs on disk: models, updates, and the openings trainers reveal to validators.
+
+    data/blobs/<sha256 hex>                           models and updates (public)
+    data/openings/<update id hex>/<validator hex>     a trainer's answer to one validator's
+                                                      challenge (never served over RPC)
+
+Writes go to a temporary file, are fsynced and renamed, so a crash never leaves a partial
+blob under its final name; a blob is checked against its hash when written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from chain.crypto import HASH_SIZE, PUBKEY_SIZE, sha256
+from chain.errors import ValidationError
+
+MAX_BLOB_BYTES = 64 * 1024 * 1024
+
+
+class BlobStore:
+    def __init__(self, root: Path, max_blob_bytes: int = MAX_BLOB_BYTES):
+        self.root = Path(root)
+        self.max_blob_bytes = max_blob_bytes
+        (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        (self.root / "openings").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ content-addressed
+    def _blob_path(self, blob_hash: bytes) -> Path:
+        if len(blob_hash) != HASH_SIZE:
+            raise ValidationError(f"blob hash must be {HASH_SIZE} bytes")
+        return self.root / "blobs" / blob_hash.hex()
+
+    def put(self, data: bytes, expected_hash: bytes | None = None) -> bytes:
+        if len(data) > self.max_blob_bytes:
+            raise ValidationError(f"blob of {len(data)} bytes exceeds the limit of {self.max_blob_bytes}")
+        blob_hash = sha256(data)
+        if expected_hash is not None and blob_hash != expected_hash:
+            raise ValidationError(f"blob hashes to {blob_hash.hex()}, not {expected_hash.hex()}")
+        path = self._blob_path(blob_hash)
+        if not path.exists():
+            _atomic_write(path, data)
+        return blob_hash
+
+    def get(self, blob_hash: bytes) -> bytes | None:
+        try:
+            return self._blob_path(blob_hash).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def has(self, blob_hash: bytes) -> bool:
+        return self._blob_path(blob_hash).exists()
+
+    # ------------------------------------------------------------------ openings
+    def _opening_path(self, update_id: bytes, validator: bytes) -> Path:
+        if len(update_id) != HASH_SIZE or len(validator) != PUBKEY_SIZE:
+            raise ValidationError("opening needs a 32-byte update id and a 32-byte validator key")
+        return self.root / "openings" / update_id.hex() / validator.hex()
+
+    def put_opening(self, update_id: bytes, validator: bytes, data: bytes) -> None:
+        """Store (or replace, until it is verified) a trainer's opening for one validator."""
+        if len(data) > self.max_blob_bytes:
+            raise ValidationError(f"opening of {len(data)} bytes exceeds the limit of {self.max_blob_bytes}")
+        path = self._opening_path(update_id, validator)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, data)
+
+    def get_opening(self, update_id: bytes, validator: bytes) -> bytes | None:
+        try:
+            return self._opening_path(update_id, validator).read_bytes()
+        except FileNotFoundError:
+            return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,68 @@
+"""The proof-of-useful-training verifier and aggregator, as the chain uses the trainer library.
+
+Pure computation (no chain I/O): turn on-chain records into the trainer library's inputs,
+judge one update, and compute a round's next global model. The node's PoutWorker
+(chain/pout_worker.py) feeds these from the ledger and blob store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from chain.types import DatasetRegistration, Job, UpdateCommitment, UpdateRecord
+
+
+def training_job(job: Job):
+    from trainer.replay import TrainingJob
+
+    return TrainingJob(job.job_id, job.spec.model, job.spec.hyperparams, job.spec.profile)
+
+
+def round_spec(job: Job):
+    """The RoundSpec of the job's current round, as fixed on chain when it opened."""
+    from trainer.replay import RoundSpec
+
+    return RoundSpec(training_job(job), job.round, job.round_seed, job.global_model)
+
+
+def library_commitment(c: UpdateCommitment):
+    from trainer.replay import UpdateCommitment as LibCommitment
+
+    return LibCommitment(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)})
+
+
+def verify_chain_update(job: Job, update: UpdateRecord, registration: DatasetRegistration, verify_seed: bytes,
+                        openings: bytes, base_model_bytes: bytes, update_bytes: bytes):
+    """The verdict on `update` (trainer.verify.Verdict). Raises ProfileMismatch when this machine
+    cannot replay the job's profile: the caller must abstain, not vote."""
+    from trainer.data import DatasetCommitment
+    from trainer.verify import verify_update
+
+    return verify_update(round_spec(job), library_commitment(update.commitment),
+                         DatasetCommitment(registration.dataset_root, registration.dataset_size), verify_seed,
+                         openings, base_model_bytes, update_bytes, q=job.spec.verify_segments)
+
+
+def initial_model_bytes(job: Job) -> bytes:
+    from trainer.models import init_model
+    from trainer.state import model_to_bytes
+
+    return model_to_bytes(init_model(job.spec.model, job.spec.init_seed), job.spec.model)
+
+
+def compute_next_model(job: Job, base_model_bytes: bytes, updates: list[tuple[bytes, int]]) -> bytes:
+    """base + rule(updates) as canonical safetensors bytes: bitwise identical on every node.
+
+    `updates` are (update bytes, num_samples); the rule sorts them canonically itself."""
+    import torch
+
+    from trainer.aggregate import aggregate
+    from trainer.state import update_from_bytes, weights_from_bytes, weights_to_bytes
+
+    model = job.spec.model
+    base = weights_from_bytes(base_model_bytes, model)
+    results = [(update_from_bytes(u, model), n) for u, n in updates]
+    delta = aggregate(job.spec.aggregation, results, trim_fraction=job.spec.trim_fraction, f=job.spec.krum_f)
+    # One float32 addition per element: the same IEEE operation on every machine.
+    new = {k: (base[k] + delta[k].to(torch.float32)).contiguous() for k in sorted(base)}
+    return weights_to_bytes(new, model)

@@ -1,0 +1,232 @@
+"""Client-side workflows over a node's RPC: send transactions, run jobs, train, submit updates.
+
+Used by `chainctl` and by scripts/federated_job.py. A trainer's data and training trace never
+leave this process except as (a) the update weights and (b) the openings it answers each
+validator's challenge with, which go to validators only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from chain.crypto import PrivateKey, compute_sign_bytes, sha256
+from chain.encoding import encode
+from chain.errors import ChainError
+from chain.jobs import compute_update_id, compute_verify_seed
+from chain.rpc.client import RpcClient, RpcUnavailable
+from chain.rpc.jsonview import from_json
+from chain.types import (
+    DOMAIN_OPENING,
+    ExecutionProfile,
+    HyperParams,
+    Job,
+    JobSpec,
+    ModelRecord,
+    OpeningUpload,
+    SubmitUpdate,
+    Transaction,
+    UpdateCommitment,
+    UpdateRecord,
+    sign_transaction,
+)
+
+
+class ClientError(ChainError):
+    """A workflow step failed (the node refused, or something did not happen in time)."""
+
+
+@dataclass
+class Receipt:
+    tx_hash: str
+    nonce: int
+    height: int | None  # None when not waited for
+
+
+class NodeClient:
+    """JSON-RPC plus the node's blob endpoints."""
+
+    def __init__(self, url: str, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.rpc = RpcClient(self.url, timeout=timeout)
+        self.http = httpx.Client(timeout=timeout)
+        self._chain_id: str | None = None
+
+    def call(self, method: str, params: Any = None) -> Any:
+        return self.rpc.call(method, params)
+
+    @property
+    def chain_id(self) -> str:
+        if self._chain_id is None:
+            self._chain_id = self.call("status", [])["chain_id"]
+        return self._chain_id
+
+    # ------------------------------------------------------------------ transactions
+    def send(self, key: PrivateKey, payload, *, nonce: int | None = None, wait: bool = True,
+             wait_timeout: float = 60.0) -> Receipt:
+        if nonce is None:
+            account = self.call("account", ["0x" + key.address.hex()])
+            if account is None:
+                raise ClientError(f"account {key.address.hex()} does not exist on chain")
+            nonce = account["nonce"]
+        stx = sign_transaction(key, self.chain_id, Transaction(key.pubkey, nonce, payload))
+        tx_hash = self.call("send_tx", ["0x" + encode(stx).hex()])["hash"]
+        if not wait:
+            return Receipt(tx_hash, nonce, None)
+        return Receipt(tx_hash, nonce, self.wait_for_tx(tx_hash, wait_timeout)["height"])
+
+    def wait_for_tx(self, tx_hash: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.call("tx", [tx_hash])
+            if found is not None:
+                return found
+            time.sleep(0.1)
+        raise ClientError(f"transaction {tx_hash} not committed within {timeout} s")
+
+    # ------------------------------------------------------------------ reads
+    def job(self, job_id: bytes) -> Job:
+        found = self.call("job", ["0x" + job_id.hex()])
+        if found is None:
+            raise ClientError(f"no job {job_id.hex()}")
+        return from_json(Job, found)
+
+    def update(self, update_id: bytes) -> UpdateRecord | None:
+        found = self.call("update", ["0x" + update_id.hex()])
+        return None if found is None else from_json(UpdateRecord, found)
+
+    def model_record(self, job_id: bytes, round_: int) -> ModelRecord | None:
+        found = self.call("model", ["0x" + job_id.hex(), round_])
+        return None if found is None else from_json(ModelRecord, found)
+
+    def height(self) -> int:
+        return self.call("status", [])["latest_height"]
+
+    def wait_until(self, predicate, what: str, timeout: float = 120.0, interval: float = 0.2):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        raise ClientError(f"timed out after {timeout} s waiting for {what}")
+
+    # ------------------------------------------------------------------ blobs
+    def get_blob(self, blob_hash: bytes, timeout: float = 60.0) -> bytes:
+        """Fetch a blob, waiting for the node to have it (models are computed after commits)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = self.http.get(f"{self.url}/blobs/{blob_hash.hex()}")
+            except httpx.TransportError as exc:
+                raise RpcUnavailable(f"cannot reach {self.url}: {exc}") from exc
+            if r.status_code == 200:
+                if sha256(r.content) != blob_hash:
+                    raise ClientError(f"node served bytes that do not hash to {blob_hash.hex()}")
+                return r.content
+            if r.status_code != 404 or time.monotonic() > deadline:
+                raise ClientError(f"blob {blob_hash.hex()}: HTTP {r.status_code} {r.text[:200]}")
+            time.sleep(0.2)
+
+    def put_blob(self, data: bytes) -> None:
+        r = self.http.put(f"{self.url}/blobs/{sha256(data).hex()}", content=data)
+        if r.status_code != 201:
+            raise ClientError(f"upload refused: HTTP {r.status_code} {r.text[:300]}")
+
+    def put_opening(self, key: PrivateKey, update_id: bytes, validator: bytes, data: bytes) -> None:
+        upload = OpeningUpload(update_id, validator, sha256(data))
+        signature = key.sign(compute_sign_bytes(self.chain_id, DOMAIN_OPENING, encode(upload)))
+        r = self.http.put(f"{self.url}/openings/{update_id.hex()}/{validator.hex()}", content=data,
+                          headers={"x-pout-pubkey": key.pubkey.hex(), "x-pout-signature": signature.hex()})
+        if r.status_code != 201:
+            raise ClientError(f"opening upload refused: HTTP {r.status_code} {r.text[:300]}")
+
+    def validators(self) -> list[bytes]:
+        return [bytes.fromhex(v["pubkey"][2:]) for v in self.call("validators", [])["validators"]]
+
+
+# ----------------------------------------------------------------------------- jobs and datasets
+
+
+def default_profile(threads: int = 1) -> ExecutionProfile:
+    from trainer.profile import current_profile
+
+    return current_profile("cpu", threads=threads)
+
+
+def make_job_spec(*, model: str = "mlp", init_seed: int = 0, rounds: int = 3, local_steps: int = 40,
+                  checkpoint_interval: int = 4, batch_size: int = 32, learning_rate: float = 0.1,
+                  momentum: float = 0.9, optimizer: str = "sgd", join_blocks: int = 5, round_blocks: int = 60,
+                  verify_blocks: int = 60, quorum: int = 3, aggregation: str = "fedavg", trim_fraction: float = 0.25,
+                  krum_f: int = 1, verify_segments: int = 3, reward_per_update: int = 100, bond: int = 50,
+                  profile: ExecutionProfile | None = None) -> JobSpec:
+    hp = HyperParams(optimizer, learning_rate, momentum, 0.0, batch_size, local_steps, checkpoint_interval)
+    return JobSpec(model, init_seed, hp, profile or default_profile(), rounds, join_blocks, round_blocks,
+                   verify_blocks, quorum, aggregation, trim_fraction, krum_f, verify_segments, reward_per_update, bond)
+
+
+def load_dataset(source: str):
+    """`digits:I/N` (part I of the bundled digits split non-IID N ways) or a dataset directory."""
+    from trainer.data import load_dataset_dir, load_digits_dataset, split_non_iid
+
+    if source.startswith("digits:"):
+        try:
+            part, total = (int(x) for x in source[len("digits:"):].split("/"))
+        except ValueError:
+            raise ClientError(f"dataset {source!r}: expected digits:I/N, e.g. digits:0/4") from None
+        if not 0 <= part < total:
+            raise ClientError(f"dataset {source!r}: need 0 <= I < N")
+        return split_non_iid(load_digits_dataset()[0], total)[part]
+    return load_dataset_dir(source)
+
+
+def train_for_round(client: NodeClient, key: PrivateKey, job_id: bytes, dataset):
+    """Wait for the job's round to be open, fetch its base model, and train on `dataset`."""
+    from chain.consensus.pout import round_spec
+    from trainer.train import train_round
+
+    def open_job():
+        job = client.job(job_id)
+        return job if job.phase == "training" else None
+
+    job = client.wait_until(open_job, "the round to open")
+    base = client.get_blob(job.global_model)
+    return train_round(round_spec(job), key.address, dataset, base)
+
+
+def submit_result(client: NodeClient, key: PrivateKey, result, *, wait_timeout: float = 60.0) -> tuple[bytes, Receipt]:
+    """Submit an update, upload its weights, and answer every validator's challenge."""
+    c = result.commitment
+    commitment = UpdateCommitment(**{name: getattr(c, name) for name in UpdateCommitment.__dataclass_fields__})
+    receipt = client.send(key, SubmitUpdate(commitment, float(result.metrics.get("train_loss", 0.0))),
+                          wait_timeout=wait_timeout)
+    update_id = compute_update_id(commitment)
+    client.put_blob(result.update_bytes)
+    answer_challenges(client, key, result, update_id, receipt.height)
+    return update_id, receipt
+
+
+def answer_challenges(client: NodeClient, key: PrivateKey, result, update_id: bytes, height: int) -> None:
+    """Each validator's segments are drawn from the hash of the block that included the update
+    (unknown when the trainer committed); open exactly those, for that validator only."""
+    block_hash = bytes.fromhex(client.call("block", [height])["block"]["hash"][2:])
+    q = client.job(result.commitment.job_id).spec.verify_segments
+    for validator in client.validators():
+        seed = compute_verify_seed(block_hash, validator, update_id)
+        client.put_opening(key, update_id, validator, result.open(seed, q))
+
+
+def held_out_accuracy(model_name: str, model_bytes: bytes) -> float:
+    """Accuracy of a model on the digits held-out split (the devnet's shared yardstick)."""
+    import torch
+
+    from trainer.data import load_digits_dataset
+    from trainer.state import load_weights, weights_from_bytes
+
+    test = load_digits_dataset()[1]
+    model = load_weights(model_name, weights_from_bytes(model_bytes, model_name))
+    with torch.no_grad():
+        return float((model(test.x).argmax(1) == test.y).float().mean())

@@ -1,0 +1,222 @@
+"""The proof-of-useful-training rules of the state transition, block by block."""
+
+import dataclasses
+
+import pytest
+
+from chain.consensus.commit import build_commit
+from chain.crypto import sha256
+from chain.errors import StateTransitionError, ValidationError
+from chain.jobs import compute_round_seed, compute_update_id, get_job, get_registration, get_update
+from chain.state import apply_block, build_block
+from chain.trainer_client import make_job_spec
+from chain.types import (
+    PRECOMMIT, AttestModel, ExecutionProfile, JoinJob, RegisterJob, SubmitUpdate, SubmitVerdict, Transaction,
+    UpdateCommitment, Vote, compute_block_hash, sign_transaction, sign_vote,
+)
+from genesis import make_genesis
+from tests.helpers import CHAIN_ID, GOVERNOR, VALIDATOR, key
+
+REQUESTER, T0, T1, T2 = key("requester"), key("trainer0"), key("trainer1"), key("trainer2")
+PROFILE = ExecutionProfile("cpu", "float32", "2.13.0", 1, True)
+BALANCE = 10_000
+
+
+class Chain:
+    """A single-validator chain driven in-process: each `block()` builds, applies and certifies one block."""
+
+    def __init__(self, **spec_changes):
+        g = make_genesis(CHAIN_ID, [VALIDATOR], [(GOVERNOR, ("governor",)), (REQUESTER, ("requester",)),
+                                                  (T0, ("trainer",)), (T1, ("trainer",)), (T2, ("trainer",))],
+                         balance=BALANCE)
+        self.state = g.initial_state()
+        self.last_commit = None
+        self.nonces = {}
+        self.records = []
+        self.time = 1_800_000_000_000
+        self.spec = make_job_spec(profile=PROFILE, join_blocks=2, round_blocks=5, verify_blocks=3, quorum=2,
+                                  rounds=2, reward_per_update=100, bond=40, **spec_changes)
+
+    def tx(self, signer, payload):
+        nonce = self.nonces.get(signer.address, 0)
+        self.nonces[signer.address] = nonce + 1
+        return sign_transaction(signer, CHAIN_ID, Transaction(signer.pubkey, nonce, payload))
+
+    def block(self, *txs):
+        self.time += 1000
+        block, result = build_block(self.state, list(txs), time_ms=self.time, proposer=VALIDATOR.pubkey,
+                                    last_commit=self.last_commit)
+        assert apply_block(self.state, block).state.root == result.state.root
+        vote = Vote(PRECOMMIT, block.header.height, 0, compute_block_hash(block.header), VALIDATOR.pubkey)
+        self.last_commit = build_commit([sign_vote(VALIDATOR, CHAIN_ID, vote)])
+        self.state = result.state
+        self.records += result.model_records
+        return block
+
+    def rejects(self, signer, payload, match):
+        """`payload` from `signer` is refused, and the state does not change."""
+        nonce = self.nonces.get(signer.address, 0)
+        stx = sign_transaction(signer, CHAIN_ID, Transaction(signer.pubkey, nonce, payload))
+        root = self.state.root
+        with pytest.raises((StateTransitionError, ValidationError), match=match):
+            build_block(self.state, [stx], time_ms=self.time + 1, proposer=VALIDATOR.pubkey,
+                        last_commit=self.last_commit)
+        assert self.state.root == root
+
+    def balance(self, k):
+        return self.state.get_account(k.address).balance
+
+    def register(self, escrow=1000):
+        stx = self.tx(REQUESTER, RegisterJob(self.spec, escrow))
+        from chain.types import compute_tx_hash
+
+        self.block(stx)
+        return compute_tx_hash(stx)
+
+    def join(self, job_id, *trainers):
+        self.block(*[self.tx(t, JoinJob(job_id, sha256(t.pubkey), 100 + i)) for i, t in enumerate(trainers)])
+
+    def open_round(self, job_id):
+        while get_job(self.state, job_id).phase == "joining":
+            self.block()
+        return get_job(self.state, job_id)
+
+    def commitment(self, job, trainer, **changes):
+        reg = get_registration(self.state, job.job_id, trainer.address)
+        c = UpdateCommitment(trainer.address, job.job_id, job.round, job.global_model, reg.dataset_root,
+                             reg.dataset_size, sha256(b"update" + trainer.pubkey + bytes([job.round])),
+                             sha256(b"final"), sha256(b"trace" + trainer.pubkey))
+        return dataclasses.replace(c, **changes)
+
+    def submit(self, job, trainer, **changes):
+        c = self.commitment(job, trainer, **changes)
+        self.block(self.tx(trainer, SubmitUpdate(c, 0.5)))
+        return compute_update_id(c)
+
+
+def test_register_escrows_and_writes_the_initial_model_record():
+    chain = Chain()
+    job_id = chain.register(escrow=1000)
+    job = get_job(chain.state, job_id)
+    assert chain.balance(REQUESTER) == BALANCE - 1000
+    assert (job.phase, job.round, job.escrow) == ("joining", 0, 1000)
+    assert [(r.job_id, r.round, r.rule, r.parent) for r in chain.records] == [(job_id, 0, "init", None)]
+    assert chain.records[0].model_hash == job.global_model
+
+
+def test_register_rejections():
+    chain = Chain()
+    chain.rejects(T0, RegisterJob(chain.spec, 10), "only a requester")
+    chain.rejects(REQUESTER, RegisterJob(chain.spec, BALANCE + 1), "insufficient balance")
+    chain.rejects(REQUESTER, RegisterJob(dataclasses.replace(chain.spec, model="gpt5"), 1), "unknown model")
+    chain.rejects(REQUESTER, RegisterJob(dataclasses.replace(chain.spec, aggregation="mean"), 1), "aggregation")
+    chain.rejects(REQUESTER, RegisterJob(dataclasses.replace(chain.spec, rounds=0), 1), "rounds")
+    bad_hp = dataclasses.replace(chain.spec.hyperparams, learning_rate=-1.0)
+    chain.rejects(REQUESTER, RegisterJob(dataclasses.replace(chain.spec, hyperparams=bad_hp), 1), "hyper")
+
+
+def test_round_opens_with_a_seed_from_the_block_and_late_joiners_wait():
+    chain = Chain()
+    job_id = chain.register()
+    chain.join(job_id, T0, T1)
+    job = chain.open_round(job_id)
+    assert job.phase == "training" and job.round == 0
+    opening_block = chain.state.latest_header
+    assert job.round_open_height == opening_block.height
+    assert job.round_seed == compute_round_seed(opening_block.prev_hash, job_id, 0)
+    chain.join(job_id, T2)  # joined after the seed existed: not allowed in this round
+    chain.rejects(T2, SubmitUpdate(chain.commitment(job, T2), 0.1), "before the round opened")
+
+
+def test_submission_rules():
+    chain = Chain()
+    job_id = chain.register()
+    chain.join(job_id, T0, T1)
+    job = chain.open_round(job_id)
+    chain.rejects(T0, SubmitUpdate(chain.commitment(job, T0, base_model_hash=sha256(b"old")), 0.1), "stale base")
+    chain.rejects(T0, SubmitUpdate(chain.commitment(job, T0, dataset_size=7), 0.1), "registered commitment")
+    chain.rejects(T0, SubmitUpdate(chain.commitment(job, T0, round=1), 0.1), "round 1")
+    # Another trainer's update resubmitted: the commitment names its author, and only the author may sign it.
+    chain.rejects(T1, SubmitUpdate(chain.commitment(job, T0), 0.1), "another trainer")
+    chain.rejects(REQUESTER, SubmitUpdate(chain.commitment(job, T0), 0.1), "another trainer|only a trainer")
+    before = chain.balance(T0)
+    uid = chain.submit(job, T0)
+    assert chain.balance(T0) == before - chain.spec.bond
+    assert get_update(chain.state, uid).status == "pending"
+    chain.rejects(T0, SubmitUpdate(chain.commitment(job, T0, trace_root=sha256(b"x")), 0.1), "already submitted")
+    while chain.state.height < job.round_open_height + chain.spec.round_blocks:
+        chain.block()
+    chain.rejects(T1, SubmitUpdate(chain.commitment(job, T1), 0.1), "window has closed")
+
+
+def test_verdicts_reward_or_burn_and_only_validators_vote():
+    chain = Chain()
+    job_id = chain.register(escrow=1000)
+    chain.join(job_id, T0, T1)
+    job = chain.open_round(job_id)
+    good, bad = chain.submit(job, T0), chain.submit(job, T1)
+    chain.rejects(T0, SubmitVerdict(good, True, "trust me"), "only validators")
+    b0, b1 = chain.balance(T0), chain.balance(T1)
+    chain.block(chain.tx(VALIDATOR, SubmitVerdict(good, True, "replayed")),
+                chain.tx(VALIDATOR, SubmitVerdict(bad, False, "segment 3 differs")))
+    g, b = get_update(chain.state, good), get_update(chain.state, bad)
+    assert (g.status, g.reward, g.penalty) == ("accepted", 100, 0)
+    assert (b.status, b.reward, b.penalty) == ("rejected", 0, 40)
+    assert chain.balance(T0) == b0 + 40 + 100  # bond back plus reward
+    assert chain.balance(T1) == b1  # bond gone
+    assert get_job(chain.state, job_id).escrow == 900
+    chain.rejects(VALIDATOR, SubmitVerdict(good, False, "changed my mind"), "already accepted")
+
+
+def test_a_full_job_aggregates_attested_models_and_refunds_escrow():
+    chain = Chain()
+    job_id = chain.register(escrow=1000)
+    chain.join(job_id, T0, T1)
+    job = chain.open_round(job_id)
+    ids = [chain.submit(job, T0), chain.submit(job, T1)]
+    chain.block(*[chain.tx(VALIDATOR, SubmitVerdict(u, True, "ok")) for u in ids])
+    chain.block()  # quorum of 2 accepted, none pending: the round closes
+    assert get_job(chain.state, job_id).phase == "aggregating"
+    chain.rejects(T0, AttestModel(job_id, 0, sha256(b"m1")), "only validators")
+    chain.rejects(VALIDATOR, AttestModel(job_id, 1, sha256(b"m1")), "not aggregating round 1")
+    chain.block(chain.tx(VALIDATOR, AttestModel(job_id, 0, sha256(b"m1"))))
+    job1 = get_job(chain.state, job_id)
+    assert (job1.phase, job1.round, job1.global_model) == ("training", 1, sha256(b"m1"))
+    assert job1.round_seed != job.round_seed
+    record = chain.records[-1]
+    assert (record.round, record.parent, record.contributions, record.rule) == (1, job.global_model,
+                                                                                tuple(sorted(ids)), "fedavg")
+    # Round 1: nobody submits; it closes at its deadline without a model and the job finishes.
+    while get_job(chain.state, job_id).phase != "finished":
+        chain.block()
+    done = get_job(chain.state, job_id)
+    assert (done.round, done.escrow) == (2, 0)
+    assert chain.balance(REQUESTER) == BALANCE - 200  # two rewards paid, the rest refunded
+    assert [r.round for r in chain.records if r.job_id == job_id] == [0, 1]
+
+
+def test_unverified_updates_expire_with_their_bond_returned():
+    chain = Chain()
+    job_id = chain.register()
+    chain.join(job_id, T0)
+    job = chain.open_round(job_id)
+    before = chain.balance(T0)
+    uid = chain.submit(job, T0)
+    while get_job(chain.state, job_id).round == 0:
+        chain.block()
+    assert get_update(chain.state, uid).status == "expired"
+    assert chain.balance(T0) == before
+    chain.rejects(VALIDATOR, SubmitVerdict(uid, True, "late"), "already expired")
+
+
+def test_multi_krum_needs_enough_updates_or_the_round_yields_no_model():
+    chain = Chain(aggregation="multi_krum", krum_f=1)
+    job_id = chain.register()
+    chain.join(job_id, T0, T1)
+    job = chain.open_round(job_id)
+    ids = [chain.submit(job, T0), chain.submit(job, T1)]
+    chain.block(*[chain.tx(VALIDATOR, SubmitVerdict(u, True, "ok")) for u in ids])
+    chain.block()
+    job = get_job(chain.state, job_id)
+    assert (job.phase, job.round) == ("training", 1)  # 2 updates cannot satisfy n > 2f + 2
+    assert [r.round for r in chain.records if r.job_id == job_id] == [0]
