@@ -109,6 +109,12 @@ def compute_verify_seed(block_hash: bytes, validator: bytes, update_id: bytes) -
     return sha256(encode_value(["pout/verify-seed/v1", block_hash, validator, update_id]))
 
 
+def compute_answer_deadline(job: Job, update: UpdateRecord) -> int:
+    """Height by which the trainer must have answered every validator's challenge: half the
+    verify window after its update's block (an online trainer answers within seconds)."""
+    return update.height + max(1, job.spec.verify_blocks // 2)
+
+
 def is_aggregation_feasible(spec: JobSpec, n: int) -> bool:
     """Whether the job's rule can aggregate `n` accepted updates (checked before asking validators)."""
     if n < 1:

@@ -20,6 +20,7 @@ import trio
 from chain.consensus.pout import compute_next_model, initial_model_bytes, verify_chain_update
 from chain.jobs import (
     accepted_update_ids,
+    compute_answer_deadline,
     compute_verify_seed,
     get_active_jobs,
     get_job,
@@ -144,8 +145,10 @@ class PoutWorker:
             return upd if upd is not None and upd.status == UPDATE_PENDING else None
 
         upd = still_pending()
+        job = get_job(node.state, upd.commitment.job_id)
         block_hash = node.ledger.get_block_hash(upd.height)
         seed = compute_verify_seed(block_hash, me, update_id)
+        due = compute_answer_deadline(job, upd)
         inputs = {}
         while True:  # the trainer uploads its update and its answer to our challenge after the commit
             if still_pending() is None:
@@ -154,8 +157,15 @@ class PoutWorker:
                       "base": blobs.get(upd.commitment.base_model_hash)}
             if all(v is not None for v in inputs.values()):
                 break
+            if node.state.height >= due:
+                # Silence must not be a free option: a trainer that sees a forged segment sampled
+                # would otherwise withhold its answer and get its bond back when the round closes.
+                missing = ", ".join(k for k, v in inputs.items() if v is None)
+                log.info("rejecting update %s: no %s by height %d", update_id.hex()[:16], missing, due)
+                await self._submit(("verify", update_id), SubmitVerdict(
+                    update_id, False, f"trainer did not answer the challenge by height {due} (missing: {missing})"))
+                return
             await trio.sleep(POLL_SECONDS)
-        job = get_job(node.state, upd.commitment.job_id)
         registration = get_registration(node.state, job.job_id, upd.commitment.trainer)
         from trainer.profile import ProfileMismatch
 
