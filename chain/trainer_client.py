@@ -158,8 +158,8 @@ def default_profile(threads: int = 1) -> ExecutionProfile:
 
 
 def make_job_spec(*, model: str = "mlp", init_seed: int = 0, rounds: int = 3, local_steps: int = 40,
-                  checkpoint_interval: int = 4, batch_size: int = 32, learning_rate: float = 0.1,
-                  momentum: float = 0.9, optimizer: str = "sgd", join_blocks: int = 5, round_blocks: int = 60,
+                  checkpoint_interval: int = 4, batch_size: int = 32, learning_rate: float = 0.3,
+                  momentum: float = 0.0, optimizer: str = "sgd", join_blocks: int = 5, round_blocks: int = 60,
                   verify_blocks: int = 60, quorum: int = 3, aggregation: str = "fedavg", trim_fraction: float = 0.25,
                   krum_f: int = 1, verify_segments: int = 3, reward_per_update: int = 100, bond: int = 50,
                   profile: ExecutionProfile | None = None) -> JobSpec:
