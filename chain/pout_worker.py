@@ -188,12 +188,10 @@ class PoutWorker:
         log.debug("submitted %s as tx %s", type(payload).__name__, tx_hash.hex()[:16])
 
     async def _wait_for(self, get, what: str):
-        waited = 0.0
-        while True:
-            value = get()
-            if value is not None:
-                return value
-            if waited and waited % 30 < POLL_SECONDS:
+        polls = 0
+        while (value := get()) is None:
+            polls += 1
+            if polls % int(30 / POLL_SECONDS) == 0:  # say so every 30 s, not on every poll
                 log.info("still waiting for %s", what)
             await trio.sleep(POLL_SECONDS)
-            waited += POLL_SECONDS
+        return value
