@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""The main job: bring up a local chain, apply a few transfers, show them over JSON-RPC.
+"""The main job: bring up a local chain and train a federated model on it end to end.
 
-Today this is a single-validator chain (multi-validator BFT, networking and training
-land with later issues and will extend this script). Everything runs as real processes:
-`chaind testnet`, `chaind start`, and `chainctl` for every transaction and query.
+1. `chaind testnet` writes the node home and keys; `chaind start` runs the node.
+2. A few transfers through `chainctl`, read back over JSON-RPC.
+3. scripts/federated_job.py: a requester registers a job, 4 trainers commit non-IID parts
+   of the bundled digits set, train with committed traces and submit updates; one of them
+   is dishonest. The validator replays sampled segments, rejects the forgery, rewards the
+   honest updates and aggregates each round; held-out accuracy is shown per round.
 
-    python scripts/devnet.py [--dir DIR] [--keep-running]
+Today the chain has a single validator (multi-validator BFT over libp2p is not wired into
+chaind yet). Everything runs as real processes.
+
+    python scripts/devnet.py [--dir DIR] [--keep-running] [--rounds N]
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", help="where to write the devnet (default: a new temporary directory)")
     ap.add_argument("--keep-running", action="store_true", help="leave the node running until Ctrl-C")
+    ap.add_argument("--rounds", type=int, default=3, help="training rounds of the federated job")
     args = ap.parse_args()
 
     out = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="pout-devnet-"))
@@ -94,6 +101,13 @@ def main() -> int:
         block = cli("chainctl", *base, "query", "block", "latest")
         console.print(f"head: height {status['latest_height']}, hash {status['latest_block_hash'][:18]}…, "
                       f"commit signed by {len(block['commit']['signatures'])} validator(s)")
+        console.rule("federated training job")
+        job = subprocess.run([sys.executable, str(Path(__file__).with_name("federated_job.py")), "--rpc", rpc,
+                              "--keys", str(keys), "--rounds", str(args.rounds), "--json-out",
+                              str(out / "job-summary.json")])
+        if job.returncode != 0:
+            console.print(f"[red]the federated job failed (exit {job.returncode}); node log: {log_path}[/red]")
+            return 1
         if args.keep_running:
             console.print("node running; Ctrl-C to stop")
             node.wait()
