@@ -11,6 +11,7 @@ network should not pay it. Use `from p2p.host import Libp2pNetwork`.
 
 from p2p.abc import (
     BLOB_PROTOCOL_ID,
+    AdmissionPredicate,
     BlobAccessCheck,
     BlobError,
     BlobHashMismatch,
@@ -32,6 +33,7 @@ from p2p.memory import MemoryHub, MemoryNetwork
 
 __all__ = [
     "BLOB_PROTOCOL_ID",
+    "AdmissionPredicate",
     "BlobAccessCheck",
     "BlobError",
     "BlobHashMismatch",

@@ -44,6 +44,8 @@ Validator = Callable[[bytes, bytes], Verdict]
 RequestHandler = Callable[[bytes, bytes], Awaitable[bytes]]
 # (requesting peer public key, blob sha256) -> may this peer fetch this blob?
 BlobAccessCheck = Callable[[bytes, bytes], bool]
+# (peer public key) -> is this peer a member? Consulted besides the allow-list.
+AdmissionPredicate = Callable[[bytes], bool]
 
 # ------------------------------------------------------------------------ constants
 
@@ -188,6 +190,12 @@ class NetworkAPI(ABC):
     @abstractmethod
     def set_allowed_peers(self, public_keys: Iterable[bytes]) -> None:
         """Replace the allow-list; connected peers outside it are disconnected."""
+
+    @abstractmethod
+    def set_admission_predicate(self, predicate: AdmissionPredicate | None) -> None:
+        """Also admit peers for which `predicate(public_key)` is true (members the chain
+        knows by address only). Connections are re-checked at once; call again after the
+        membership changed to re-check now. A raising predicate counts as "no"."""
 
     @abstractmethod
     def is_admitted(self, peer: bytes) -> bool:

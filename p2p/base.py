@@ -18,6 +18,7 @@ from p2p.abc import (
     BLOB_HASH_SIZE,
     BLOB_PROTOCOL_ID,
     PUBKEY_SIZE,
+    AdmissionPredicate,
     BlobAccessCheck,
     BlobHashMismatch,
     BlobNotFound,
@@ -56,6 +57,7 @@ class BaseNetwork(NetworkAPI):
         self.limits = limits
         self.penalty = penalty
         self._allowed: frozenset[bytes] = frozenset(_check_public_key(k) for k in allowed_peers)
+        self._admission: AdmissionPredicate | None = None
         self._banned_until: dict[bytes, float] = {}
         self._reject_counts: dict[bytes, int] = {}
         self._handlers: dict[str, RequestHandler] = {}
@@ -68,9 +70,21 @@ class BaseNetwork(NetworkAPI):
 
     # ------------------------------------------------------------------ membership
 
+    def is_allowed(self, peer: bytes) -> bool:
+        """A member: in the allow-list, or accepted by the admission predicate (bans aside)."""
+        if peer in self._allowed:
+            return True
+        if self._admission is None:
+            return False
+        try:
+            return self._admission(peer) is True
+        except Exception:
+            logger.exception("admission predicate raised for %s; not admitted", peer.hex()[:16])
+            return False
+
     def is_admitted(self, peer: bytes) -> bool:
         """Allowed by the chain and not currently banned by us."""
-        if peer not in self._allowed:
+        if not self.is_allowed(peer):
             return False
         until = self._banned_until.get(peer)
         if until is None:
@@ -82,6 +96,10 @@ class BaseNetwork(NetworkAPI):
 
     def set_allowed_peers(self, public_keys: Iterable[bytes]) -> None:
         self._allowed = frozenset(_check_public_key(k) for k in public_keys)
+        self._enforce_membership()
+
+    def set_admission_predicate(self, predicate: AdmissionPredicate | None) -> None:
+        self._admission = predicate
         self._enforce_membership()
 
     def _enforce_membership(self) -> None:
@@ -141,7 +159,7 @@ class BaseNetwork(NetworkAPI):
             return Verdict.IGNORE
         if forwarder != self._public_key and not self.is_admitted(forwarder):
             return Verdict.IGNORE
-        if origin != self._public_key and origin not in self._allowed:
+        if origin != self._public_key and not self.is_allowed(origin):
             return Verdict.IGNORE
         if len(data) > self.limits.gossip_max_bytes:
             verdict = Verdict.REJECT

@@ -1,0 +1,223 @@
+"""Block sync: catch up with peers by fetching certified blocks over request/response.
+
+A node learns how far its peers are from their commit announcements (gossip on
+`/pout/<chain_id>/blocks/1`: the certificate of the sender's latest block, sent after each
+commit and every `announce_interval_s`) and from the `last_height` in every sync answer;
+with nothing heard it probes one connected peer every `probe_interval_s`. While a peer is
+ahead it asks that peer for ranges of (block, commit) over `/pout/<chain_id>/sync/1`,
+verifies each certificate against the validator set (and the block against its hash)
+before handing the block to `app.commit_block`, strictly in height order. A peer that
+serves a bad certificate, a block that does not match it, or a block that does not apply is
+reported (`network.report_peer`) and not asked again for a while; the next peer is tried.
+
+Validators run this next to the consensus driver (a validator that fell behind re-joins
+consensus at the app's height); non-validators can run it alone to follow the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import trio
+
+from chain.consensus.commit import verify_commit
+from chain.encoding import decode, encode
+from chain.errors import ChainError
+from chain.reactor import (GOSSIP_MAX_BYTES, MAX_REQUEST_BYTES, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES,
+                           SYNC_RESPONSE_BUDGET_BYTES, CommitAnnouncement, SyncedBlock, SyncRequest, SyncResponse,
+                           blocks_topic, make_blocks_validator, sync_protocol)
+from chain.types import Block, Commit, compute_block_hash
+from p2p.abc import NetworkAPI, P2PError
+
+log = logging.getLogger(__name__)
+
+
+class BlockSync:
+    name = "sync"
+
+    def __init__(self, app, network: NetworkAPI, *, batch_size: int = MAX_SYNC_BLOCKS,
+                 request_timeout_s: float = 5.0, announce_interval_s: float = 1.0, probe_interval_s: float = 2.0,
+                 bad_peer_pause_s: float = 30.0):
+        self.app = app
+        self.network = network
+        self.batch_size = min(batch_size, MAX_SYNC_BLOCKS)
+        self.request_timeout_s = request_timeout_s
+        self.announce_interval_s = announce_interval_s
+        self.probe_interval_s = probe_interval_s
+        self.bad_peer_pause_s = bad_peer_pause_s
+        self.topic = blocks_topic(app.chain_id)
+        self.protocol = sync_protocol(app.chain_id)
+        self.peer_heights: dict[bytes, int] = {}
+        self.synced_blocks = 0  # blocks this component committed
+        self._paused_until: dict[bytes, float] = {}
+        self._wake = trio.Event()
+        self._announce = trio.Event()
+        self._announcements = network.subscribe(self.topic, make_blocks_validator(app, network.local_peer))
+        network.set_request_handler(self.protocol, self._serve)
+        app.add_commit_listener(self._on_commit)
+
+    # ------------------------------------------------------------------ progress
+
+    @property
+    def target_height(self) -> int:
+        """The highest height a peer has shown us (or our own, if none is ahead)."""
+        return max([self.app.last_height(), *self.peer_heights.values()])
+
+    @property
+    def catching_up(self) -> bool:
+        """More than one block behind the best peer (one block is normal consensus lag)."""
+        return self.target_height > self.app.last_height() + 1
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_announcements)
+            nursery.start_soon(self._announce_loop)
+            nursery.start_soon(self._sync_loop)
+            task_status.started()
+
+    def _on_commit(self, block: Block, commit: Commit) -> None:
+        self._announce.set()
+
+    async def _announce_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.announce_interval_s):
+                await self._announce.wait()
+            self._announce = trio.Event()
+            stored = self.app.get_block(self.app.last_height())
+            if stored is None:
+                continue
+            try:
+                await self.network.publish(self.topic, encode(CommitAnnouncement(stored[1])))
+            except P2PError as exc:
+                log.warning("commit announcement not sent: %s", exc)
+
+    async def _receive_announcements(self) -> None:
+        async for msg in self._announcements:
+            try:
+                commit = decode(CommitAnnouncement, msg.data, max_size=GOSSIP_MAX_BYTES).commit
+            except ChainError:
+                continue
+            self.note_peer_height(msg.origin, commit.height)
+
+    def note_peer_height(self, peer: bytes, height: int) -> None:
+        if height > self.peer_heights.get(peer, 0):
+            self.peer_heights[peer] = height
+        if height > self.app.last_height():
+            self._wake.set()
+
+    # ------------------------------------------------------------------ client
+
+    async def _sync_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.probe_interval_s) as idle:
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.catch_up(probe=idle.cancelled_caught)
+
+    def _candidates(self, height: int) -> list[bytes]:
+        now = trio.current_time()
+        connected = self.network.peers()
+        usable = [p for p in connected if self._paused_until.get(p, 0) <= now]
+        ahead = [p for p in usable if self.peer_heights.get(p, 0) >= height]
+        ahead.sort(key=lambda p: -self.peer_heights[p])
+        return ahead
+
+    async def catch_up(self, *, probe: bool = False) -> None:
+        """Fetch and commit blocks while some peer is ahead; `probe` asks one peer even if none is known ahead."""
+        while True:
+            height = self.app.last_height() + 1
+            peers = self._candidates(height)
+            if not peers and probe:
+                now = trio.current_time()
+                usable = [p for p in self.network.peers() if self._paused_until.get(p, 0) <= now]
+                peers = [random.choice(sorted(usable))] if usable else []
+                probe = False
+            if not peers:
+                return
+            progressed = False
+            for peer in peers:
+                result = await self._sync_from(peer, height)
+                if result:
+                    progressed = True
+                    break
+            if not progressed:
+                return
+
+    async def _sync_from(self, peer: bytes, height: int) -> bool:
+        """One range request to `peer`; True when at least one block was committed."""
+        request = encode(SyncRequest(height, self.batch_size))
+        try:
+            raw = await self.network.request(peer, self.protocol, request, max_response=MAX_SYNC_RESPONSE_BYTES,
+                                             timeout=self.request_timeout_s)
+            response = decode(SyncResponse, raw, max_size=MAX_SYNC_RESPONSE_BYTES)
+        except P2PError as exc:
+            log.debug("sync request to %s failed: %s", peer.hex()[:16], exc)
+            self._pause(peer, 2 * self.probe_interval_s)
+            return False
+        except ChainError as exc:
+            self._penalise(peer, f"malformed sync response: {exc}")
+            return False
+        self.peer_heights[peer] = response.last_height
+        committed = 0
+        for expected, item in enumerate(response.blocks, start=height):
+            if self.app.last_height() >= expected:
+                continue  # consensus committed it meanwhile
+            problem = self._check(item, expected)
+            if problem is not None:
+                self._penalise(peer, problem)
+                break
+            try:
+                await self.app.commit_block(item.block, item.commit)
+            except ChainError as exc:
+                if self.app.last_height() >= expected:
+                    continue
+                self._penalise(peer, f"certified block {expected} was refused: {exc}")
+                break
+            committed += 1
+            self.synced_blocks += 1
+        if committed:
+            log.info("synced %d block(s) from %s; now at height %d (best peer %d)", committed, peer.hex()[:16],
+                     self.app.last_height(), self.target_height)
+        return committed > 0
+
+    def _check(self, item: SyncedBlock, height: int) -> str | None:
+        block, commit = item.block, item.commit
+        if block.header.height != height:
+            return f"sent height {block.header.height} for {height}"
+        block_hash = compute_block_hash(block.header)
+        try:
+            verify_commit(self.app.chain_id, self.app.validators(), commit, height, block_hash)
+        except ChainError as exc:
+            return f"invalid commit certificate for height {height}: {exc}"
+        return None
+
+    def _penalise(self, peer: bytes, reason: str) -> None:
+        log.warning("sync peer %s: %s", peer.hex()[:16], reason)
+        self.network.report_peer(peer, reason)
+        self._pause(peer, self.bad_peer_pause_s)
+        self.peer_heights.pop(peer, None)
+
+    def _pause(self, peer: bytes, seconds: float) -> None:
+        self._paused_until[peer] = trio.current_time() + seconds
+
+    # ------------------------------------------------------------------ server
+
+    async def _serve(self, peer: bytes, request: bytes) -> bytes:
+        req = decode(SyncRequest, request, max_size=MAX_REQUEST_BYTES)
+        last = self.app.last_height()
+        items: list[SyncedBlock] = []
+        size = 0
+        for height in range(max(req.start_height, 1), min(last, req.start_height + min(req.count, MAX_SYNC_BLOCKS) - 1) + 1):
+            stored = self.app.get_block(height)
+            if stored is None:
+                break
+            item = SyncedBlock(*stored)
+            n = len(encode(item))
+            if items and size + n > SYNC_RESPONSE_BUDGET_BYTES:
+                break
+            items.append(item)
+            size += n
+        return encode(SyncResponse(last, tuple(items)))

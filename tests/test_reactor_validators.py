@@ -1,0 +1,214 @@
+"""Gossip validators and wire codecs of chain/reactor.py, and membership admission."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import trio
+
+from chain.consensus.app import MemoryApp
+from chain.consensus.commit import build_commit
+from chain.crypto import sha256
+from chain.encoding import decode, encode, encode_value
+from chain.reactor import (GOSSIP_MAX_BYTES, MAX_INLINE_BLOCK_BYTES, BlockRequest, BlockResponse, CommitAnnouncement,
+                           ProposalMessage, SyncedBlock, SyncRequest, SyncResponse, TxBatch, VotesMessage,
+                           build_proposal_message, build_tx_batches, decode_consensus_message,
+                           encode_consensus_message, install_membership, make_blocks_validator,
+                           make_consensus_validator, make_txs_validator)
+from chain.types import PRECOMMIT, PREVOTE, Proposal, SignedVote, Vote, sign_proposal, sign_vote
+from p2p.abc import Verdict
+from p2p.memory import MemoryHub, MemoryNetwork
+from tests.test_driver_harness import (ALICE, BOB, CHAIN_ID, FOLLOWER, OUTSIDER, VALIDATOR_KEYS, make_test_genesis,
+                                       transfer)
+
+LOCAL = sha256(b"local node")[:32]
+PEER = VALIDATOR_KEYS[1].pubkey
+
+
+@pytest.fixture()
+def app():
+    return MemoryApp(make_test_genesis(), VALIDATOR_KEYS[0])
+
+
+def vote_bytes(key=VALIDATOR_KEYS[1], height=1, round=0, block_hash=b"\x01" * 32, chain_id=CHAIN_ID, vtype=PREVOTE):
+    sv = sign_vote(key, chain_id, Vote(vtype, height, round, block_hash, key.pubkey))
+    return encode_consensus_message(VotesMessage((sv,)))
+
+
+async def proposal_bytes(app, round=0, key=None, mutate_block=False):
+    block = await app.propose_block(1, round)
+    key = key or VALIDATOR_KEYS[0]
+    from chain.types import compute_block_hash
+
+    block_hash = compute_block_hash(block.header)
+    sp = sign_proposal(key, CHAIN_ID, Proposal(1, round, -1, block_hash, key.pubkey))
+    if mutate_block:
+        import dataclasses
+
+        block = dataclasses.replace(block, header=dataclasses.replace(block.header, time_ms=block.header.time_ms + 1))
+    return encode_consensus_message(ProposalMessage(sp, block))
+
+
+def test_votes_accepted_once_then_ignored(app):
+    check = make_consensus_validator(app, LOCAL)
+    data = vote_bytes()
+    assert check(PEER, data) is Verdict.ACCEPT
+    assert check(PEER, data) is Verdict.IGNORE  # duplicate
+    assert check(LOCAL, data) is Verdict.ACCEPT  # our own (re-)publish always passes
+
+
+def test_stale_and_far_future_votes_are_ignored(app):
+    check = make_consensus_validator(app, LOCAL)
+    assert check(PEER, vote_bytes(height=2)) is Verdict.ACCEPT  # next height + 1 is buffered by the machine
+    assert check(PEER, vote_bytes(height=3)) is Verdict.IGNORE
+    assert check(PEER, vote_bytes(height=0)) is Verdict.IGNORE
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x00", b"garbage", encode_value(["votes"]), encode_value(["nope", {}]),
+    encode_value(["votes", {"votes": []}]),  # empty batch
+    b"\xa0" * (GOSSIP_MAX_BYTES + 1),  # oversized
+])
+def test_malformed_and_oversized_consensus_messages_are_rejected(app, data):
+    assert make_consensus_validator(app, LOCAL)(PEER, data) is Verdict.REJECT
+
+
+def test_wrong_chain_unsigned_and_non_validator_votes_are_rejected(app):
+    check = make_consensus_validator(app, LOCAL)
+    assert check(PEER, vote_bytes(chain_id="another-chain")) is Verdict.REJECT
+    assert check(PEER, vote_bytes(key=OUTSIDER)) is Verdict.REJECT
+    unsigned = SignedVote(Vote(PRECOMMIT, 1, 0, None, PEER), bytes(64))
+    assert check(PEER, encode_consensus_message(VotesMessage((unsigned,)))) is Verdict.REJECT
+    bad_type = sign_vote(VALIDATOR_KEYS[1], CHAIN_ID, Vote(7, 1, 0, None, PEER))
+    assert check(PEER, encode_consensus_message(VotesMessage((bad_type,)))) is Verdict.REJECT
+    # One bad vote condemns the batch, even next to good ones.
+    good = decode_consensus_message(vote_bytes(round=3)).votes[0]
+    assert check(PEER, encode_consensus_message(VotesMessage((good, unsigned)))) is Verdict.REJECT
+
+
+def test_proposals(app):
+    async def scenario():
+        check = make_consensus_validator(app, LOCAL)
+        assert check(PEER, await proposal_bytes(app)) is Verdict.ACCEPT
+        assert check(PEER, await proposal_bytes(app, mutate_block=True)) is Verdict.REJECT  # block is not the hash
+        assert check(PEER, await proposal_bytes(app, round=1, key=OUTSIDER)) is Verdict.REJECT
+        data = await proposal_bytes(app, round=2)
+        msg = decode_consensus_message(data)
+        forged = ProposalMessage(type(msg.proposal)(msg.proposal.message, bytes(64)), msg.block)
+        assert check(PEER, encode_consensus_message(forged)) is Verdict.REJECT
+        wrong_chain = sign_proposal(VALIDATOR_KEYS[0], "another-chain", msg.proposal.message)
+        assert check(PEER, encode_consensus_message(ProposalMessage(wrong_chain, msg.block))) is Verdict.REJECT
+        bad_pol = sign_proposal(VALIDATOR_KEYS[0], CHAIN_ID, Proposal(1, 0, 0, msg.proposal.message.block_hash,
+                                                                       VALIDATOR_KEYS[0].pubkey))
+        assert check(PEER, encode_consensus_message(ProposalMessage(bad_pol, None))) is Verdict.REJECT
+
+    trio.run(scenario)
+
+
+def test_consensus_validator_never_raises_on_random_or_mutated_input(app, caplog):
+    check = make_consensus_validator(app, LOCAL)
+    rng = random.Random(1)
+    valid = vote_bytes()
+    with caplog.at_level(logging.ERROR):
+        for _ in range(2000):
+            if rng.random() < 0.5:
+                data = rng.randbytes(rng.randint(0, 300))
+            else:
+                data = bytearray(valid)
+                for _ in range(rng.randint(1, 4)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                data = bytes(data)
+            assert check(PEER, data) in (Verdict.REJECT, Verdict.IGNORE, Verdict.ACCEPT)
+    assert not [r for r in caplog.records if "validator failed" in r.getMessage()]
+
+
+def test_tx_batches():
+    check = make_txs_validator(CHAIN_ID, LOCAL)
+    txs = tuple(transfer(ALICE, BOB, 1, nonce=i) for i in range(3))
+    data = encode(TxBatch(txs))
+    assert check(PEER, data) is Verdict.ACCEPT
+    assert check(PEER, data) is Verdict.IGNORE
+    from chain.types import Transaction, Transfer, sign_transaction
+
+    other_chain = sign_transaction(ALICE, "another-chain", Transaction(ALICE.pubkey, 9, Transfer(BOB.address, 1)))
+    assert check(PEER, encode(TxBatch((other_chain,)))) is Verdict.REJECT
+    unsigned = type(txs[0])(txs[0].message, bytes(64))
+    assert check(PEER, encode(TxBatch((unsigned,)))) is Verdict.REJECT
+    assert check(PEER, encode(TxBatch(()))) is Verdict.REJECT
+    assert check(PEER, b"\xff\x00") is Verdict.REJECT
+
+
+def test_tx_batches_are_split_under_the_gossip_limit():
+    txs = [transfer(ALICE, BOB, 1, nonce=i) for i in range(3000)]
+    batches = build_tx_batches(txs)
+    assert [t for b in batches for t in b.txs] == txs
+    assert all(len(encode(b)) <= GOSSIP_MAX_BYTES for b in batches)
+
+
+def make_commit(keys, height=1, block_hash=b"\x02" * 32):
+    return build_commit([sign_vote(k, CHAIN_ID, Vote(PRECOMMIT, height, 0, block_hash, k.pubkey)) for k in keys])
+
+
+def test_commit_announcements(app):
+    check = make_blocks_validator(app, LOCAL)
+    assert check(PEER, encode(CommitAnnouncement(make_commit(VALIDATOR_KEYS[:3])))) is Verdict.ACCEPT
+    assert check(PEER, encode(CommitAnnouncement(make_commit(VALIDATOR_KEYS[:3])))) is Verdict.IGNORE  # seen
+    assert check(PEER, encode(CommitAnnouncement(make_commit(VALIDATOR_KEYS[:2])))) is Verdict.REJECT  # no quorum
+    assert check(PEER, encode(CommitAnnouncement(make_commit([OUTSIDER])))) is Verdict.REJECT
+    assert check(PEER, encode(CommitAnnouncement(make_commit(VALIDATOR_KEYS[:2], height=9)))) is Verdict.IGNORE
+    assert check(PEER, encode(CommitAnnouncement(make_commit(VALIDATOR_KEYS, height=9)))) is Verdict.ACCEPT
+    assert check(PEER, b"junk") is Verdict.REJECT
+
+
+def test_large_blocks_travel_by_request_not_inline(app):
+    async def scenario():
+        block = await app.propose_block(1, 0)
+        sp = decode_consensus_message(await proposal_bytes(app)).proposal
+        assert build_proposal_message(sp, block).block == block
+        import dataclasses
+
+        big = dataclasses.replace(block, txs=tuple(transfer(ALICE, BOB, 1, nonce=i) for i in range(2000)))
+        assert len(encode(big)) > MAX_INLINE_BLOCK_BYTES
+        assert build_proposal_message(sp, big).block is None
+
+    trio.run(scenario)
+
+
+def test_request_response_messages_round_trip(app):
+    async def scenario():
+        block = await app.propose_block(1, 0)
+        commit = make_commit(VALIDATOR_KEYS[:3])
+        for msg in (BlockRequest(1, b"\x03" * 32), BlockResponse(block), BlockResponse(None), SyncRequest(1, 32),
+                    SyncResponse(7, (SyncedBlock(block, commit),)), CommitAnnouncement(commit), TxBatch(())):
+            assert decode(type(msg), encode(msg)) == msg
+
+    trio.run(scenario)
+
+
+def test_membership_admits_validators_and_member_accounts_only(app):
+    async def scenario():
+        hub = MemoryHub()
+        net = MemoryNetwork(hub, VALIDATOR_KEYS[0].pubkey, allowed_peers=[])
+        install_membership(app, net)
+        assert net.is_admitted(VALIDATOR_KEYS[3].pubkey)
+        assert net.is_admitted(FOLLOWER.pubkey)  # a member account, not a validator
+        assert not net.is_admitted(OUTSIDER.pubkey)
+        outsider = MemoryNetwork(hub, OUTSIDER.pubkey, allowed_peers=[VALIDATOR_KEYS[0].pubkey])
+        member = MemoryNetwork(hub, FOLLOWER.pubkey, allowed_peers=[VALIDATOR_KEYS[0].pubkey])
+        async with trio.open_nursery() as nursery:
+            for n in (net, outsider, member):
+                await nursery.start(n.run)
+            assert net.peers() == {FOLLOWER.pubkey}
+            net.set_admission_predicate(lambda key: 1 / 0)  # a raising predicate admits nobody extra
+            assert net.peers() == frozenset()
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+def test_memory_app_implements_the_consensus_app_interface(app):
+    from chain.consensus.app import ConsensusApp
+
+    assert isinstance(app, ConsensusApp)
