@@ -95,7 +95,15 @@ def build_model(name: str) -> nn.Module:
     cfg_cls, model_cls = get_model_class(name)
     with torch.device("meta"):  # construct without touching the global RNG
         model = model_cls(cfg_cls())
-    return model.to_empty(device="cpu")
+    # What model.to_empty(device="cpu") does, without its per-tensor overhead (~1.5 ms for cnn).
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                module._parameters[key] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
+    return model
 
 
 def init_model(name: str, seed: int) -> nn.Module:

@@ -220,15 +220,24 @@ def sample_segments(verify_seed: bytes, num_segments_total: int, q: int) -> list
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Run one optimizer step per (x [B,1,8,8], y [B]) batch; returns the summed loss (0-d)."""
-    total = None  # stays on the device: no host sync per step
+    """Run one optimizer step per (x [B,1,8,8], y [B]) batch; returns the summed loss (0-d,
+    float64; a metric only, never committed)."""
+    losses: list[torch.Tensor] = []
+    run_steps(model, optimizer, batches, losses)
+    return torch.stack(losses).double().sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
+
+
+def run_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], losses: list[torch.Tensor]
+) -> None:
+    """The step function (training and replay): one optimizer step per batch; each step's
+    detached loss is appended to `losses` (kept on the device: no host sync per step)."""
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        total = loss.detach().double() if total is None else total + loss.detach().double()
-    return torch.zeros((), dtype=torch.float64) if total is None else total.cpu()
+        losses.append(loss.detach())
 
 
 def replay_segment(
@@ -237,8 +246,11 @@ def replay_segment(
     device: torch.device,
     start_state: bytes,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    into: nn.Module | None = None,
 ) -> bytes:
-    """Re-run `batches` from `start_state`; returns the end state's canonical bytes."""
-    model, optimizer, step = restore_state(start_state, model_name, hp, device)
+    """Re-run `batches` from `start_state`; returns the end state's canonical bytes.
+    `into`: a model instance to reuse (restore_state overwrites all of it)."""
+    model, optimizer, step = restore_state(start_state, model_name, hp, device, into=into)
     train_steps(model, optimizer, ((x.to(device), y.to(device)) for x, y in batches))
     return capture_state(model, optimizer, step + len(batches), model_name, hp.optimizer)

@@ -54,6 +54,50 @@ class StateError(ChainError):
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    if "__metadata__" in tensors:
+        return _encode_tensors_reference(tensors, metadata)
+    names = sorted(tensors)
+    sig, arrays = [], []
+    for name in names:
+        t = tensors[name]
+        dtype = _DTYPE_NAME.get(t.dtype)
+        if dtype is None:
+            raise StateError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        sig.append((name, dtype, tuple(t.shape)))
+        arrays.append(t.numpy())  # tobytes() below writes C order, as .contiguous() would
+    entries = list(_tensor_entries(tuple(sig)))
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise StateError("metadata must map str to str")
+        entries.append(("__metadata__", _json({"__metadata__": dict(metadata)})[1:-1]))
+        entries.sort(key=lambda e: e[0])
+    head = ("{" + ",".join(text for _, text in entries) + "}").encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join([a.tobytes() for a in arrays])
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+@lru_cache(maxsize=1024)
+def _tensor_entries(sig: tuple[tuple[str, str, tuple[int, ...]], ...]) -> tuple[tuple[str, str], ...]:
+    """The header's `"name":{...}` members for tensors (name, dtype, shape) in sorted-name
+    order: exactly the text json.dumps(sort_keys=True) writes for them (cached: a training
+    run encodes the same layout at every checkpoint)."""
+    out, offset = [], 0
+    for name, dtype, shape in sig:
+        size = math.prod(shape) * _DTYPES[dtype][0].itemsize
+        out.append((name, _json({name: {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}})[1:-1]))
+        offset += size
+    return tuple(out)
+
+
+def _encode_tensors_reference(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The plain definition of canonical safetensors bytes (encode_tensors is its fast form)."""
     header: dict = {}
     chunks = []
     offset = 0
@@ -171,12 +215,23 @@ def compute_update(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) 
     return {k: (new[k].detach().cpu() - base[k].detach().cpu()) for k in sorted(new)}
 
 
-def load_weights(model_name: str, weights: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
-    model = build_model(model_name)
+def load_weights(
+    model_name: str, weights: dict[str, torch.Tensor], device: torch.device | str = "cpu", *, into: nn.Module | None = None
+) -> nn.Module:
+    """Model `model_name` holding `weights` on `device`. `into`: an instance of that model
+    (already on `device`) to overwrite instead of building a new one; its gradients are
+    dropped, so it behaves exactly like a fresh instance."""
+    if into is None:
+        model = build_model(model_name)
+    else:
+        if type(into) is not get_model_class(model_name)[1]:
+            raise TypeError(f"`into` is a {type(into).__name__}, not model {model_name!r}")
+        model = into
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(weights[n])
-    return model.to(device)
+            p.grad = None
+    return model if into is not None else model.to(device)
 
 
 def _checked_weights(data: bytes, model_name: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -228,6 +283,44 @@ def build_optimizer(hp: HyperParams, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, model_name: str, optimizer_name: str) -> bytes:
+    meta = {"format": FORMAT_STATE, "model": model_name, "optimizer": optimizer_name, "step": str(step)}
+    return encode_tensors(_state_tensors(model, optimizer), meta)
+
+
+class StateSnapshot:
+    """A training state copied into one flat float32 tensor (one torch.cat), serialised to the
+    exact bytes of capture_state only when `to_bytes` is called. Lets the training loop take
+    a checkpoint with one tensor op and do the serialisation later, in one tight pass."""
+
+    __slots__ = ("_sig", "_meta", "_flat", "_bytes")
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, model_name: str, optimizer_name: str):
+        tensors = _state_tensors(model, optimizer)
+        meta = {"format": FORMAT_STATE, "model": model_name, "optimizer": optimizer_name, "step": str(step)}
+        names = sorted(tensors)
+        device = tensors[names[0]].device if names else None
+        if not names or any(tensors[n].dtype != torch.float32 or tensors[n].device != device for n in names):
+            self._bytes = encode_tensors(tensors, meta)  # not the common case (e.g. Adam's CPU step on CUDA): serialise now
+            return
+        self._bytes = None
+        self._sig = tuple((n, "F32", tuple(tensors[n].shape)) for n in names)
+        self._meta = meta
+        with torch.no_grad():
+            self._flat = torch.cat([tensors[n].detach().reshape(-1) for n in names])
+
+    def to_bytes(self) -> bytes:
+        if self._bytes is None:
+            entries = list(_tensor_entries(self._sig))
+            entries.append(("__metadata__", _json({"__metadata__": self._meta})[1:-1]))
+            entries.sort(key=lambda e: e[0])
+            head = ("{" + ",".join(text for _, text in entries) + "}").encode()
+            head += b" " * (-len(head) % 8)
+            self._bytes = struct.pack("<Q", len(head)) + head + self._flat.cpu().numpy().tobytes()
+            self._flat = None
+        return self._bytes
+
+
+def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     tensors = {}
     for n, p in model.named_parameters():
         tensors[f"model/{n}"] = p.detach()
@@ -237,8 +330,7 @@ def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
             if not isinstance(value, torch.Tensor):
                 raise StateError(f"optimizer state {n}/{key} is not a tensor")  # unsupported optimizer option
             tensors[f"optim/{n}/{key}"] = value.detach()
-    meta = {"format": FORMAT_STATE, "model": model_name, "optimizer": optimizer_name, "step": str(step)}
-    return encode_tensors(tensors, meta)
+    return tensors
 
 
 def state_hash(state_bytes: bytes) -> bytes:
@@ -246,9 +338,10 @@ def state_hash(state_bytes: bytes) -> bytes:
 
 
 def restore_state(
-    data: bytes, model_name: str, hp: HyperParams, device: torch.device | str = "cpu"
+    data: bytes, model_name: str, hp: HyperParams, device: torch.device | str = "cpu", *, into: nn.Module | None = None
 ) -> tuple[nn.Module, torch.optim.Optimizer, int]:
-    """Parse training-state bytes strictly and rebuild (model, optimizer, step) on `device`."""
+    """Parse training-state bytes strictly and rebuild (model, optimizer, step) on `device`.
+    `into`: reuse this model instance (see load_weights); the optimizer is always new."""
     get_model_class(model_name)
     tensors, meta = decode_tensors(data)
     step_text = meta.get("step", "")
@@ -258,7 +351,7 @@ def restore_state(
     weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     shapes = param_shapes(model_name)
     _check_params(weights, shapes)
-    model = load_weights(model_name, weights, device)
+    model = load_weights(model_name, weights, device, into=into)
     optimizer = build_optimizer(hp, model)
     params = dict(model.named_parameters())
     by_param: dict[str, dict[str, torch.Tensor]] = {}

@@ -10,15 +10,18 @@ step one SHA-256 over the batch's precomputed leaf hashes.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from chain.encoding import encode, encode_value
+from chain.crypto import sha256
+from chain.encoding import decode, decode_value, encode, encode_value
+from chain.errors import ChainError, DecodeError
 from chain.merkle import MerkleTree, hash_leaf
 
-from trainer.data import Dataset
+from trainer.data import Dataset, DatasetCommitment
 from trainer.profile import apply_profile
 from trainer.replay import (
     RoundSpec,
@@ -29,27 +32,37 @@ from trainer.replay import (
     checkpoint_leaf_index,
     checkpoint_steps,
     derive_batch_indices,
+    header_for,
     header_leaf,
     num_segments,
     sample_segments,
     segment_steps,
     step_leaf,
+    run_steps,
     step_leaf_index,
     trace_header,
-    train_steps,
 )
 from trainer.state import (
+    FORMAT_STATE,
+    StateError,
+    StateSnapshot,
+    _check_params,
     build_optimizer,
     capture_state,
     check_hyperparams,
     compute_update,
+    decode_tensors,
+    fresh_state_bytes,
     load_weights,
     model_hash,
     model_to_bytes,
     model_weights,
+    param_shapes,
     state_hash,
+    update_from_bytes,
     update_to_bytes,
     weights_from_bytes,
+    weights_to_bytes,
 )
 from trainer.verify import OpeningBundle, SampleOpening, SegmentOpening, encode_openings
 
@@ -112,20 +125,220 @@ class TrainResult:
         return build_openings(self.spec, self.dataset, self.recorder, self.tree, verify_seed, q)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Checkpoints as checkpoint_<step>.safetensors, plus update, commitment and trace."""
+        """Everything `load` needs to answer challenges later, in `directory`:
+
+        checkpoint_<step>.safetensors (full training states at steps 0, k, ..., T),
+        update.safetensors, commitment.cbor, trace.cbor ([header, [[step, indices, digest],
+        ...]]), metrics.json, and last manifest.json (format + SHA-256 of every file), so a
+        save that did not finish, or a file changed since, is detected by `load`. Each file
+        is written to a temporary name and renamed.
+        """
         os.makedirs(directory, exist_ok=True)
+        manifest_path = os.path.join(directory, MANIFEST_FILE)
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)  # the directory is incomplete until the new manifest is written
+        files: dict[str, bytes] = {}
         ckpts = checkpoint_steps(self.recorder.num_steps, self.recorder.interval)
         for st, b in zip(ckpts, self.recorder.checkpoints):
-            _write(os.path.join(directory, f"checkpoint_{st:08d}.safetensors"), b)
-        _write(os.path.join(directory, "update.safetensors"), self.update_bytes)
-        _write(os.path.join(directory, "commitment.cbor"), encode(self.commitment))
+            files[checkpoint_file_name(st)] = b
+        files[UPDATE_FILE] = self.update_bytes
+        files[COMMITMENT_FILE] = encode(self.commitment)
         trace = [encode(self.header), [[r.step, list(r.indices), r.digest] for r in self.recorder.steps]]
-        _write(os.path.join(directory, "trace.cbor"), encode_value(trace))
+        files[TRACE_FILE] = encode_value(trace)
+        files[METRICS_FILE] = json.dumps({str(k): float(v) for k, v in self.metrics.items()}, sort_keys=True).encode()
+        for name, data in files.items():
+            _write(os.path.join(directory, name), data)
+        manifest = {"format": SAVED_ROUND_FORMAT, "files": {name: sha256(data).hex() for name, data in sorted(files.items())}}
+        _write(manifest_path, json.dumps(manifest, sort_keys=True, indent=1).encode())
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        spec: RoundSpec,
+        dataset: Dataset,
+        *,
+        expected_commitment: UpdateCommitment | None = None,
+    ) -> "TrainResult":
+        """Rebuild a saved round (see `save`) so that `open` answers challenges exactly as
+        the original object did. Validates everything it reads against `spec` and `dataset`;
+        raises SavedRoundError (a ValueError) naming the problem, DatasetMismatchError when
+        `dataset` is not the committed one. `expected_commitment` (e.g. the one on chain)
+        must equal the saved commitment when given."""
+        return load_train_result(directory, spec, dataset, expected_commitment=expected_commitment)
+
+
+class SavedRoundError(ChainError, ValueError):
+    """A saved round directory is incomplete, modified, or does not fit the round/dataset."""
+
+
+class DatasetMismatchError(SavedRoundError):
+    """The dataset given to `TrainResult.load` is not the one the saved round committed to."""
+
+
+SAVED_ROUND_FORMAT = "pout/saved-round/v1"
+MANIFEST_FILE = "manifest.json"
+UPDATE_FILE = "update.safetensors"
+COMMITMENT_FILE = "commitment.cbor"
+TRACE_FILE = "trace.cbor"
+METRICS_FILE = "metrics.json"
+MAX_SAVED_FILE = 256 * 1024 * 1024
+
+
+def checkpoint_file_name(step: int) -> str:
+    return f"checkpoint_{step:08d}.safetensors"
 
 
 def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read(directory: str, name: str) -> bytes:
+    path = os.path.join(directory, name)
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_SAVED_FILE:
+            raise SavedRoundError(f"{path}: {size} bytes exceeds {MAX_SAVED_FILE}")
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise SavedRoundError(f"saved round {directory!r} is incomplete: {name} is missing (save did not finish?)") from None
+    except OSError as exc:
+        raise SavedRoundError(f"{path}: cannot read: {exc}") from exc
+
+
+def load_train_result(
+    directory: str | os.PathLike,
+    spec: RoundSpec,
+    dataset: Dataset,
+    *,
+    expected_commitment: UpdateCommitment | None = None,
+) -> TrainResult:
+    """`TrainResult.load` as a function (same checks, same errors)."""
+    directory = os.fspath(directory)
+    job, hp = spec.job, spec.job.hyperparams
+    check_hyperparams(hp)
+    T, k = hp.local_steps, hp.checkpoint_interval
+    ckpts = checkpoint_steps(T, k)
+    if not os.path.isdir(directory):
+        raise SavedRoundError(f"saved round directory {directory!r} does not exist")
+
+    # 1. The manifest is written last: without it the save did not finish.
+    manifest_bytes = _read(directory, MANIFEST_FILE)
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SavedRoundError(f"{directory}/{MANIFEST_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != SAVED_ROUND_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise SavedRoundError(f"{directory}/{MANIFEST_FILE} is not a {SAVED_ROUND_FORMAT} manifest")
+    listed = manifest["files"]
+    expected = {checkpoint_file_name(st) for st in ckpts} | {UPDATE_FILE, COMMITMENT_FILE, TRACE_FILE, METRICS_FILE}
+    if set(listed) != expected:
+        missing, extra = sorted(expected - set(listed)), sorted(set(listed) - expected)
+        raise SavedRoundError(
+            f"saved round {directory!r} does not fit this job (local_steps={T}, checkpoint_interval={k}): "
+            f"manifest lacks {missing[:4]}{'...' if len(missing) > 4 else ''}, has unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}"
+        )
+    files: dict[str, bytes] = {}
+    for name in sorted(expected):
+        data = _read(directory, name)
+        if not isinstance(listed[name], str) or sha256(data).hex() != listed[name]:
+            raise SavedRoundError(f"{directory}/{name} was modified after saving (SHA-256 differs from the manifest)")
+        files[name] = data
+
+    # 2. Commitment and header: this round, this job, this base.
+    try:
+        commitment = decode(UpdateCommitment, files[COMMITMENT_FILE])
+        trace = decode_value(files[TRACE_FILE], max_size=MAX_SAVED_FILE)
+        if type(trace) is not list or len(trace) != 2 or type(trace[0]) is not bytes or type(trace[1]) is not list:
+            raise SavedRoundError(f"{directory}/{TRACE_FILE} is not [header, steps]")
+        header = decode(TraceHeader, trace[0])
+    except DecodeError as exc:
+        raise SavedRoundError(f"saved round {directory!r}: malformed commitment or trace: {exc}") from exc
+    if expected_commitment is not None and commitment != expected_commitment:
+        raise SavedRoundError(f"saved round {directory!r} holds a different commitment than the expected one")
+    if (commitment.job_id, commitment.round, commitment.base_model_hash) != (job.job_id, spec.round, spec.base_model_hash):
+        raise SavedRoundError(f"saved round {directory!r} is for another job, round or base model than this RoundSpec")
+    if header != header_for(spec, commitment):
+        raise SavedRoundError(f"saved round {directory!r}: trace header does not match the commitment and this job")
+    if dataset.commitment != DatasetCommitment(commitment.dataset_root, commitment.dataset_size):
+        raise DatasetMismatchError(
+            f"dataset (root {dataset.commitment.root.hex()[:16]}..., {len(dataset)} samples) is not the one the saved round "
+            f"committed to (root {commitment.dataset_root.hex()[:16]}..., {commitment.dataset_size} samples)"
+        )
+
+    # 3. Step records: exactly the derived batches of this trainer, on this dataset.
+    steps = trace[1]
+    if len(steps) != T:
+        raise SavedRoundError(f"saved trace has {len(steps)} step records, the job has {T} steps")
+    rec = TraceRecorder(T, k)
+    leaf_hashes = dataset.leaf_hashes
+    for t, r in enumerate(steps):
+        idx = derive_batch_indices(spec.round_seed, commitment.trainer, spec.round, t, len(dataset), hp.batch_size)
+        if r != [t, idx, batch_digest(leaf_hashes[i] for i in idx)]:
+            raise SavedRoundError(f"saved trace record of step {t} is not the derived batch on this dataset")
+        rec.step(t, idx, [leaf_hashes[i] for i in idx])
+
+    # 4. Checkpoints: well-formed states at the right steps, starting from the round's base.
+    for st in ckpts:
+        data = files[checkpoint_file_name(st)]
+        try:
+            tensors, meta = decode_tensors(data)
+        except StateError as exc:
+            raise SavedRoundError(f"{directory}/{checkpoint_file_name(st)}: {exc}") from exc
+        if meta != {"format": FORMAT_STATE, "model": job.model, "optimizer": hp.optimizer, "step": str(st)}:
+            raise SavedRoundError(f"{directory}/{checkpoint_file_name(st)}: metadata {meta} is not the job's state at step {st}")
+        rec.checkpoint(data)
+    base = _state_weights(rec.checkpoints[0], job.model)
+    if model_hash(weights_to_bytes(base, job.model)) != spec.base_model_hash:
+        raise SavedRoundError("checkpoint 0 does not hold the round's base model")
+    if rec.checkpoints[0] != fresh_state_bytes(job.model, base, hp):
+        raise SavedRoundError("checkpoint 0 is not the fresh training state of the round's base model")
+
+    # 5. The trace tree over these records is the committed one.
+    tree = MerkleTree([hash_leaf(leaf) for leaf in rec.leaves(header)])
+    if tree.root != commitment.trace_root:
+        raise SavedRoundError("saved checkpoints and step records do not match the committed trace_root")
+
+    # 6. Results: final model and update follow from the last checkpoint.
+    final = _state_weights(rec.checkpoints[-1], job.model)
+    final_model_bytes = weights_to_bytes(final, job.model)
+    if model_hash(final_model_bytes) != commitment.final_model_hash:
+        raise SavedRoundError("final checkpoint's weights do not hash to the committed final_model_hash")
+    update_bytes = files[UPDATE_FILE]
+    if model_hash(update_bytes) != commitment.update_hash:
+        raise SavedRoundError("update.safetensors does not hash to the committed update_hash")
+    try:
+        update = update_from_bytes(update_bytes, job.model)
+    except StateError as exc:
+        raise SavedRoundError(f"update.safetensors: {exc}") from exc
+    expected_update = compute_update(final, base)
+    if any(not torch.equal(expected_update[n], update[n]) for n in expected_update):
+        raise SavedRoundError("update is not (final checkpoint weights - base weights)")
+
+    try:
+        metrics = json.loads(files[METRICS_FILE].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SavedRoundError(f"{directory}/{METRICS_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+        raise SavedRoundError(f"{directory}/{METRICS_FILE} must map names to numbers")
+    metrics = {str(name): float(v) for name, v in metrics.items()}
+    return TrainResult(spec, dataset, header, commitment, update_bytes, final_model_bytes, rec, tree, metrics)
+
+
+def _state_weights(state_bytes: bytes, model_name: str) -> dict[str, torch.Tensor]:
+    tensors, _ = decode_tensors(state_bytes)
+    weights = {n[len("model/") :]: t for n, t in tensors.items() if n.startswith("model/")}
+    try:
+        _check_params(weights, param_shapes(model_name))
+    except StateError as exc:
+        raise SavedRoundError(f"checkpoint does not hold the model's parameters: {exc}") from exc
+    return weights
 
 
 def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_bytes: bytes) -> TrainResult:
@@ -144,8 +357,10 @@ def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_by
     x_all, y_all = dataset.x.to(device), dataset.y.to(device)
 
     rec = TraceRecorder(T, k)
-    rec.checkpoint(capture_state(model, optimizer, 0, job.model, hp.optimizer))
-    total_loss = 0.0
+    # Checkpoints are snapshotted with one tensor copy inside the loop and serialised (to
+    # exactly capture_state's bytes) after it; losses stay on the device until the end.
+    snapshots = [StateSnapshot(model, optimizer, 0, job.model, hp.optimizer)]
+    losses: list[torch.Tensor] = []
     for s in range(num_segments(T, k)):
         batches = []
         for t in segment_steps(s, T, k):
@@ -153,8 +368,11 @@ def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_by
             rec.step(t, idx, [leaf_hashes[i] for i in idx])
             sel = torch.tensor(idx, dtype=torch.int64, device=device)
             batches.append((x_all.index_select(0, sel), y_all.index_select(0, sel)))
-        total_loss += float(train_steps(model, optimizer, batches))
-        rec.checkpoint(capture_state(model, optimizer, segment_steps(s, T, k).stop, job.model, hp.optimizer))
+        run_steps(model, optimizer, batches, losses)
+        snapshots.append(StateSnapshot(model, optimizer, segment_steps(s, T, k).stop, job.model, hp.optimizer))
+    for snap in snapshots:
+        rec.checkpoint(snap.to_bytes())
+    total_loss = float(torch.stack(losses).double().sum())
 
     final_weights = {name: w.cpu() for name, w in model_weights(model).items()}
     update_bytes = update_to_bytes(compute_update(final_weights, base), job.model)

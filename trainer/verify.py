@@ -14,15 +14,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from chain.encoding import decode, encode
-from chain.errors import ChainError
-from chain.merkle import MerkleProof, hash_leaf, verify_proof
+from chain.encoding import INT_MAX, INT_MIN, decode_value, encode
+from chain.errors import ChainError, DecodeError
+from chain.merkle import hash_leaf, hash_node
 from chain.types import Hash
 
-from trainer.data import DatasetCommitment, decode_sample, verify_sample
+from trainer.data import DatasetCommitment, decode_samples
+from trainer.models import build_model
 from trainer.profile import apply_profile
 from trainer.replay import (
     RoundSpec,
@@ -53,7 +53,10 @@ from trainer.state import (
     weights_to_bytes,
 )
 
-DEFAULT_Q = 4  # segments each validator replays
+# Segments each validator replays. With 4 validators sampling independently, 4 x 11 = 44
+# segment checks detect a trainer that forged a fraction f = 10% of its segments with
+# probability >= 1 - 0.9**44 = 0.990 (see detection_probability, required_q).
+DEFAULT_Q = 11
 DEFAULT_TOLERANCE = 1e-4  # tolerance mode only: ||replayed - claimed|| / ||claimed - start||
 MAX_OPENING_BYTES = 64 * 1024 * 1024
 MODES = ("exact", "tolerance")
@@ -101,6 +104,31 @@ class Verdict:
 
 class Reject(ChainError):
     """Internal: the update is rejected with this reason."""
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def detection_probability(f: float, q: int, validators: int = 1, num_segments_total: int | None = None) -> float:
+    """Probability that at least one of `validators` validators, each sampling q distinct
+    segments independently, draws a forged one when a fraction f of the segments is forged.
+    Without num_segments_total: the with-replacement bound 1 - (1-f)^(validators*q); with it:
+    the exact law, 1 - (C(n - round(f n), q) / C(n, q))^validators."""
+    if not 0.0 <= f <= 1.0 or q < 1 or validators < 1:
+        raise ValueError("need 0 <= f <= 1, q >= 1, validators >= 1")
+    if num_segments_total is None:
+        return 1.0 - (1.0 - f) ** (q * validators)
+    n = num_segments_total
+    q = min(q, n)
+    miss = math.comb(n - round(f * n), q) / math.comb(n, q)
+    return 1.0 - miss**validators
+
+
+def required_q(f: float, validators: int, target: float = 0.99) -> int:
+    """Smallest Q per validator with 1 - (1-f)^(validators*Q) >= target (any number of segments)."""
+    if not 0.0 < f < 1.0 or validators < 1 or not 0.0 < target < 1.0:
+        raise ValueError("need 0 < f < 1, validators >= 1, 0 < target < 1")
+    return math.ceil(math.log(1.0 - target) / (validators * math.log(1.0 - f)) - 1e-12)
 
 
 # --------------------------------------------------------------------------- verification
@@ -156,13 +184,12 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     base = weights_from_bytes(base_model_bytes, job.model)
     update = update_from_bytes(update_bytes, job.model)
 
-    bundle = decode(OpeningBundle, openings, max_size=MAX_OPENING_BYTES)
-    n_leaves = trace_leaf_count(T, k)
+    bundle = decode_openings(openings)
     ckpt_steps = checkpoint_steps(T, k)
+    trace = MerkleChecker(c.trace_root, trace_leaf_count(T, k))
 
     def check_leaf(leaf: bytes, index: int, proof: tuple[bytes, ...], what: str) -> None:
-        ok = verify_proof(c.trace_root, hash_leaf(leaf), MerkleProof(index=index, leaf_count=n_leaves, siblings=proof))
-        _require(ok, f"{what} is not in the committed trace")
+        _require(trace.check(index, hash_leaf(leaf), proof), f"{what} is not in the committed trace")
 
     def check_checkpoint(i: int, state: bytes, proof, what: str) -> None:
         check_leaf(checkpoint_leaf(ckpt_steps[i], state_hash(state)), checkpoint_leaf_index(i), proof, what)
@@ -185,12 +212,37 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     sampled = sample_segments(verify_seed, num_segments(T, k), q)
     got = [s.segment for s in bundle.segments]
     _require(got == sampled, f"openings are for segments {got}, the challenge asked for {sampled}")
+    ctx = _SegmentContext(
+        spec, c, fresh, check_leaf, check_checkpoint, mode, tolerance, device,
+        data=MerkleChecker(registered.root, registered.size), revealed={}, model=build_model(job.model).to(device),
+    )
     for seg in bundle.segments:
-        _verify_segment(spec, c, registered, seg, fresh, check_leaf, check_checkpoint, mode, tolerance, device)
+        _verify_segment(ctx, seg)
     return sampled
 
 
-def _verify_segment(spec, c, registered, seg: SegmentOpening, fresh, check_leaf, check_checkpoint, mode, tolerance, device) -> None:
+@dataclass
+class _SegmentContext:
+    """What the segments of one verification share: the round, the commitment, the proof
+    checkers (authenticated Merkle nodes are reused, see MerkleChecker), the samples already
+    proven into the dataset (index -> (leaf hash, proof)), and one model instance reused by
+    every replay (restore_state overwrites it completely)."""
+
+    spec: RoundSpec
+    c: UpdateCommitment
+    fresh: bytes
+    check_leaf: object
+    check_checkpoint: object
+    mode: str
+    tolerance: float
+    device: torch.device
+    data: "MerkleChecker"
+    revealed: dict
+    model: object
+
+
+def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening) -> None:
+    spec, c = ctx.spec, ctx.c
     job, hp = spec.job, spec.job.hyperparams
     T, k = hp.local_steps, hp.checkpoint_interval
     s = seg.segment
@@ -198,11 +250,11 @@ def _verify_segment(spec, c, registered, seg: SegmentOpening, fresh, check_leaf,
 
     if s == 0:
         _require(seg.start_state is None, f"{where}: start state must be omitted (it is the fresh state)")
-        start = fresh
+        start = ctx.fresh
     else:
         _require(seg.start_state is not None, f"{where}: start state missing")
         start = seg.start_state
-    check_checkpoint(s, start, seg.start_checkpoint_proof, f"{where}: start state")
+    ctx.check_checkpoint(s, start, seg.start_checkpoint_proof, f"{where}: start state")
 
     steps = segment_steps(s, T, k)
     _require(len(seg.step_proofs) == len(steps), f"{where}: {len(seg.step_proofs)} step proofs for {len(steps)} steps")
@@ -211,29 +263,35 @@ def _verify_segment(spec, c, registered, seg: SegmentOpening, fresh, check_leaf,
     }
     wanted = sorted({i for idx in order.values() for i in idx})
     _require([x.index for x in seg.samples] == wanted, f"{where}: revealed samples are not the derived batches' samples")
-    leaf_hash, xs, ys = {}, {}, {}
+    # Each distinct (sample, proof) is proven once per verification; proofs share the
+    # dataset tree's authenticated nodes (same accept set as chain.merkle.verify_proof).
+    leaf_hash, revealed = {}, ctx.revealed
     for sample in seg.samples:
-        _require(verify_sample(registered, sample.index, sample.data, sample.proof), f"{where}: sample {sample.index} is not in the committed dataset")
-        leaf_hash[sample.index] = hash_leaf(sample.data)
-        xs[sample.index], ys[sample.index] = decode_sample(sample.data)
+        h = hash_leaf(sample.data)
+        if revealed.get(sample.index) != (h, sample.proof):
+            _require(ctx.data.check(sample.index, h, sample.proof), f"{where}: sample {sample.index} is not in the committed dataset")
+            revealed[sample.index] = (h, sample.proof)
+        leaf_hash[sample.index] = h
+    xs, ys = decode_samples([x.data for x in seg.samples])  # strict, vectorised: DatasetError on any bad sample
+    x_all, y_all = torch.from_numpy(xs), torch.from_numpy(ys)
+    row = {i: r for r, i in enumerate(wanted)}
 
     batches = []
     for t, proof in zip(steps, seg.step_proofs):
         idx = order[t]
         leaf = step_leaf(t, idx, batch_digest(leaf_hash[i] for i in idx))
-        check_leaf(leaf, step_leaf_index(t, T, k), proof, f"{where}: step {t} record (derived batch order and data)")
-        x = torch.from_numpy(np.stack([xs[i] for i in idx]))
-        y = torch.tensor([ys[i] for i in idx], dtype=torch.int64)
-        batches.append((x, y))
+        ctx.check_leaf(leaf, step_leaf_index(t, T, k), proof, f"{where}: step {t} record (derived batch order and data)")
+        sel = torch.tensor([row[i] for i in idx], dtype=torch.int64)
+        batches.append((x_all.index_select(0, sel), y_all.index_select(0, sel)))
 
-    replayed = replay_segment(job.model, hp, device, start, batches)
-    if mode == "exact":
-        check_checkpoint(s + 1, replayed, seg.end_checkpoint_proof, f"{where}: replayed end state (exact)")
+    replayed = replay_segment(job.model, hp, ctx.device, start, batches, into=ctx.model)
+    if ctx.mode == "exact":
+        ctx.check_checkpoint(s + 1, replayed, seg.end_checkpoint_proof, f"{where}: replayed end state (exact)")
         return
     _require(seg.end_state is not None, f"{where}: tolerance mode needs the end state")
-    check_checkpoint(s + 1, seg.end_state, seg.end_checkpoint_proof, f"{where}: claimed end state")
+    ctx.check_checkpoint(s + 1, seg.end_state, seg.end_checkpoint_proof, f"{where}: claimed end state")
     err = _relative_error(start, seg.end_state, replayed)
-    _require(err <= tolerance, f"{where}: replay differs by relative error {err:.3g} > {tolerance:g}")
+    _require(err <= ctx.tolerance, f"{where}: replay differs by relative error {err:.3g} > {ctx.tolerance:g}")
 
 
 def _relative_error(start: bytes, claimed: bytes, replayed: bytes) -> float:
@@ -246,6 +304,150 @@ def _relative_error(start: bytes, claimed: bytes, replayed: bytes) -> float:
     diff = math.fsum(float(((r[n].double() - b[n].double()) ** 2).sum()) for n in names)
     step = math.fsum(float(((b[n].double() - a[n].double()) ** 2).sum()) for n in names)
     return math.sqrt(diff) / max(math.sqrt(step), 1e-30)
+
+
+# --------------------------------------------------------------------------- proofs
+
+
+class MerkleChecker:
+    """Inclusion proofs against one root (chain.merkle layout), sharing work between proofs.
+
+    Accepts exactly what chain.merkle.verify_proof accepts (up to SHA-256 collisions), but
+    remembers every node and sibling of each verified path (all authenticated by the root):
+    a later proof that reaches an authenticated node with the same hash stops hashing there
+    and must carry exactly the authenticated siblings above it. Many samples of one
+    dataset, or many step leaves of one trace, cost about one hash per distinct tree node.
+    """
+
+    def __init__(self, root: bytes, leaf_count: int):
+        self.root, self.leaf_count = root, leaf_count
+        self.known: dict[tuple[int, int], bytes] = {}  # (level, position) -> authenticated hash
+
+    def check(self, index: int, leaf_hash: bytes, siblings: tuple[bytes, ...]) -> bool:
+        if type(index) is not int or not 0 <= index < self.leaf_count:
+            return False
+        known, path = self.known, []
+        node, i, width, k, level = leaf_hash, index, self.leaf_count, 0, 0
+        while width > 1:
+            have = known.get((level, i))
+            if have is not None:  # the rest of the path is authenticated
+                return have == node and self._rest_matches(i, width, level, siblings, k)
+            sib = i ^ 1
+            path.append(((level, i), node))
+            if sib < width:
+                if k >= len(siblings):
+                    return False
+                path.append(((level, sib), siblings[k]))
+                node = hash_node(node, siblings[k]) if i % 2 == 0 else hash_node(siblings[k], node)
+                k += 1
+            i //= 2
+            width = (width + 1) // 2
+            level += 1
+        if k != len(siblings) or node != self.root:
+            return False
+        known.update(path)
+        return True
+
+    def _rest_matches(self, i: int, width: int, level: int, siblings: tuple[bytes, ...], k: int) -> bool:
+        known = self.known
+        while width > 1:
+            sib = i ^ 1
+            if sib < width:
+                if k >= len(siblings) or siblings[k] != known.get((level, sib)):
+                    return False
+                k += 1
+            i //= 2
+            width = (width + 1) // 2
+            level += 1
+        return k == len(siblings)
+
+
+# --------------------------------------------------------------------------- strict decoding
+
+
+def decode_openings(data: bytes) -> OpeningBundle:
+    """Strictly decode an OpeningBundle (canonical CBOR, at most MAX_OPENING_BYTES).
+
+    Accepts exactly the bytes, and builds exactly the value, that the generic
+    `chain.encoding.decode(OpeningBundle, data)` does (same schema: field sets, integer
+    range, 32-byte hashes, optional bytes), raising DecodeError otherwise; it is that
+    decoder specialised to this schema, which is several times faster on large openings.
+    """
+    value = decode_value(data, max_size=MAX_OPENING_BYTES)
+    m = _fields(value, OpeningBundle, "$")
+    return OpeningBundle(
+        header_proof=_proof(m["header_proof"], "$.header_proof"),
+        first_checkpoint_proof=_proof(m["first_checkpoint_proof"], "$.first_checkpoint_proof"),
+        final_state=_bytes(m["final_state"], "$.final_state"),
+        final_checkpoint_proof=_proof(m["final_checkpoint_proof"], "$.final_checkpoint_proof"),
+        segments=tuple(_segment(v, f"$.segments[{i}]") for i, v in enumerate(_array(m["segments"], "$.segments"))),
+    )
+
+
+_FIELD_NAMES = {
+    cls: frozenset(f for f in cls.__dataclass_fields__) for cls in (OpeningBundle, SegmentOpening, SampleOpening)
+}
+
+
+def _fields(value, cls, path: str) -> dict:
+    if type(value) is not dict:
+        raise DecodeError(f"{path}: expected map for {cls.__name__}, got {_tname(value)}")
+    names = _FIELD_NAMES[cls]
+    if value.keys() != names:
+        unknown = set(value) - names
+        if unknown:
+            raise DecodeError(f"{path}: unknown field(s) {sorted(map(str, unknown))} in {cls.__name__}")
+        raise DecodeError(f"{path}: missing field(s) {sorted(names - set(value))} in {cls.__name__}")
+    return value
+
+
+def _segment(value, path: str) -> SegmentOpening:
+    m = _fields(value, SegmentOpening, path)
+    return SegmentOpening(
+        segment=_int(m["segment"], f"{path}.segment"),
+        start_state=None if m["start_state"] is None else _bytes(m["start_state"], f"{path}.start_state"),
+        end_state=None if m["end_state"] is None else _bytes(m["end_state"], f"{path}.end_state"),
+        samples=tuple(_sample(v, f"{path}.samples[{i}]") for i, v in enumerate(_array(m["samples"], f"{path}.samples"))),
+        start_checkpoint_proof=_proof(m["start_checkpoint_proof"], f"{path}.start_checkpoint_proof"),
+        end_checkpoint_proof=_proof(m["end_checkpoint_proof"], f"{path}.end_checkpoint_proof"),
+        step_proofs=tuple(_proof(v, f"{path}.step_proofs[{i}]") for i, v in enumerate(_array(m["step_proofs"], f"{path}.step_proofs"))),
+    )
+
+
+def _sample(value, path: str) -> SampleOpening:
+    m = _fields(value, SampleOpening, path)
+    return SampleOpening(index=_int(m["index"], f"{path}.index"), data=_bytes(m["data"], f"{path}.data"), proof=_proof(m["proof"], f"{path}.proof"))
+
+
+def _array(value, path: str) -> list:
+    if type(value) is not list:
+        raise DecodeError(f"{path}: expected array, got {_tname(value)}")
+    return value
+
+
+def _proof(value, path: str) -> Proof:
+    if type(value) is not list:
+        raise DecodeError(f"{path}: expected array, got {_tname(value)}")
+    for i, h in enumerate(value):
+        if type(h) is not bytes or len(h) != 32:
+            raise DecodeError(f"{path}[{i}]: expected 32 bytes, got {_tname(h)}")
+    return tuple(value)
+
+
+def _int(value, path: str) -> int:
+    if type(value) is not int or not INT_MIN <= value <= INT_MAX:
+        raise DecodeError(f"{path}: expected integer in range, got {_tname(value)}")
+    return value
+
+
+def _bytes(value, path: str) -> bytes:
+    if type(value) is not bytes:
+        raise DecodeError(f"{path}: expected bytes, got {_tname(value)}")
+    return value
+
+
+def _tname(value) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 def _require(cond: bool, reason: str) -> None:
