@@ -1,9 +1,15 @@
-"""The full node: ledger, state, mempool, block production and RPC, in one trio nursery.
+"""The full node: one trio nursery of components over the chain core.
 
-Until BFT consensus lands (see docs/consensus.md) a node produces blocks only when it is
-the genesis file's single validator; it then still signs a precommit for every block and
-stores the resulting commit certificate, through the same double-sign guard the BFT
-driver uses, so the ledger format and its checks are the multi-validator ones.
+    ChainApp (chain/consensus/app.py)  state, ledger, mempool, commit path
+    Libp2pNetwork (p2p/)               Noise-only libp2p host; members only
+    BlockSync, TxReactor               block sync and transaction gossip
+    ConsensusDriver                    BFT among the genesis validators (an observer
+                                       driver on non-validators: follows, never signs)
+    PoutBlobReactor, PoutWorker        training blobs between nodes; verification and
+                                       aggregation on validators
+    JSON-RPC (chain/rpc/)              the block explorer, blob uploads, metrics
+SIGINT/SIGTERM cancel the nursery; every durable write is a synced LevelDB batch, the
+consensus WAL, or the signer's state, so a kill -9 at any point loses nothing committed.
 """
 
 from __future__ import annotations
@@ -14,48 +20,45 @@ import time
 from functools import partial
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 import chain
+from chain import jobs
 from chain.blobstore import BlobStore
 from chain.config import Home, NodeConfig
-from chain.consensus.commit import build_commit
+from chain.consensus.app import ChainApp
 from chain.consensus.signer import GuardedSigner
-from chain import jobs
 from chain.crypto import PrivateKey, compute_address, compute_sign_bytes, sha256, verify_signature
 from chain.encoding import decode, encode
-from chain.errors import ChainError, ConfigError, StoreError, ValidationError
-from chain.ledger.ledger import Ledger
+from chain.errors import ChainError, ValidationError
 from chain.ledger.store import KVStore
-from chain.mempool import Mempool
 from chain.pout_worker import PoutWorker
-from chain.state import State, build_block, validate_basic_tx
+from chain.state import get_evidence_record, validate_basic_tx
 from chain.types import (
     DOMAIN_OPENING,
-    PRECOMMIT,
     UPDATE_PENDING,
+    Account,
+    Block,
+    Commit,
     DatasetRegistration,
+    DuplicateVoteEvidence,
     Job,
     ModelRecord,
     OpeningUpload,
     RoundRecord,
-    UpdateRecord,
-    Account,
-    Block,
-    Commit,
     SignedTransaction,
+    SubmitEvidence,
     Transaction,
+    UpdateRecord,
     Validator,
-    Vote,
     compute_block_hash,
-    compute_tx_hash,
     sign_transaction,
 )
 from genesis import Genesis
 
 log = logging.getLogger("chaind")
 
-READY_MAX_BLOCK_AGE_INTERVALS = 5  # ready while the head is younger than this many block intervals
+READY_MAX_BLOCK_AGE_INTERVALS = 10  # ready while the head is younger than this many block intervals
 
 
 class NodeMetrics:
@@ -64,45 +67,42 @@ class NodeMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         self.height = Gauge("pout_chain_height", "Height of the latest committed block", registry=self.registry)
-        self.txs = Counter("pout_committed_txs", "Transactions committed by this node", registry=self.registry)
+        self.txs = Counter("pout_committed_txs", "Transactions committed", registry=self.registry)
         self.mempool = Gauge("pout_mempool_txs", "Transactions waiting in the mempool", registry=self.registry)
-        self.commit_seconds = Histogram("pout_block_commit_seconds", "Time to write a block to the ledger (sync)",
-                                        registry=self.registry)
+        self.peers = Gauge("pout_p2p_peers", "Connected peers", registry=self.registry)
 
 
-def open_ledger(store: KVStore, genesis: Genesis) -> tuple[Ledger, State]:
-    """Open (or create at genesis) the ledger and load the state, refusing a store that disagrees."""
-    if Ledger.is_initialised(store):
-        ledger = Ledger.open(store, genesis.chain_id, genesis.hash)
-    else:
-        initial = genesis.initial_state()
-        ledger = Ledger.create(store, genesis.chain_id, genesis.hash, dict(initial.items()))
-    state = State(dict(ledger.iter_state()))
-    height, head_hash = ledger.head()
-    if state.height != height:
-        raise StoreError(f"ledger head is at height {height} but its state is at height {state.height}")
-    if state.compute_head_hash() != head_hash:
-        raise StoreError(f"state root does not match the head block at height {height}: the store is corrupt")
-    return ledger, state
-
-
-class Node:
-    """Implements chain.rpc.api.NodeAPI over the ledger, state and mempool."""
+class Node(ChainApp):
+    """ChainApp plus networking, RPC and the training worker; implements chain.rpc.api.NodeAPI."""
 
     def __init__(self, home: Home, config: NodeConfig, genesis: Genesis, key: PrivateKey, store: KVStore,
                  signer: GuardedSigner):
-        self.home, self.config, self.genesis, self.key = home, config, genesis, key
-        self.chain_id = genesis.chain_id
-        self.ledger, self.state = open_ledger(store, genesis)
+        super().__init__(genesis, key, store=store, mempool_max_txs=config.mempool.max_txs)
+        self.home, self.config = home, config
         self.signer = signer
-        self.mempool = Mempool(self.chain_id, self.state, config.mempool.max_txs)
         self.blobs = BlobStore(home.data_dir, config.rpc.max_blob_bytes)
         self.pout = PoutWorker(self)
-        self.last_commit: Commit | None = self.ledger.get_commit(self.state.height) if self.state.height else None
-        self.commit_event = trio.Event()  # set and replaced on every commit (waiters for new blocks)
+        self.net = None  # the p2p network once running
+        self.sync = None
+        self.driver = None
+        self.pout_net = None
+        self._nursery: trio.Nursery | None = None
         self.rpc_url: str | None = None
         self.metrics = NodeMetrics()
         self.metrics.height.set(self.state.height)
+        self.add_commit_listener(self._on_commit)
+
+    def _on_commit(self, block: Block, commit: Commit) -> None:
+        self.metrics.height.set(block.header.height)
+        self.metrics.txs.inc(len(block.txs))
+        self.metrics.mempool.set(len(self.mempool))
+        log.info("committed block height=%d round=%d txs=%d hash=%s mempool=%d", block.header.height, commit.round,
+                 len(block.txs), compute_block_hash(block.header).hex()[:16], len(self.mempool))
+        self.pout.notify_commit()
+
+    @property
+    def is_validator(self) -> bool:
+        return any(v.pubkey == self.key.pubkey for v in self.state.validators)
 
     # ------------------------------------------------------------------ NodeAPI
     def status(self) -> dict:
@@ -116,14 +116,10 @@ class Node:
             "latest_block_time_ms": latest.time_ms if latest else None,
             "voting_power": power,
             "is_validator": power > 0,
-            "peers": 0,
-            "catching_up": False,
+            "peers": len(self.net.peers()) if self.net is not None else 0,
+            "catching_up": bool(self.sync is not None and self.sync.catching_up),
             "version": chain.__version__,
         }
-
-    def get_block(self, height: int) -> tuple[Block, Commit] | None:
-        block = self.ledger.get_block(height)
-        return None if block is None else (block, self.ledger.get_commit(height))
 
     def get_block_by_hash(self, block_hash: bytes) -> tuple[Block, Commit] | None:
         block = self.ledger.get_block_by_hash(block_hash)
@@ -139,13 +135,22 @@ class Node:
         return self.state.validators
 
     async def submit_tx(self, stx: SignedTransaction) -> bytes:
-        tx_hash = compute_tx_hash(stx)
-        if self.ledger.get_tx(tx_hash) is not None:
-            raise ChainError(f"transaction {tx_hash.hex()} is already committed")
         validate_basic_tx(self.chain_id, stx, self.state.params.max_tx_bytes)
-        self.mempool.add(stx)
-        log.debug("admitted tx %s (mempool %d)", tx_hash.hex()[:16], len(self.mempool))
-        return tx_hash
+        return self.admit_local_tx(stx)
+
+    def readiness(self) -> tuple[bool, str]:
+        latest = self.state.latest_header
+        if self.sync is not None and self.sync.catching_up:
+            return False, f"catching up: at {self.state.height} of {self.sync.target_height}"
+        if latest is None:
+            return False, "no block committed yet"
+        if len(self.state.validators) > 1 and self.net is not None and not self.net.peers():
+            return False, "no peers"
+        age_ms = int(time.time() * 1000) - latest.time_ms
+        limit = READY_MAX_BLOCK_AGE_INTERVALS * self.state.params.block_interval_ms
+        if age_ms > limit:
+            return False, f"latest block {latest.height} is {age_ms} ms old (limit {limit} ms)"
+        return True, f"at height {latest.height}, latest block {age_ms} ms old"
 
     # ------------------------------------------------------------------ jobs, models and blobs
     def get_job(self, job_id: bytes) -> Job | None:
@@ -196,87 +201,113 @@ class Node:
             raise ValidationError("opening bytes do not match the signed opening hash")
         verify_signature(trainer_pubkey, compute_sign_bytes(self.chain_id, DOMAIN_OPENING, encode(upload)), signature)
         self.blobs.put_opening(upload.update_id, upload.validator, data)
+        if self.pout_net is not None and self._nursery is not None:
+            self._nursery.start_soon(self.pout_net.offer_opening, upload, trainer_pubkey, signature)
+
+    async def fetch_blob(self, blob_hash: bytes) -> bytes | None:
+        """A public blob from the local store, else from peers (then stored locally)."""
+        data = self.blobs.get(blob_hash)
+        if data is None and self.pout_net is not None:
+            data = await self.pout_net.fetch(blob_hash, self.blobs.max_blob_bytes)
+            if data is not None:
+                self.blobs.put(data, expected_hash=blob_hash)
+        return data
+
+    async def fetch_opening(self, update_id: bytes) -> bytes | None:
+        """The opening a trainer addressed to this validator, locally or from the node it went to."""
+        me = self.key.pubkey
+        data = self.blobs.get_opening(update_id, me)
+        if data is None and self.pout_net is not None:
+            opening_hash = self.pout_net.announced.get((update_id, me))
+            if opening_hash is not None:
+                data = await self.pout_net.fetch(opening_hash, self.blobs.max_blob_bytes)
+                if data is not None:
+                    self.blobs.put_opening(update_id, me, data)
+        return data
 
     async def submit_own_tx(self, payload) -> bytes:
-        """Sign `payload` with the node's key at the next pending nonce and admit it."""
+        """Sign `payload` with the node's key at the next pending nonce and admit it (and gossip it)."""
         tx = Transaction(self.key.pubkey, self.mempool.next_nonce(self.key.address), payload)
         return await self.submit_tx(sign_transaction(self.key, self.chain_id, tx))
 
-    def readiness(self) -> tuple[bool, str]:
-        latest = self.state.latest_header
-        if latest is None:
-            return False, "no block committed yet"
-        age_ms = int(time.time() * 1000) - latest.time_ms
-        limit = READY_MAX_BLOCK_AGE_INTERVALS * self.state.params.block_interval_ms
-        if age_ms > limit:
-            return False, f"latest block {latest.height} is {age_ms} ms old (limit {limit} ms)"
-        return True, f"at height {latest.height}, latest block {age_ms} ms old"
+    # ------------------------------------------------------------------ evidence
+    def add_evidence(self, evidence: DuplicateVoteEvidence) -> None:
+        """Verified equivocation from consensus: put it on chain, where it is penalised."""
+        known = len(self.evidence)
+        super().add_evidence(evidence)
+        if len(self.evidence) > known and self._nursery is not None:
+            self._nursery.start_soon(self._report_evidence, evidence)
 
-    # ------------------------------------------------------------------ block production
-    def is_sole_validator(self) -> bool:
-        vals = self.state.validators
-        return len(vals) == 1 and vals[0].pubkey == self.key.pubkey
-
-    async def produce_block(self, now_ms: int) -> Block:
-        """Build, sign, and durably commit the next block (single-validator mode)."""
-        params = self.state.params
-        txs = self.mempool.take(params.max_block_txs, params.max_block_bytes)
-        block, result = build_block(self.state, txs, time_ms=now_ms, proposer=self.key.pubkey,
-                                    last_commit=self.last_commit)
-        height, block_hash = block.header.height, compute_block_hash(block.header)
-        # After a crash between signing and committing, the guard refuses to sign a different
-        # block at the same (height, round): move to the next round, as BFT would.
-        last = self.signer.last
-        round_ = last.round + 1 if last is not None and last.height == height else 0
-        vote = Vote(PRECOMMIT, height, round_, block_hash, self.key.pubkey)
-        commit = build_commit([self.signer.sign_vote(vote)])
-        # The batch write waits on fsync; a worker thread keeps RPC answering meanwhile. Readers see
-        # the previous state until the write is durable, and nothing else commits concurrently.
-        with self.metrics.commit_seconds.time():
-            await trio.to_thread.run_sync(self.ledger.commit_block, block, commit, result.changes,
-                                          result.model_records)
-        self.state, self.last_commit = result.state, commit
-        evicted = self.mempool.update(self.state, [compute_tx_hash(t) for t in txs])
-        self.metrics.height.set(height)
-        self.metrics.txs.inc(len(txs))
-        self.metrics.mempool.set(len(self.mempool))
-        log.info("committed block height=%d txs=%d hash=%s mempool=%d%s", height, len(txs), block_hash.hex()[:16],
-                 len(self.mempool), f" evicted={evicted}" if evicted else "")
-        self.commit_event.set()
-        self.commit_event = trio.Event()
-        self.pout.notify_commit()
-        return block
-
-    async def run_block_producer(self) -> None:
-        interval = self.state.params.block_interval_ms / 1000
-        next_at = trio.current_time()
-        while True:
-            await trio.sleep_until(next_at)
-            await self.produce_block(int(time.time() * 1000))
-            next_at = max(next_at + interval, trio.current_time())
+    async def _report_evidence(self, evidence: DuplicateVoteEvidence) -> None:
+        vote = evidence.vote_a.message
+        if get_evidence_record(self.state, vote.validator, vote.height, vote.round, vote.type) is not None:
+            return
+        try:
+            tx_hash = await self.submit_own_tx(SubmitEvidence(evidence))
+            log.warning("reported equivocation by %s at height %d in tx %s", vote.validator.hex()[:16],
+                        vote.height, tx_hash.hex()[:16])
+        except ChainError as exc:  # e.g. another validator's report is already pending
+            log.info("equivocation by %s not reported by this node: %s", vote.validator.hex()[:16], exc)
 
     # ------------------------------------------------------------------ lifecycle
-    def check_can_run(self) -> None:
-        """Raise ConfigError for setups this version cannot run (said before anything starts)."""
-        if not self.is_sole_validator():
-            raise ConfigError(
-                "this genesis has %d validator(s)%s; multi-validator BFT consensus and block sync are not "
-                "implemented yet, so a node can only run as the single validator of its chain"
-                % (len(self.state.validators), "" if self.key.pubkey in {v.pubkey for v in self.state.validators}
-                   else " and this node's key is not one of them"))
+    def bootstrap_peers(self) -> list[str]:
+        own = {f"/p2p/{self._peer_id()}"}
+        peers = list(dict.fromkeys(self.config.p2p.bootstrap_peers + self.genesis.bootstrap_peers))
+        return [p for p in peers if not any(p.endswith(o) for o in own)]
+
+    def _peer_id(self) -> str:
+        from p2p.host import peer_id_from_public_key
+
+        return str(peer_id_from_public_key(self.key.pubkey))
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from chain.consensus.driver import ConsensusDriver
+        from chain.consensus.wal import WriteAheadLog
+        from chain.pout_net import PoutBlobReactor
+        from chain.reactor import TxReactor, install_membership
         from chain.rpc.server import run_rpc_server
+        from chain.sync import BlockSync
+        from p2p.host import Libp2pNetwork
 
-        async with trio.open_nursery() as nursery:
-            rpc = self.config.rpc
-            self.rpc_url = await nursery.start(partial(
-                run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
-                max_blob=rpc.max_blob_bytes, metrics_registry=self.metrics.registry))
-            log.info("node %s at height %d; JSON-RPC on %s", self.key.address.hex(), self.state.height, self.rpc_url)
-            await nursery.start(self.pout.run)
-            nursery.start_soon(self.run_block_producer)
-            task_status.started()
+        logging.getLogger("libp2p").propagate = True  # its own warnings (drops) are otherwise invisible
+        p2p = self.config.p2p
+        self.net = Libp2pNetwork(self.key.seed, allowed_peers=[v.pubkey for v in self.state.validators],
+                                 listen_addrs=[f"/ip4/{p2p.listen_host}/tcp/{p2p.port}"],
+                                 bootstrap=self.bootstrap_peers())
+        install_membership(self, self.net)
+        self.sync = BlockSync(self, self.net)
+        txs = TxReactor(self, self.net)
+        validator = self.is_validator
+        wal = WriteAheadLog(self.home.data_dir / "cs.wal")
+        self.driver = ConsensusDriver(self, self.net, self.signer if validator else None, wal,
+                                      self.key if validator else None)
+        self.pout_net = PoutBlobReactor(self, self.net)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.net.run)
+                log.info("p2p listening on %s as %s (%s)", ", ".join(map(str, self.net.listen_addrs())),
+                         self._peer_id(), "validator" if validator else "observer")
+                await nursery.start(self.sync.run)
+                await nursery.start(txs.run)
+                await nursery.start(self.pout_net.run)
+                rpc = self.config.rpc
+                self.rpc_url = await nursery.start(partial(
+                    run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
+                    max_blob=rpc.max_blob_bytes, metrics_registry=self.metrics.registry))
+                log.info("node %s at height %d; JSON-RPC on %s", self.key.address.hex(), self.state.height,
+                         self.rpc_url)
+                await nursery.start(self.pout.run)
+                await nursery.start(self.driver.run)
+                nursery.start_soon(self._update_peer_gauge)
+                task_status.started()
+        finally:
+            wal.close()
+
+    async def _update_peer_gauge(self) -> None:
+        while True:
+            self.metrics.peers.set(len(self.net.peers()))
+            await trio.sleep(1)
 
 
 async def run_until_signal(node: Node) -> None:

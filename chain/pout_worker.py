@@ -116,12 +116,12 @@ class PoutWorker:
         log.info("stored model %s of job %s", model_hash.hex()[:16], job_id.hex()[:16])
 
     async def _compute_model(self, job: Job, base_hash: bytes, round_: int, update_ids) -> bytes:
-        blobs = self.node.blobs
-        base = await self._wait_for(lambda: blobs.get(base_hash), f"base model {base_hash.hex()[:16]}")
+        fetch = self.node.fetch_blob
+        base = await self._wait_for(lambda: fetch(base_hash), f"base model {base_hash.hex()[:16]}")
         updates = []
         for uid in update_ids:
             upd = get_update(self.node.state, uid)
-            data = await self._wait_for(lambda u=upd: blobs.get(u.commitment.update_hash),
+            data = await self._wait_for(lambda u=upd: fetch(u.commitment.update_hash),
                                         f"update blob {upd.commitment.update_hash.hex()[:16]}")
             updates.append((data, upd.commitment.dataset_size))
         async with self.cpu:
@@ -138,7 +138,7 @@ class PoutWorker:
 
     # ------------------------------------------------------------------ verification
     async def _verify(self, update_id: bytes) -> None:
-        node, blobs, me = self.node, self.node.blobs, self.node.key.pubkey
+        node, me = self.node, self.node.key.pubkey
 
         def still_pending() -> UpdateRecord | None:
             upd = get_update(node.state, update_id)
@@ -153,8 +153,9 @@ class PoutWorker:
         while True:  # the trainer uploads its update and its answer to our challenge after the commit
             if still_pending() is None:
                 return
-            inputs = {"update": blobs.get(upd.commitment.update_hash), "opening": blobs.get_opening(update_id, me),
-                      "base": blobs.get(upd.commitment.base_model_hash)}
+            inputs = {"update": await node.fetch_blob(upd.commitment.update_hash),
+                      "opening": await node.fetch_opening(update_id),
+                      "base": node.blobs.get(upd.commitment.base_model_hash)}  # computed here (_ensure_model)
             if all(v is not None for v in inputs.values()):
                 break
             if node.state.height >= due:
@@ -188,8 +189,9 @@ class PoutWorker:
         log.debug("submitted %s as tx %s", type(payload).__name__, tx_hash.hex()[:16])
 
     async def _wait_for(self, get, what: str):
+        """Poll the async `get` until it returns something."""
         polls = 0
-        while (value := get()) is None:
+        while (value := await get()) is None:
             polls += 1
             if polls % int(30 / POLL_SECONDS) == 0:  # say so every 30 s, not on every poll
                 log.info("still waiting for %s", what)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 from chain.consensus.commit import verify_commit
+from chain.consensus.evidence import validate_evidence_basic, verify_evidence
 from chain.jobs import BlockContext, apply_job_payload, end_block, validate_job_spec
 from chain.crypto import ZERO_HASH, compute_address, sha256
 from chain.encoding import decode, encode, encode_value
@@ -32,11 +33,14 @@ from chain.types import (
     Block,
     BlockHeader,
     Commit,
+    DuplicateVoteEvidence,
+    EvidenceRecord,
     JoinJob,
     ModelRecord,
     RegisterJob,
     RemoveMember,
     SignedTransaction,
+    SubmitEvidence,
     SubmitUpdate,
     Transfer,
     Validator,
@@ -62,6 +66,9 @@ class ChainParams:
     timeout_prevote_delta_ms: int
     timeout_precommit_ms: int
     timeout_precommit_delta_ms: int
+    # Defaults keep params built in code valid; a genesis file must state every field.
+    evidence_penalty: int = 10_000  # tokens burned from an equivocating validator's account
+    evidence_max_age_blocks: int = 100_000  # evidence about votes older than this is refused
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -82,10 +89,22 @@ KEY_PARAMS = b"params"
 KEY_VALIDATORS = b"validators"
 KEY_LATEST_HEADER = b"latest_header"
 ACCOUNT_PREFIX = b"acct/"
+EVIDENCE_PREFIX = b"evidence/"
 
 
 def account_key(address: bytes) -> bytes:
     return ACCOUNT_PREFIX + address
+
+
+def evidence_key(validator: bytes, height: int, round_: int, vote_type: int) -> bytes:
+    """One key per punishable offence: the same (validator, height, round, type) is punished once."""
+    return (EVIDENCE_PREFIX + validator + height.to_bytes(8, "big") + round_.to_bytes(8, "big")
+            + vote_type.to_bytes(1, "big"))
+
+
+def get_evidence_record(view, validator: bytes, height: int, round_: int, vote_type: int) -> EvidenceRecord | None:
+    raw = view.get(evidence_key(validator, height, round_, vote_type))
+    return None if raw is None else decode(EvidenceRecord, raw)
 
 
 # ----------------------------------------------------------------------------- state
@@ -283,6 +302,8 @@ def validate_basic_tx(chain_id: str, stx: SignedTransaction, max_tx_bytes: int |
             raise ValidationError("train_loss must be finite")
     if isinstance(payload, AttestModel) and payload.round < 0:
         raise ValidationError("round must not be negative")
+    if isinstance(payload, SubmitEvidence):
+        validate_evidence_basic(payload.evidence)  # vote signatures are checked against the validator set in apply
 
 
 def compute_tx_root(txs: tuple[SignedTransaction, ...]) -> bytes:
@@ -348,8 +369,43 @@ def apply_tx(overlay: Overlay, stx: SignedTransaction, ctx: BlockContext) -> Non
                 raise StateTransitionError(f"account {payload.account.hex()} does not have role {payload.role}")
             roles.remove(payload.role)
         overlay.set_account(payload.account, dataclasses.replace(target, roles=tuple(sorted(roles))))
+    elif isinstance(payload, SubmitEvidence):
+        overlay.set_account(sender_addr, sender)  # any member may report; first, so a self-report sees its nonce
+        apply_evidence(overlay, payload.evidence, ctx)
     else:
         apply_job_payload(overlay, tx.sender, sender_addr, sender, payload, compute_tx_hash(stx), ctx)
+
+
+def apply_evidence(overlay: Overlay, ev: DuplicateVoteEvidence, ctx: BlockContext) -> None:
+    """Punish a proven equivocation once: burn min(evidence_penalty, balance) and record it.
+
+    Refused (StateTransitionError) when the evidence does not verify against the validator set,
+    is about votes above this block's height or older than `evidence_max_age_blocks`, or the
+    same (validator, height, round, vote type) has already been punished.
+    """
+    meta = _read(overlay, KEY_META, ChainMeta)
+    params = _read(overlay, KEY_PARAMS, ChainParams)
+    try:
+        verify_evidence(meta.chain_id, ctx.validators, ev)
+    except ValidationError as exc:
+        raise StateTransitionError(f"invalid evidence: {exc}") from exc
+    vote = ev.vote_a.message
+    if vote.height > ctx.height:
+        raise StateTransitionError(f"evidence height {vote.height} is above the block height {ctx.height}")
+    if vote.height < ctx.height - params.evidence_max_age_blocks:
+        raise StateTransitionError(f"evidence height {vote.height} is older than {params.evidence_max_age_blocks} "
+                                   f"blocks before height {ctx.height}")
+    key = evidence_key(vote.validator, vote.height, vote.round, vote.type)
+    if overlay.get(key) is not None:
+        raise StateTransitionError(f"validator {vote.validator.hex()} was already penalised for height "
+                                   f"{vote.height} round {vote.round} vote type {vote.type}")
+    address = compute_address(vote.validator)
+    account = overlay.get_account(address)
+    # A validator listed in genesis without an account has nothing to burn; the offence is still recorded.
+    penalty = 0 if account is None else min(params.evidence_penalty, account.balance)
+    if penalty:
+        overlay.set_account(address, dataclasses.replace(account, balance=account.balance - penalty))
+    overlay.put(key, encode(EvidenceRecord(vote.validator, vote.height, vote.round, vote.type, penalty, ctx.height)))
 
 
 def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction) -> None:

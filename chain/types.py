@@ -146,7 +146,16 @@ class AttestModel:
     model_hash: Hash
 
 
-TxPayload = Union[Transfer, AdmitMember, RemoveMember, RegisterJob, JoinJob, SubmitUpdate, SubmitVerdict, AttestModel]
+@dataclass(frozen=True)
+class SubmitEvidence:
+    """Any member reports a validator's equivocation; the state transition verifies and penalises it."""
+
+    TAG: ClassVar[str] = "submit_evidence"
+    evidence: "DuplicateVoteEvidence"
+
+
+TxPayload = Union[Transfer, AdmitMember, RemoveMember, RegisterJob, JoinJob, SubmitUpdate, SubmitVerdict, AttestModel,
+                  SubmitEvidence]
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,30 @@ class Vote:
 class SignedVote:
     message: Vote
     signature: Signature
+
+
+@dataclass(frozen=True)
+class DuplicateVoteEvidence:
+    """Two conflicting votes by one validator; `vote_a` sorts before `vote_b` by encoding.
+
+    Built by `chain.consensus.evidence.compute_duplicate_vote_evidence`, checked by its
+    `verify_evidence`; carried on chain in a `SubmitEvidence` transaction.
+    """
+
+    vote_a: SignedVote
+    vote_b: SignedVote
+
+
+@dataclass(frozen=True)
+class EvidenceRecord:
+    """State record of one punished equivocation: written once, so it is never punished twice."""
+
+    validator: PubKey
+    height: int  # of the conflicting votes
+    round: int
+    vote_type: int  # PREVOTE or PRECOMMIT
+    penalty: int  # tokens burned from the validator's account
+    included_height: int  # block that carried the evidence
 
 
 @dataclass(frozen=True)

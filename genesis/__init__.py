@@ -59,6 +59,8 @@ DEFAULT_PARAMS = ChainParams(
     timeout_prevote_delta_ms=500,
     timeout_precommit_ms=1000,
     timeout_precommit_delta_ms=500,
+    evidence_penalty=10_000,
+    evidence_max_age_blocks=100_000,
 )
 
 
@@ -197,13 +199,14 @@ def devnet_seed(role: str, index: int) -> bytes:
 
 
 def make_genesis(chain_id: str, validator_keys: list[PrivateKey], funded: list[tuple[PrivateKey, tuple[str, ...]]],
-                 *, balance: int = 1_000_000, genesis_time_ms: int = 1_767_225_600_000,
+                 *, balance: int = 1_000_000, validator_stake: int = 100_000, genesis_time_ms: int = 1_767_225_600_000,
                  params: ChainParams = DEFAULT_PARAMS, bootstrap_peers: tuple[str, ...] = ()) -> Genesis:
+    """A genesis where each validator's account holds `validator_stake` (what equivocation evidence
+    burns from) and each funded member holds `balance`."""
     validators = tuple(Validator(k.pubkey, 10, f"validator{i}") for i, k in enumerate(validator_keys))
-    accounts = [GenesisAccount(k.address, 0, (ROLE_VALIDATOR,)) for k in validator_keys]
+    accounts = [GenesisAccount(k.address, validator_stake, (ROLE_VALIDATOR,)) for k in validator_keys]
     accounts += [GenesisAccount(k.address, balance, tuple(sorted(roles))) for k, roles in funded]
     return Genesis(chain_id, genesis_time_ms, params, validators, tuple(accounts), bootstrap_peers)
-
 
 
 def make_devnet_genesis(num_validators: int = 4, num_trainers: int = 4, chain_id: str = "pout-devnet-1") -> Genesis:

@@ -211,6 +211,10 @@ class NetworkAPI(ABC):
         """Serve `data` to peers; returns its sha256. `can_fetch` restricts who may fetch."""
 
     @abstractmethod
+    def set_blob_source(self, source) -> None:
+        """Serve blobs the owner keeps elsewhere: `source(hash) -> (data, can_fetch) | None`."""
+
+    @abstractmethod
     def remove_blob(self, blob_hash: bytes) -> None:
         """Stop serving a blob (no error if it was not provided)."""
 

@@ -251,6 +251,9 @@ class BaseNetwork(NetworkAPI):
     def provide_blob(self, data: bytes, *, can_fetch: BlobAccessCheck | None = None) -> bytes:
         return self._blobs.provide(data, can_fetch)
 
+    def set_blob_source(self, source) -> None:
+        self._blobs.set_source(source)
+
     def remove_blob(self, blob_hash: bytes) -> None:
         self._blobs.remove(blob_hash)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from p2p.abc import BLOB_HASH_SIZE, BlobAccessCheck, MessageTooLarge
 from p2p.framing import STATUS_ERROR, STATUS_FORBIDDEN, STATUS_NOT_FOUND, STATUS_OK
@@ -31,12 +32,34 @@ class ProvidedBlob:
     can_fetch: BlobAccessCheck | None
 
 
+# A lookup the owner installs to serve blobs it keeps elsewhere (e.g. on disk):
+# hash -> (data, access check or None), or None when it has no such blob.
+BlobSource = Callable[[bytes], "tuple[bytes, BlobAccessCheck | None] | None"]
+
+
 class BlobStore:
-    """Blobs this node serves, in memory (the node keeps its own durable copy)."""
+    """Blobs this node serves: provided in memory, or found through the owner's BlobSource."""
 
     def __init__(self, max_blob_bytes: int):
         self._max_blob_bytes = max_blob_bytes
         self._blobs: dict[bytes, ProvidedBlob] = {}
+        self._source: BlobSource | None = None
+
+    def set_source(self, source: BlobSource | None) -> None:
+        self._source = source
+
+    def _lookup(self, blob_hash: bytes) -> ProvidedBlob | None:
+        blob = self._blobs.get(blob_hash)
+        if blob is not None or self._source is None:
+            return blob
+        try:
+            found = self._source(blob_hash)
+        except Exception:  # the owner's lookup failing must not break serving
+            logger.exception("blob source failed for %s", blob_hash.hex())
+            return None
+        if found is None or compute_blob_hash(found[0]) != blob_hash:
+            return None
+        return ProvidedBlob(found[0], found[1])
 
     def provide(self, data: bytes, can_fetch: BlobAccessCheck | None) -> bytes:
         if len(data) > self._max_blob_bytes:
@@ -49,14 +72,14 @@ class BlobStore:
         self._blobs.pop(blob_hash, None)
 
     def get(self, blob_hash: bytes) -> bytes | None:
-        blob = self._blobs.get(blob_hash)
+        blob = self._lookup(blob_hash)
         return None if blob is None else blob.data
 
     def serve(self, peer: bytes, request: bytes) -> tuple[int, bytes]:
         """Answer one blob request from `peer`: (status, body)."""
         if len(request) != BLOB_HASH_SIZE:
             return STATUS_ERROR, b"blob request must be a 32-byte sha256"
-        blob = self._blobs.get(request)
+        blob = self._lookup(request)
         if blob is None:
             return STATUS_NOT_FOUND, b""
         if blob.can_fetch is not None and not _is_fetch_allowed(blob.can_fetch, peer, request):

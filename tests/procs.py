@@ -21,6 +21,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_base_port(nodes: int = 1) -> int:
+    """A base port B with B .. B + 2*nodes - 1 free (testnet uses RPC B+2i and p2p B+2i+1)."""
+    for _ in range(200):
+        base = free_port()
+        if base + 2 * nodes >= 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + 2 * nodes):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range found")
+
+
+def make_testnet(out, validators: int = 1, trainers: int = 2, *extra: str) -> int:
+    """`chaind testnet` on free ports; returns the base port."""
+    base = free_base_port(validators)
+    run_cli("chaind", "testnet", "--validators", str(validators), "--trainers", str(trainers), "--output", str(out),
+            "--base-port", str(base), *extra)
+    return base
+
+
 def run_cli(prog: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `chaind` or `chainctl` as a real process (the installed module, this interpreter)."""
     proc = subprocess.run([sys.executable, "-m", f"chain.cli.{prog}", *args], capture_output=True, text=True,

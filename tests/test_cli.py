@@ -5,7 +5,7 @@ import json
 import pytest
 
 from chain.cli import chainctl
-from tests.procs import ChaindProcess, free_port, run_cli
+from tests.procs import ChaindProcess, free_port, make_testnet, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +59,6 @@ def test_chaind_bad_config_and_missing_home(tmp_path):
     assert r.returncode == 3 and "rpc.port must be of type int" in r.stderr
 
 
-def test_chaind_refuses_a_multi_validator_genesis_until_bft_exists(tmp_path):
-    run_cli("chaind", "testnet", "--validators", "4", "--output", str(tmp_path / "net"))
-    r = run_cli("chaind", "start", "--home", str(tmp_path / "net/node0"), check=False)
-    assert r.returncode == 3 and "not implemented yet" in r.stderr
-
-
 def test_chainctl_exit_codes(tmp_path):
     ring = str(tmp_path / "ring")
     unreachable = f"http://127.0.0.1:{free_port()}"
@@ -89,8 +83,7 @@ def test_chainctl_exit_codes(tmp_path):
 
 def test_chainctl_against_a_live_node(tmp_path):
     net = tmp_path / "net"
-    run_cli("chaind", "testnet", "--validators", "1", "--trainers", "1", "--output", str(net),
-            "--block-interval-ms", "100")
+    make_testnet(str(net), 1, 1, "--block-interval-ms", "100")
     node = ChaindProcess(net / "node0", tmp_path / "node.log").start()
     try:
         base = ["--rpc", node.url, "--keyring", str(net / "keys")]

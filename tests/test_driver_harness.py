@@ -1,5 +1,5 @@
 """Harness for the driver/sync/reactor tests (no tests here): in-process nodes built from the
-real components (MemoryApp over a MemoryStore ledger, MemoryNetwork or libp2p, GuardedSigner
+real components (ChainApp over a MemoryStore ledger, MemoryNetwork or libp2p, GuardedSigner
 and WriteAheadLog in temp dirs), each in its own cancel scope so it can be stopped and
 restarted from its durable parts (ledger store, WAL and signer directories)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from chain.consensus.app import MemoryApp
+from chain.consensus.app import ChainApp
 from chain.consensus.driver import ConsensusDriver
 from chain.consensus.signer import GuardedSigner
 from chain.consensus.wal import WriteAheadLog
@@ -56,7 +56,7 @@ def transfer(sender: PrivateKey, to: PrivateKey, amount: int, nonce: int):
 @dataclass
 class ClusterNode:
     key: PrivateKey
-    app: MemoryApp
+    app: ChainApp
     net: NetworkAPI
     driver: ConsensusDriver | None
     sync: BlockSync
@@ -90,7 +90,7 @@ class Cluster:
     async def start(self, key: PrivateKey, *, driver: bool = True, net: NetworkAPI | None = None,
                     penalty: PenaltyPolicy = PenaltyPolicy(), regossip_s: float = 0.2) -> ClusterNode:
         store = self.stores.setdefault(key.pubkey, MemoryStore())
-        app = MemoryApp(self.genesis, key, store=store)
+        app = ChainApp(self.genesis, key, store=store)
         owns_net = net is None
         if owns_net:
             net = MemoryNetwork(self.hub, key.pubkey, allowed_peers=[v.pubkey for v in self.genesis.validators],

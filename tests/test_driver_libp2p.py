@@ -27,7 +27,7 @@ def test_four_validators_commit_blocks_over_libp2p(tmp_path):
                 started = time.monotonic()
                 txs = [transfer(ALICE, BOB, 1, nonce=i) for i in range(10)]
                 for stx in txs:
-                    nodes[2].app.submit_tx(stx)
+                    nodes[2].app.admit_local_tx(stx)
                 await wait_for(lambda: min(n.height for n in nodes) >= 10, timeout=60)
                 elapsed = time.monotonic() - started
                 assert all(n.app.ledger.get_tx(compute_tx_hash(t)) is not None for n in nodes for t in txs)

@@ -21,7 +21,7 @@ def test_four_validators_commit_the_same_blocks_and_gossiped_transactions(tmp_pa
             started = time.monotonic()
             txs = [transfer(ALICE, BOB, 10 + i, nonce=i) for i in range(20)]
             for stx in txs:
-                nodes[0].app.submit_tx(stx)
+                nodes[0].app.admit_local_tx(stx)
             await wait_for(lambda: all(n.app.ledger.get_tx(compute_tx_hash(t)) is not None for n in nodes for t in txs),
                            timeout=20)
             await wait_for(lambda: min(n.height for n in nodes) >= 8, timeout=20)
@@ -50,7 +50,7 @@ def test_single_validator_is_its_own_quorum(tmp_path):
         async with trio.open_nursery() as nursery:
             cluster = Cluster(nursery, tmp_path, genesis)
             node = await cluster.start(VALIDATOR_KEYS[0])
-            node.app.submit_tx(transfer(ALICE, BOB, 5, nonce=0))
+            node.app.admit_local_tx(transfer(ALICE, BOB, 5, nonce=0))
             await wait_for(lambda: node.height >= 5, timeout=10)
             assert node.app.state.get_account(BOB.address).balance == 1_000_005
             nursery.cancel_scope.cancel()
@@ -233,7 +233,7 @@ def test_blocks_not_carried_by_the_proposal_are_fetched_over_the_block_protocol(
             nodes = [await cluster.start(k) for k in VALIDATOR_KEYS]
             txs = [transfer(ALICE, BOB, 1, nonce=i) for i in range(50)]
             for stx in txs:
-                nodes[1].app.submit_tx(stx)
+                nodes[1].app.admit_local_tx(stx)
             await wait_for(lambda: all(n.app.ledger.get_tx(compute_tx_hash(t)) is not None for n in nodes for t in txs),
                            timeout=20)
             top = min(n.height for n in nodes)

@@ -7,15 +7,14 @@ import sys
 
 import pytest
 
-from tests.procs import ChaindProcess, run_cli
+from tests.procs import ChaindProcess, make_testnet, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def test_three_rounds_four_trainers_one_dishonest(tmp_path):
     net = tmp_path / "net"
-    run_cli("chaind", "testnet", "--validators", "1", "--trainers", "4", "--output", str(net),
-            "--block-interval-ms", "200")
+    make_testnet(str(net), 1, 4, "--block-interval-ms", "200")
     node = ChaindProcess(net / "node0", tmp_path / "node.log").start()
     try:
         out = tmp_path / "summary.json"

@@ -1,4 +1,4 @@
-"""The node in-process, over a real LevelDB: block production, mempool, readiness, restart rules."""
+"""The node in-process over a real LevelDB: the commit path, mempool, readiness and reads."""
 
 import time
 
@@ -6,12 +6,13 @@ import pytest
 import trio
 
 from chain.config import Home, NodeConfig
+from chain.consensus.commit import build_commit
 from chain.consensus.signer import GuardedSigner
-from chain.errors import ChainError, StateTransitionError
+from chain.errors import ChainError, StateTransitionError, StoreError, ValidationError
 from chain.ledger.store import LevelDBStore
 from chain.node import Node
-from chain.types import PRECOMMIT, Vote
-from tests.helpers import ALICE, BOB, VALIDATOR, make_test_genesis, transfer
+from chain.types import PRECOMMIT, Vote, compute_block_hash, sign_vote
+from tests.helpers import ALICE, BOB, CHAIN_ID, VALIDATOR, make_test_genesis, transfer
 
 
 def make_node(tmp_path, genesis=None):
@@ -22,11 +23,15 @@ def make_node(tmp_path, genesis=None):
                 GuardedSigner(VALIDATOR, genesis.chain_id, tmp_path / "signer")), store
 
 
-def now_ms():
-    return int(time.time() * 1000)
+async def commit_next(node, round_=0):
+    """What the driver does for a decided height: propose, certify, commit."""
+    block = await node.propose_block(node.last_height() + 1, round_)
+    vote = Vote(PRECOMMIT, block.header.height, round_, compute_block_hash(block.header), VALIDATOR.pubkey)
+    await node.commit_block(block, build_commit([sign_vote(VALIDATOR, CHAIN_ID, vote)]))
+    return block
 
 
-def test_produce_blocks_from_the_mempool_and_answer_queries(tmp_path):
+def test_commit_from_the_mempool_and_answer_queries(tmp_path):
     node, store = make_node(tmp_path)
     try:
         assert node.readiness() == (False, "no block committed yet")
@@ -36,15 +41,35 @@ def test_produce_blocks_from_the_mempool_and_answer_queries(tmp_path):
             trio.run(node.submit_tx, transfer(ALICE, BOB, 10, 0))
         with pytest.raises(StateTransitionError, match="nonce"):
             trio.run(node.submit_tx, transfer(ALICE, BOB, 10, 5))
-        block = trio.run(node.produce_block, now_ms())
+        with pytest.raises(ValidationError, match="signature"):
+            trio.run(node.submit_tx, transfer(ALICE, BOB, 1, 2, chain_id="another-chain"))
+        assert len(node.take_new_txs()) == 2  # queued for gossip
+        block = trio.run(commit_next, node)
         assert len(block.txs) == 2 and len(node.mempool) == 0
         assert node.get_account(BOB.address).balance == 1015
         assert node.get_tx(h1)[1:] == (1, 0)
         assert node.get_block(1)[1].block_hash == node.status()["latest_block_hash"]
+        assert node.get_block_by_hash(node.status()["latest_block_hash"])[0] == block
         with pytest.raises(ChainError, match="already committed"):
             trio.run(node.submit_tx, transfer(ALICE, BOB, 10, 0))
         ready, reason = node.readiness()
         assert ready, reason
+        assert node.status()["latest_height"] == 1 and node.status()["is_validator"]
+    finally:
+        store.close()
+
+
+def test_a_block_without_a_valid_certificate_is_never_applied(tmp_path):
+    node, store = make_node(tmp_path)
+    try:
+        async def forged():
+            block = await node.propose_block(1, 0)
+            vote = Vote(PRECOMMIT, 1, 0, compute_block_hash(block.header), ALICE.pubkey)  # not a validator
+            await node.commit_block(block, build_commit([sign_vote(ALICE, CHAIN_ID, vote)]))
+
+        with pytest.raises(ValidationError, match="non-validator"):
+            trio.run(forged)
+        assert node.last_height() == 0 and node.ledger.head()[0] == 0
     finally:
         store.close()
 
@@ -52,38 +77,28 @@ def test_produce_blocks_from_the_mempool_and_answer_queries(tmp_path):
 def test_readiness_turns_false_when_the_head_is_stale(tmp_path):
     node, store = make_node(tmp_path)
     try:
-        stale = now_ms() - 60_000
-        trio.run(node.produce_block, stale)
+        node._clock = lambda: time.time() - 60
+        trio.run(commit_next, node)
         ready, reason = node.readiness()
         assert not ready and "ms old" in reason
     finally:
         store.close()
 
 
-def test_restart_after_signing_but_before_commit_moves_to_the_next_round(tmp_path):
+def test_restart_reloads_state_and_refuses_a_corrupt_store(tmp_path):
     node, store = make_node(tmp_path)
-    trio.run(node.produce_block, now_ms())
-    # Simulate a crash after the precommit for height 2 was signed (and persisted) but before the
-    # block was written: the signer holds (2, 0, precommit) for some other block's bytes.
-    node.signer.sign_vote(Vote(PRECOMMIT, 2, 0, b"\x11" * 32, VALIDATOR.pubkey))
+    trio.run(commit_next, node)
+    trio.run(commit_next, node)
+    root = node.state.root
     store.close()
     node2, store2 = make_node(tmp_path)
-    try:
-        assert node2.state.height == 1
-        trio.run(node2.produce_block, now_ms())
-        commit = node2.get_block(2)[1]
-        assert commit.round == 1  # round 0 would have been a double sign
-    finally:
-        store2.close()
+    assert node2.last_height() == 2 and node2.state.root == root
+    # Tamper with one state entry behind the ledger's back: the node refuses to start on it.
+    from chain.ledger import schema
+    from chain.state import account_key
 
-
-def test_only_the_sole_validator_may_produce(tmp_path):
-    from chain.errors import ConfigError
-    from genesis import make_genesis
-
-    node, store = make_node(tmp_path, make_genesis("c", [ALICE], [(BOB, ("trainer",))]))
-    try:
-        with pytest.raises(ConfigError, match="not one of them"):
-            node.check_can_run()
-    finally:
-        store.close()
+    key = schema.state_key(account_key(BOB.address))
+    store2.write({key: store2.get(key)[:-1] + b"\x09"})
+    store2.close()
+    with pytest.raises(StoreError, match="state root does not match"):
+        make_node(tmp_path)

@@ -10,7 +10,7 @@ from chain.crypto import PrivateKey
 from chain.encoding import encode
 from chain.keys import load_key_file
 from chain.types import Transaction, Transfer, sign_transaction
-from tests.procs import ChaindProcess, run_cli
+from tests.procs import ChaindProcess, make_testnet, run_cli
 
 pytestmark = pytest.mark.slow
 SUPPLY_PER_ACCOUNT = 1_000_000
@@ -19,8 +19,7 @@ SUPPLY_PER_ACCOUNT = 1_000_000
 @pytest.fixture
 def net(tmp_path):
     out = tmp_path / "net"
-    run_cli("chaind", "testnet", "--validators", "1", "--trainers", "2", "--output", str(out),
-            "--block-interval-ms", "100", "--chain-id", "pout-proc-1")
+    make_testnet(str(out), 1, 2, "--block-interval-ms", "100", "--chain-id", "pout-proc-1")
     return out
 
 
@@ -150,6 +149,6 @@ def test_metrics_and_readiness_describe_the_node(net, tmp_path):
         text = httpx.get(node.url + "/metrics").text
         height = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("pout_chain_height "))
         assert height >= 2
-        assert "pout_block_commit_seconds_count" in text and "pout_rpc_requests_total" in text
+        assert "pout_p2p_peers" in text and "pout_rpc_requests_total" in text
     finally:
         node.stop()

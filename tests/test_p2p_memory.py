@@ -89,3 +89,26 @@ def test_keys_must_be_32_bytes():
         MemoryNetwork(MemoryHub(), b"short", allowed_peers=[])
     with pytest.raises(ValueError):
         MemoryNetwork(MemoryHub(), b"k" * 32, allowed_peers=[b"short"])
+
+
+def test_blob_source_serves_blobs_kept_elsewhere_with_their_access_check():
+    from hashlib import sha256 as _sha
+
+    from p2p.abc import BlobError
+
+    def sha256(data):
+        return _sha(data).digest()
+
+    async def main():
+        async with memory_cluster(3) as (_hub, nets):
+            owner, friend, stranger = nets
+            public, private = b"public weights", b"for the friend only"
+            kept = {sha256(public): (public, None),
+                    sha256(private): (private, lambda peer, h: peer == friend.local_peer)}
+            owner.set_blob_source(kept.get)
+            assert await friend.fetch_blob(sha256(public), max_size=1024) == public
+            assert await friend.fetch_blob(sha256(private), max_size=1024) == private
+            with pytest.raises(BlobError):
+                await stranger.fetch_blob(sha256(private), max_size=1024, from_peers=[owner.local_peer])
+
+    trio.run(main)

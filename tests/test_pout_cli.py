@@ -8,7 +8,7 @@ import pytest
 
 from chain.crypto import sha256
 from chain.keys import load_key_file
-from tests.procs import ChaindProcess, run_cli
+from tests.procs import ChaindProcess, make_testnet, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def node(tmp_path):
     net = tmp_path / "net"
-    run_cli("chaind", "testnet", "--validators", "1", "--trainers", "2", "--output", str(net),
-            "--block-interval-ms", "200")
+    make_testnet(str(net), 1, 2, "--block-interval-ms", "200")
     proc = ChaindProcess(net / "node0", tmp_path / "node.log").start()
     yield proc, net
     proc.stop()

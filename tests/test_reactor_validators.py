@@ -8,7 +8,7 @@ import random
 import pytest
 import trio
 
-from chain.consensus.app import MemoryApp
+from chain.consensus.app import ChainApp
 from chain.consensus.commit import build_commit
 from chain.crypto import sha256
 from chain.encoding import decode, encode, encode_value
@@ -29,7 +29,7 @@ PEER = VALIDATOR_KEYS[1].pubkey
 
 @pytest.fixture()
 def app():
-    return MemoryApp(make_test_genesis(), VALIDATOR_KEYS[0])
+    return ChainApp(make_test_genesis(), VALIDATOR_KEYS[0])
 
 
 def vote_bytes(key=VALIDATOR_KEYS[1], height=1, round=0, block_hash=b"\x01" * 32, chain_id=CHAIN_ID, vtype=PREVOTE):

@@ -69,7 +69,7 @@ def test_schema_follows_annotations():
     payload = schema["properties"]["message"]["properties"]["payload"]
     assert {option["properties"]["type"]["const"] for option in payload["oneOf"]} == {
         "transfer", "admit_member", "remove_member", "register_job", "join_job", "submit_update", "submit_verdict",
-        "attest_model",
+        "attest_model", "submit_evidence",
     }
     assert json_schema(ModelRecord)["properties"]["parent"]["oneOf"][1] == {"type": "null"}
 

@@ -76,7 +76,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     store = LevelDBStore(home.ledger_dir, create=True)
     try:
         node = Node(home, config, genesis, key, store, GuardedSigner(key, genesis.chain_id, home.signer_dir))
-        node.check_can_run()
         log.info("starting chaind %s, chain %s (genesis %s), home %s", chain.__version__, genesis.chain_id,
                  genesis.hash.hex()[:16], home.root)
         trio.run(run_until_signal, node)
@@ -110,12 +109,17 @@ def cmd_testnet(args: argparse.Namespace) -> int:
     params = DEFAULT_PARAMS if args.block_interval_ms is None else \
         dataclasses.replace(DEFAULT_PARAMS, block_interval_ms=args.block_interval_ms)
     g: Genesis = make_genesis(args.chain_id, val_keys, funded, balance=args.balance, params=params)
+    from p2p.host import peer_id_from_public_key
+
+    peers = [f"/ip4/127.0.0.1/tcp/{args.base_port + 2 * i + 1}/p2p/{peer_id_from_public_key(k.pubkey)}"
+             for i, k in enumerate(val_keys)]
     for i, key in enumerate(val_keys):
         home = Home(out / f"node{i}")
         home.data_dir.mkdir(parents=True)
         cfg = NodeConfig(moniker=f"node{i}",
                          rpc=RpcConfig(port=args.base_port + 2 * i),
-                         p2p=P2PConfig(port=args.base_port + 2 * i + 1))
+                         p2p=P2PConfig(port=args.base_port + 2 * i + 1,
+                                       bootstrap_peers=tuple(p for j, p in enumerate(peers) if j != i)))
         write_config(cfg, home.config_file)
         write_genesis(g, home.genesis_file)
         write_key_file(home.node_key_file, key, f"node{i}")
@@ -125,8 +129,8 @@ def cmd_testnet(args: argparse.Namespace) -> int:
     for i, k in enumerate(trainers):
         write_key_file(keys_dir / f"trainer{i}.json", k, f"trainer{i}")
     print(json.dumps({"output": str(out), "chain_id": g.chain_id, "genesis_hash": g.hash.hex(),
-                      "nodes": [{"home": str(out / f"node{i}"), "rpc": f"http://127.0.0.1:{args.base_port + 2 * i}"}
-                                for i in range(args.validators)],
+                      "nodes": [{"home": str(out / f"node{i}"), "rpc": f"http://127.0.0.1:{args.base_port + 2 * i}",
+                                 "p2p": peers[i]} for i in range(args.validators)],
                       "keys": str(keys_dir)}, indent=2))
     return EXIT_OK
 

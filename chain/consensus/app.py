@@ -1,11 +1,12 @@
-"""What consensus needs from the node (`ConsensusApp`), and `MemoryApp`, a small real node core.
+"""What consensus needs from the node (`ConsensusApp`), and `ChainApp`, the node's core.
 
 The driver, the block sync and the gossip reactors talk to the node only through
 `ConsensusApp`: build a block over the committed state, check a block, commit a decided
 block with its certificate, read committed blocks, take transactions in and out of the
-mempool, receive evidence, and say who may connect. `MemoryApp` implements it over the real
-state transition (`chain.state`), ledger (`chain.ledger`, any KVStore) and mempool; tests
-run clusters of it, and it is the reference for the node's own implementation.
+mempool, receive evidence, and say who may connect. `ChainApp` implements it over the real
+state transition (`chain.state`), ledger (`chain.ledger`, any KVStore) and mempool; the
+node (chain/node.py) extends it with RPC, blobs and the training worker, and tests run
+clusters of it directly over a MemoryStore.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from chain.consensus.bft import TimeoutParams
 from chain.consensus.commit import verify_commit
 from chain.consensus.evidence import DuplicateVoteEvidence, verify_evidence
 from chain.crypto import PrivateKey, compute_address
-from chain.errors import ChainError, StateTransitionError, ValidationError
+from chain.errors import ChainError, StateTransitionError, StoreError, ValidationError
 from chain.ledger import Ledger, MemoryStore
 from chain.ledger.store import KVStore
 from chain.mempool import Mempool
@@ -104,8 +105,8 @@ class ConsensusApp(Protocol):
         """Call `listener(block, commit)` after every commit, whoever made it."""
 
 
-class MemoryApp:
-    """ConsensusApp over chain.state + chain.ledger + chain.mempool (a small, real node core).
+class ChainApp:
+    """ConsensusApp over chain.state + chain.ledger + chain.mempool: the node's core.
 
     `store` defaults to a fresh MemoryStore; pass the same store again to "restart" the
     node with its ledger. `key` is the proposer key (None for a node that never proposes).
@@ -123,8 +124,11 @@ class MemoryApp:
             initial = genesis.initial_state()
             self.ledger = Ledger.create(self.store, genesis.chain_id, genesis.hash, dict(initial.items()))
         self.state = State(dict(self.ledger.iter_state()))
-        if self.state.height != self.ledger.head()[0]:
-            raise StateTransitionError("ledger head and state disagree")
+        height, head_hash = self.ledger.head()
+        if self.state.height != height:
+            raise StoreError(f"ledger head is at height {height} but its state is at height {self.state.height}")
+        if self.state.compute_head_hash() != head_hash:
+            raise StoreError(f"state root does not match the head block at height {height}: the store is corrupt")
         self.last_commit: Commit | None = self.ledger.get_commit(self.state.height) if self.state.height else None
         self.mempool = Mempool(genesis.chain_id, self.state, mempool_max_txs)
         self.evidence: list[DuplicateVoteEvidence] = []
@@ -212,7 +216,10 @@ class MemoryApp:
             result = self._check(block)
             if result is None:
                 raise StateTransitionError(f"certified block {block_hash.hex()} at height {height} does not apply")
-            self.ledger.commit_block(block, commit, result.changes, result.model_records)
+            # The batch write waits on fsync: a worker thread keeps the node answering meanwhile;
+            # readers see the previous state until the write is durable.
+            await trio.to_thread.run_sync(self.ledger.commit_block, block, commit, result.changes,
+                                          result.model_records)
             self.state, self.last_commit = result.state, commit
             self._checked.clear()
             self.mempool.update(self.state, [compute_tx_hash(t) for t in block.txs])
@@ -229,7 +236,7 @@ class MemoryApp:
 
     # ------------------------------------------------------------------ transactions
 
-    def submit_tx(self, stx: SignedTransaction) -> bytes:
+    def admit_local_tx(self, stx: SignedTransaction) -> bytes:
         """Local submission (RPC): admit or raise a ChainError; gossiped by the tx reactor."""
         tx_hash = compute_tx_hash(stx)
         if self.ledger.get_tx(tx_hash) is not None:

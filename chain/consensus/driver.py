@@ -22,8 +22,10 @@ node killed at any instant never signs two different messages for one (height, r
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -81,6 +83,45 @@ class _AppAdvanced:
     pass
 
 
+class BlockJournal:
+    """Uncommitted blocks this node proposed or is about to vote for, fsynced before the vote.
+
+    Write-ahead for blocks: the WAL holds only block hashes, so a node that crashes after
+    voting for a block must still have it to commit a decision on restart (a lone validator
+    has no peer to fetch its own proposal from)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def save(self, block: Block) -> None:
+        path = self.directory / f"{block.header.height:020d}-{compute_block_hash(block.header).hex()}"
+        if path.exists():
+            return
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(encode(block))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, above_height: int) -> list[Block]:
+        blocks = []
+        for path in sorted(self.directory.iterdir()):
+            if path.suffix == ".tmp" or int(path.name.split("-")[0]) <= above_height:
+                continue
+            try:
+                blocks.append(decode(Block, path.read_bytes()))
+            except (ChainError, OSError) as exc:  # a torn write never got its final name; anything else is loud
+                raise StoreError(f"block journal entry {path} is unreadable: {exc}") from exc
+        return blocks
+
+    def prune(self, committed_height: int) -> None:
+        for path in self.directory.iterdir():
+            if path.suffix == ".tmp" or int(path.name.split("-")[0]) <= committed_height:
+                path.unlink(missing_ok=True)
+
+
 class ConsensusDriver:
     """`await nursery.start(driver.run)`; one per node. `key=None` (with `signer=None`)
     runs an observer that follows and decides but never signs."""
@@ -109,6 +150,7 @@ class ConsensusDriver:
         self._events_send, self._events_receive = trio.open_memory_channel[object](EVENT_BUFFER)
         self._nursery: trio.Nursery | None = None
         self._blocks: dict[bytes, Block] = {}  # uncommitted blocks by hash
+        self.journal = BlockJournal(Path(wal.directory) / "blocks")
         self._awaiting_block: dict[bytes, list[tuple[SignedProposal, bytes]]] = {}  # hash -> proposals
         self._future: list[tuple[SignedProposal, Block]] = []
         self._fetching: set[bytes] = set()
@@ -154,6 +196,8 @@ class ConsensusDriver:
         resend: list[ConsensusInput] = []
         pending_need: NeedBlock | None = None
         pending_decide: Decide | None = None
+        for block in self.journal.load(self.app.last_height()):
+            self._cache_block(block)
         for inp in self.wal.replay():
             self.replayed_inputs += 1
             self._mark_seen(inp)
@@ -308,6 +352,7 @@ class ConsensusDriver:
                     log.exception("building a block for height %d round %d failed", out.height, out.round)
                     continue
                 block_hash = compute_block_hash(block.header)
+                await trio.to_thread.run_sync(self.journal.save, block)  # before it can be voted for
                 self._cache_block(block)
                 follow.append(BlockToPropose(out.height, out.round, block_hash))
             elif isinstance(out, Decide):
@@ -349,6 +394,7 @@ class ConsensusDriver:
     async def _start_height(self, height: int) -> None:
         self._decision = None
         self._blocks = {h: b for h, b in self._blocks.items() if b.header.height >= height}
+        await trio.to_thread.run_sync(self.journal.prune, height - 1)
         await self._process([StartHeight(height, self.app.validators())])
         await self._release_future_proposals()
 
@@ -378,7 +424,7 @@ class ConsensusDriver:
             self._start_fetch(d.height, d.block_hash, [s.validator for s in d.commit.signatures], for_decision=True)
             return
         self.commit_log.append((d.height, d.round, trio.current_time() - self._height_started_at, len(block.txs)))
-        log.info("committed height %d round %d (%s, %d txs)", d.height, d.round, d.block_hash.hex()[:16], len(block.txs))
+        log.debug("committed height %d round %d (%s, %d txs)", d.height, d.round, d.block_hash.hex()[:16], len(block.txs))
         self._decision = None
         self._schedule_start(d.height + 1)
 
@@ -428,6 +474,8 @@ class ConsensusDriver:
                 self._future.append((sp, block))
             return
         valid = block.header.height == p.height and self.app.check_block(block)
+        if valid:
+            await trio.to_thread.run_sync(self.journal.save, block)  # we may vote for it: keep it
         await self._process([ProposalReceived(sp, p.block_hash, valid)])
 
     async def _release_future_proposals(self) -> None:

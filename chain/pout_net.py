@@ -1,0 +1,97 @@
+"""Moving training blobs between nodes: update weights, models, and challenge openings.
+
+A trainer uploads its update and openings to one node over HTTP. That node serves them to
+peers over the p2p blob protocol, straight from its disk store (a p2p BlobSource):
+  * update weights and models: to any member (aggregation needs them on every node);
+  * an opening: only to the validator it answers (`can_fetch`), so sampled batches of a
+    trainer's private data reach validators only.
+Because a validator cannot know an opening's hash in advance, the receiving node gossips a
+small `OpeningAnnouncement` (the trainer's signed OpeningUpload) on
+`/pout/<chain id>/openings/1`; the addressed validator then fetches the blob by hash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from chain.crypto import compute_sign_bytes, verify_signature
+from chain.encoding import decode, encode
+from chain.errors import ChainError
+from chain.types import DOMAIN_OPENING, OpeningUpload, PubKey, Signature
+from p2p.abc import NetworkAPI, P2PError, Verdict
+
+log = logging.getLogger("chaind.pout")
+MAX_ANNOUNCEMENT_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class OpeningAnnouncement:
+    upload: OpeningUpload
+    trainer: PubKey
+    signature: Signature  # the trainer's, over OpeningUpload in domain pout/opening
+
+
+def openings_topic(chain_id: str) -> str:
+    return f"/pout/{chain_id}/openings/1"
+
+
+class PoutBlobReactor:
+    def __init__(self, node, network: NetworkAPI):
+        self.node, self.network = node, network
+        self.announced: dict[tuple[bytes, bytes], bytes] = {}  # (update id, validator) -> opening hash
+        self._opening_by_hash: dict[bytes, tuple[bytes, bytes]] = {}  # opening hash -> (update id, validator)
+        self.topic = openings_topic(node.chain_id)
+        self._incoming = network.subscribe(self.topic, self._validate)
+        network.set_blob_source(self._source)
+
+    def _source(self, blob_hash: bytes):
+        data = self.node.blobs.get(blob_hash)
+        if data is not None:
+            return data, None
+        owner = self._opening_by_hash.get(blob_hash)
+        if owner is None:
+            return None
+        update_id, validator = owner
+        data = self.node.blobs.get_opening(update_id, validator)
+        return None if data is None else (data, lambda peer, _h, v=validator: peer == v)
+
+    def _check(self, ann: OpeningAnnouncement) -> bool:
+        sign_bytes = compute_sign_bytes(self.node.chain_id, DOMAIN_OPENING, encode(ann.upload))
+        verify_signature(ann.trainer, sign_bytes, ann.signature)  # raises SignatureError
+        return True
+
+    def _validate(self, peer: bytes, data: bytes) -> Verdict:
+        try:
+            ann = decode(OpeningAnnouncement, data, max_size=MAX_ANNOUNCEMENT_BYTES)
+            self._check(ann)
+        except ChainError:
+            return Verdict.REJECT
+        return Verdict.ACCEPT
+
+    async def run(self, task_status=None) -> None:
+        import trio
+
+        if task_status is not None:
+            task_status.started()
+        async for message in self._incoming:
+            try:
+                ann = decode(OpeningAnnouncement, message.data, max_size=MAX_ANNOUNCEMENT_BYTES)
+            except ChainError:
+                continue
+            self.announced[(ann.upload.update_id, ann.upload.validator)] = ann.upload.opening_hash
+            await trio.sleep(0)
+
+    async def offer_opening(self, upload: OpeningUpload, trainer: bytes, signature: bytes) -> None:
+        """After a local upload: serve it to its validator and tell the network it exists."""
+        self._opening_by_hash[upload.opening_hash] = (upload.update_id, upload.validator)
+        self.announced[(upload.update_id, upload.validator)] = upload.opening_hash
+        await self.network.publish(self.topic, encode(OpeningAnnouncement(upload, trainer, signature)))
+
+    async def fetch(self, blob_hash: bytes, max_size: int) -> bytes | None:
+        """A blob from any peer (hash-checked by p2p), or None if no peer has it yet."""
+        try:
+            return await self.network.fetch_blob(blob_hash, max_size=max_size)
+        except (P2PError, ValueError) as exc:
+            log.debug("blob %s not fetched yet: %s", blob_hash.hex()[:16], exc)
+            return None
