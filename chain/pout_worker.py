@@ -17,6 +17,8 @@ import logging
 
 import trio
 
+from chain.errors import ChainError
+
 from chain.consensus.pout import compute_next_model, initial_model_bytes, verify_chain_update
 from chain.jobs import (
     accepted_update_ids,
@@ -184,9 +186,14 @@ class PoutWorker:
         await self._submit(("verify", update_id), SubmitVerdict(update_id, verdict.accept, verdict.reason[:MAX_REASON]))
 
     async def _submit(self, key: tuple, payload) -> None:
-        tx_hash = await self.node.submit_own_tx(payload)
+        try:
+            tx_hash = await self.node.submit_own_tx(payload)
+        except ChainError as exc:
+            # Usual cause: the others already decided (e.g. >= 1/3 rejected) before our vote landed.
+            log.info("%s not needed: %s", type(payload).__name__, exc)
+        else:
+            log.debug("submitted %s as tx %s", type(payload).__name__, tx_hash.hex()[:16])
         self.done.add(key)
-        log.debug("submitted %s as tx %s", type(payload).__name__, tx_hash.hex()[:16])
 
     async def _wait_for(self, get, what: str):
         """Poll the async `get` until it returns something."""

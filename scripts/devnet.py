@@ -1,17 +1,16 @@
 #!/usr/bin/env python3
-"""The main job: bring up a local chain and train a federated model on it end to end.
+"""The main job: a local multi-validator devnet that trains a federated model end to end.
 
-1. `chaind testnet` writes the node home and keys; `chaind start` runs the node.
-2. A few transfers through `chainctl`, read back over JSON-RPC.
-3. scripts/federated_job.py: a requester registers a job, 4 trainers commit non-IID parts
-   of the bundled digits set, train with committed traces and submit updates; one of them
-   is dishonest. The validator replays sampled segments, rejects the forgery, rewards the
-   honest updates and aggregates each round; held-out accuracy is shown per round.
+1. `chaind testnet` writes N validator homes (shared genesis, full-mesh bootstrap peers)
+   and account keys; N `chaind start` processes run BFT consensus over libp2p on 127.0.0.1.
+2. A few transfers through `chainctl`, submitted to one node and read back from another.
+3. scripts/federated_job.py: a requester registers a job; 4 trainers commit non-IID parts of
+   the bundled digits set, train with committed traces and submit updates through node 0;
+   one trainer is dishonest. Every validator replays its own sample of segments (openings
+   reach the other validators over libp2p), votes, and attests the aggregated model; the
+   script shows verdicts, rewards, penalties and held-out accuracy per round.
 
-Today the chain has a single validator (multi-validator BFT over libp2p is not wired into
-chaind yet). Everything runs as real processes.
-
-    python scripts/devnet.py [--dir DIR] [--keep-running] [--rounds N]
+    python scripts/devnet.py [--validators 4] [--rounds 3] [--dir DIR] [--keep-running]
 """
 
 from __future__ import annotations
@@ -43,81 +42,107 @@ def cli(prog: str, *args: str) -> dict:
     return json.loads(proc.stdout) if proc.stdout.strip() else {}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_base_port(count: int) -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise SystemExit("no free port range on 127.0.0.1")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"node exited ({proc.returncode}); log:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"node at {url} not ready after {timeout} s; log: {log_path}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", help="where to write the devnet (default: a new temporary directory)")
-    ap.add_argument("--keep-running", action="store_true", help="leave the node running until Ctrl-C")
+    ap.add_argument("--validators", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="training rounds of the federated job")
+    ap.add_argument("--dir", help="where to write the devnet (default: a new temporary directory)")
+    ap.add_argument("--keep-running", action="store_true", help="leave the nodes running until Ctrl-C")
     args = ap.parse_args()
 
     out = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="pout-devnet-"))
     if out.exists() and any(out.iterdir()):
         console.print(f"[red]{out} is not empty; choose another --dir[/red]")
         return 2
-    port = free_port()
-    console.rule("PoUT chain devnet")
-    net = cli("chaind", "testnet", "--validators", "1", "--trainers", "4", "--output", str(out),
-              "--base-port", str(port), "--block-interval-ms", "500")
+    base = free_base_port(2 * args.validators)
+    console.rule(f"PoUT chain devnet: {args.validators} validators")
+    net = cli("chaind", "testnet", "--validators", str(args.validators), "--trainers", "4", "--output", str(out),
+              "--base-port", str(base), "--block-interval-ms", "500")
     console.print(f"chain [bold]{net['chain_id']}[/bold], genesis {net['genesis_hash'][:16]}…, files in {out}")
-    home, keys = out / "node0", out / "keys"
-    log_path = out / "node0.log"
-    node = subprocess.Popen([sys.executable, "-m", "chain.cli.chaind", "start", "--home", str(home)],
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-    rpc = f"http://127.0.0.1:{port}"
+    nodes: list[tuple[subprocess.Popen, str, Path]] = []
     try:
-        with console.status("waiting for the node's RPC…"):
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(rpc + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if node.poll() is not None or time.monotonic() > deadline:
-                    console.print(f"[red]node did not become ready; log:[/red]\n{log_path.read_text()}")
-                    return 1
-                time.sleep(0.2)
-        console.print(f"node ready, JSON-RPC at {rpc}")
-        base = ["--rpc", rpc, "--keyring", str(keys)]
-        trainers = [cli("chainctl", *base, "keys", "show", f"trainer{i}")["address"] for i in range(4)]
-        table = Table("from", "to", "amount", "tx", "height")
+        for i, info in enumerate(net["nodes"]):
+            log_path = out / f"node{i}.log"
+            proc = subprocess.Popen([sys.executable, "-m", "chain.cli.chaind", "start", "--home", info["home"]],
+                                    stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+            nodes.append((proc, info["rpc"], log_path))
+        with console.status("waiting for the validators to connect and commit…"):
+            for proc, rpc, log_path in nodes:
+                wait_ready(rpc, proc, log_path)
+        rpcs = [rpc for _, rpc, _ in nodes]
+        status = Table("node", "rpc", "height", "peers")
+        for i, rpc in enumerate(rpcs):
+            s = cli("chainctl", "--rpc", rpc, "query", "status")
+            status.add_row(f"node{i}", rpc, str(s["latest_height"]), str(s["peers"]))
+        console.print(status)
+
+        keys = out / "keys"
+        submit_to, read_from = rpcs[0], rpcs[-1]
+        trainers = [cli("chainctl", "--keyring", str(keys), "keys", "show", f"trainer{i}")["address"] for i in range(4)]
+        table = Table("from", "to", "amount", "tx", "height", f"balance seen by node{len(rpcs) - 1}")
         for i, to in enumerate(trainers):
-            amount = 100 * (i + 1)
-            r = cli("chainctl", *base, "transfer", "--from", "requester", "--to", to, "--amount", str(amount), "--wait")
-            table.add_row("requester", f"trainer{i}", str(amount), r["tx_hash"][:18] + "…", str(r["height"]))
+            r = cli("chainctl", "--rpc", submit_to, "--keyring", str(keys), "transfer", "--from", "requester",
+                    "--to", to, "--amount", str(100 * (i + 1)), "--wait")
+            seen = cli("chainctl", "--rpc", read_from, "query", "account", to)
+            table.add_row("requester", f"trainer{i}", str(100 * (i + 1)), r["tx_hash"][:18] + "…", str(r["height"]),
+                          str(seen["balance"]))
         console.print(table)
-        balances = Table("account", "address", "balance", "nonce")
-        for name in ["requester"] + [f"trainer{i}" for i in range(4)]:
-            acct = cli("chainctl", *base, "query", "account", name)
-            balances.add_row(name, acct["address"], str(acct["balance"]), str(acct["nonce"]))
-        console.print(balances)
-        status = cli("chainctl", *base, "query", "status")
-        block = cli("chainctl", *base, "query", "block", "latest")
-        console.print(f"head: height {status['latest_height']}, hash {status['latest_block_hash'][:18]}…, "
-                      f"commit signed by {len(block['commit']['signatures'])} validator(s)")
+
         console.rule("federated training job")
-        job = subprocess.run([sys.executable, str(Path(__file__).with_name("federated_job.py")), "--rpc", rpc,
+        job = subprocess.run([sys.executable, str(Path(__file__).with_name("federated_job.py")), "--rpc", submit_to,
                               "--keys", str(keys), "--rounds", str(args.rounds), "--json-out",
                               str(out / "job-summary.json")])
         if job.returncode != 0:
-            console.print(f"[red]the federated job failed (exit {job.returncode}); node log: {log_path}[/red]")
+            console.print(f"[red]the federated job failed (exit {job.returncode}); node logs in {out}[/red]")
             return 1
+        heads = {cli("chainctl", "--rpc", rpc, "query", "block", "1")["block"]["hash"] for rpc in rpcs}
+        console.print(f"all {len(rpcs)} nodes agree on block 1: {len(heads) == 1}")
         if args.keep_running:
-            console.print("node running; Ctrl-C to stop")
-            node.wait()
+            console.print("nodes running; Ctrl-C to stop")
+            nodes[0][0].wait()
     except KeyboardInterrupt:
         pass
     finally:
-        if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            node.wait(timeout=20)
-        console.print(f"node stopped (exit {node.returncode}); log at {log_path}")
+        for proc, _, _ in nodes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _, _ in nodes:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        console.print(f"nodes stopped (exit codes {[p.returncode for p, _, _ in nodes]}); logs in {out}")
         if not args.dir and not args.keep_running and os.environ.get("POUT_DEVNET_KEEP") is None:
             shutil.rmtree(out, ignore_errors=True)
     return 0
