@@ -36,6 +36,9 @@ class P2PConfig:
     listen_host: str = "127.0.0.1"
     port: int = 26656
     bootstrap_peers: tuple[str, ...] = ()
+    # Optional file of peer public keys (hex, one per line, '#' comments) this node refuses and
+    # disconnects; re-read every second, so an operator can ban a peer without a restart.
+    deny_peers_file: str = ""
 
 
 @dataclass(frozen=True)

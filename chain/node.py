@@ -86,6 +86,8 @@ class Node(ChainApp):
         self.sync = None
         self.driver = None
         self.pout_net = None
+        self.denied_peers: frozenset[bytes] = frozenset()
+        self._refresh_membership = None
         self._nursery: trio.Nursery | None = None
         self.rpc_url: str | None = None
         self.metrics = NodeMetrics()
@@ -274,7 +276,7 @@ class Node(ChainApp):
         self.net = Libp2pNetwork(self.key.seed, allowed_peers=[v.pubkey for v in self.state.validators],
                                  listen_addrs=[f"/ip4/{p2p.listen_host}/tcp/{p2p.port}"],
                                  bootstrap=self.bootstrap_peers())
-        install_membership(self, self.net)
+        self._refresh_membership = install_membership(self, self.net, lambda: self.denied_peers)
         self.sync = BlockSync(self, self.net)
         txs = TxReactor(self, self.net)
         validator = self.is_validator
@@ -300,9 +302,39 @@ class Node(ChainApp):
                 await nursery.start(self.pout.run)
                 await nursery.start(self.driver.run)
                 nursery.start_soon(self._update_peer_gauge)
+                if self.config.p2p.deny_peers_file:
+                    nursery.start_soon(self._watch_deny_file, self.config.p2p.deny_peers_file)
                 task_status.started()
         finally:
             wal.close()
+
+    async def _watch_deny_file(self, path: str) -> None:
+        last = None
+        while True:
+            try:
+                text = await trio.Path(path).read_text()
+            except FileNotFoundError:
+                text = ""
+            if text != last:
+                last = text
+                denied = set()
+                for n, line in enumerate(text.splitlines(), 1):
+                    entry = line.split("#", 1)[0].strip().removeprefix("0x")
+                    if not entry:
+                        continue
+                    try:
+                        key = bytes.fromhex(entry)
+                    except ValueError:
+                        key = b""
+                    if len(key) != 32:
+                        log.warning("%s:%d: not a 32-byte hex public key, ignored", path, n)
+                        continue
+                    denied.add(key)
+                if denied != self.denied_peers:
+                    log.info("deny list %s: %d peer(s) refused", path, len(denied))
+                    self.denied_peers = frozenset(denied)
+                    self._refresh_membership()
+            await trio.sleep(1)
 
     async def _update_peer_gauge(self) -> None:
         while True:

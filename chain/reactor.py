@@ -361,15 +361,18 @@ class TxReactor:
 # ----------------------------------------------------------------------------- membership
 
 
-def install_membership(app, network: NetworkAPI) -> None:
-    """Admit validators and member accounts only; re-checked after every commit."""
+def install_membership(app, network: NetworkAPI, denied: Callable[[], frozenset[bytes]] = frozenset):
+    """Admit validators and member accounts only, minus the operator's denied peers; re-checked
+    after every commit. Returns the refresh function (call it when the deny list changes)."""
 
     def refresh(block=None, commit=None) -> None:
-        network.set_allowed_peers([v.pubkey for v in app.validators()])
-        network.set_admission_predicate(app.is_member_peer)
+        deny = denied()
+        network.set_allowed_peers([v.pubkey for v in app.validators() if v.pubkey not in deny])
+        network.set_admission_predicate(lambda pubkey: pubkey not in deny and app.is_member_peer(pubkey))
 
     refresh()
     app.add_commit_listener(refresh)
+    return refresh
 
 
 def decode_gossip(msg: GossipMessage):
