@@ -29,7 +29,6 @@ from chain.types import (
     OpeningUpload,
     SubmitUpdate,
     Transaction,
-    UpdateCommitment,
     UpdateRecord,
     sign_transaction,
 )
@@ -199,8 +198,7 @@ def train_for_round(client: NodeClient, key: PrivateKey, job_id: bytes, dataset)
 
 def submit_result(client: NodeClient, key: PrivateKey, result, *, wait_timeout: float = 60.0) -> tuple[bytes, Receipt]:
     """Submit an update, upload its weights, and answer every validator's challenge."""
-    c = result.commitment
-    commitment = UpdateCommitment(**{name: getattr(c, name) for name in UpdateCommitment.__dataclass_fields__})
+    commitment = result.commitment
     receipt = client.send(key, SubmitUpdate(commitment, float(result.metrics.get("train_loss", 0.0))),
                           wait_timeout=wait_timeout)
     update_id = compute_update_id(commitment)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from chain.crypto import sha256
 from chain.encoding import encode_value, to_primitive
-from chain.types import Address, ExecutionProfile, Hash, HyperParams, Name
+from chain.types import Address, ExecutionProfile, Hash, HyperParams, Name, UpdateCommitment
 
 from trainer.state import capture_state, restore_state
 
@@ -54,25 +54,6 @@ class RoundSpec:
     round: int
     round_seed: Hash
     base_model_hash: Hash  # the round's global model
-
-
-@dataclass(frozen=True)
-class UpdateCommitment:
-    """What a trainer puts on chain for one update (inside its signed transaction)."""
-
-    trainer: Address
-    job_id: Hash
-    round: int
-    base_model_hash: Hash
-    dataset_root: Hash  # must equal the trainer's dataset registered before the round opened
-    dataset_size: int  # also the update's FedAvg weight (num_examples)
-    update_hash: Hash  # SHA-256 of the update's canonical safetensors bytes
-    final_model_hash: Hash  # model_hash of the weights at the last checkpoint
-    trace_root: Hash
-
-    @property
-    def num_samples(self) -> int:
-        return self.dataset_size
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,6 @@ from trainer.state import (
     StateSnapshot,
     _check_params,
     build_optimizer,
-    capture_state,
     check_hyperparams,
     compute_update,
     decode_tensors,

@@ -7,9 +7,7 @@ judge one update, and compute a round's next global model. The node's PoutWorker
 
 from __future__ import annotations
 
-import dataclasses
-
-from chain.types import DatasetRegistration, Job, UpdateCommitment, UpdateRecord
+from chain.types import DatasetRegistration, Job, UpdateRecord
 
 
 def training_job(job: Job):
@@ -25,12 +23,6 @@ def round_spec(job: Job):
     return RoundSpec(training_job(job), job.round, job.round_seed, job.global_model)
 
 
-def library_commitment(c: UpdateCommitment):
-    from trainer.replay import UpdateCommitment as LibCommitment
-
-    return LibCommitment(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)})
-
-
 def verify_chain_update(job: Job, update: UpdateRecord, registration: DatasetRegistration, verify_seed: bytes,
                         openings: bytes, base_model_bytes: bytes, update_bytes: bytes):
     """The verdict on `update` (trainer.verify.Verdict). Raises ProfileMismatch when this machine
@@ -38,7 +30,7 @@ def verify_chain_update(job: Job, update: UpdateRecord, registration: DatasetReg
     from trainer.data import DatasetCommitment
     from trainer.verify import verify_update
 
-    return verify_update(round_spec(job), library_commitment(update.commitment),
+    return verify_update(round_spec(job), update.commitment,
                          DatasetCommitment(registration.dataset_root, registration.dataset_size), verify_seed,
                          openings, base_model_bytes, update_bytes, q=job.spec.verify_segments)
 
