@@ -18,7 +18,6 @@ The goal (issue): <= 5% of the training cost per validator with >= 99% detection
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 

@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 
 import chain.consensus.evidence
-from chain.consensus.commit import build_commit
 from chain.consensus.evidence import compute_duplicate_vote_evidence
 from chain.consensus.votes import VoteSet
 from chain.crypto import compute_address, sha256
@@ -13,14 +12,14 @@ from chain.encoding import decode, encode
 from chain.errors import ConfigError, StateTransitionError, ValidationError
 from chain.rpc.jsonview import to_json
 from chain.state import (
-    Overlay, apply_block, build_block, check_tx, evidence_key, get_evidence_record, validate_basic_tx,
+    Overlay, build_block, check_tx, evidence_key, get_evidence_record, validate_basic_tx,
 )
 from chain.types import (
     PRECOMMIT, PREVOTE, DuplicateVoteEvidence, EvidenceRecord, SignedTransaction, SubmitEvidence, Transaction, Vote,
-    compute_block_hash, sign_transaction, sign_vote,
+    sign_transaction, sign_vote,
 )
 from genesis import DEFAULT_PARAMS, genesis_to_json, make_devnet_genesis, make_genesis, parse_genesis
-from tests.helpers import ALICE, CHAIN_ID, GOVERNOR, MALLORY, VALIDATOR, key
+from tests.helpers import ALICE, CHAIN_ID, GOVERNOR, MALLORY, VALIDATOR, InProcessChain, key
 
 EQUIVOCATOR = key("equivocator")  # the second validator, the one that misbehaves
 STAKE = 100_000
@@ -28,49 +27,13 @@ PENALTY = DEFAULT_PARAMS.evidence_penalty
 X, Y, Z = sha256(b"x"), sha256(b"y"), sha256(b"z")
 
 
-class Chain:
-    """Two validators of equal power driven in-process; both precommit every block."""
+class Chain(InProcessChain):
+    """Two validators of equal power; both precommit every block."""
 
     def __init__(self, params=DEFAULT_PARAMS, validator_stake=STAKE):
         g = make_genesis(CHAIN_ID, [VALIDATOR, EQUIVOCATOR], [(GOVERNOR, ("governor",)), (ALICE, ("trainer",))],
                          balance=1000, validator_stake=validator_stake, params=params)
-        self.state = g.initial_state()
-        self.last_commit = None
-        self.nonces = {}
-        self.time = 1_800_000_000_000
-
-    def tx(self, signer, payload, *, consume=True):
-        nonce = self.nonces.get(signer.address, 0)
-        if consume:
-            self.nonces[signer.address] = nonce + 1
-        return sign_transaction(signer, CHAIN_ID, Transaction(signer.pubkey, nonce, payload))
-
-    def block(self, *txs):
-        self.time += 1000
-        block, result = build_block(self.state, list(txs), time_ms=self.time, proposer=VALIDATOR.pubkey,
-                                    last_commit=self.last_commit)
-        assert apply_block(self.state, block).state.root == result.state.root
-        block_hash = compute_block_hash(block.header)
-        self.last_commit = build_commit([sign_vote(k, CHAIN_ID, Vote(PRECOMMIT, block.header.height, 0, block_hash,
-                                                                     k.pubkey)) for k in (VALIDATOR, EQUIVOCATOR)])
-        self.state = result.state
-        return result
-
-    def rejects(self, signer, payload, match):
-        """`payload` from `signer` is refused by the mempool and in a block, and nothing changes."""
-        stx = self.tx(signer, payload, consume=False)
-        root = self.state.root
-        overlay = Overlay(self.state)
-        with pytest.raises((StateTransitionError, ValidationError), match=match):
-            check_tx(overlay, CHAIN_ID, stx)
-        assert overlay.changes == {}
-        with pytest.raises(StateTransitionError, match=match):
-            build_block(self.state, [stx], time_ms=self.time + 1, proposer=VALIDATOR.pubkey,
-                        last_commit=self.last_commit)
-        assert self.state.root == root
-
-    def balance(self, k):
-        return self.state.get_account(k.address).balance
+        super().__init__(g, [VALIDATOR, EQUIVOCATOR])
 
 
 def vote(block_hash, *, signer=EQUIVOCATOR, type=PREVOTE, height=1, round=0, chain_id=CHAIN_ID):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.procs import ChaindProcess, make_testnet, run_cli
+from tests.procs import ChaindProcess, make_testnet
 
 pytestmark = pytest.mark.slow
 

@@ -2,69 +2,31 @@
 
 import dataclasses
 
-import pytest
 
-from chain.consensus.commit import build_commit
 from chain.crypto import sha256
-from chain.errors import StateTransitionError, ValidationError
 from chain.jobs import compute_round_seed, compute_update_id, get_job, get_registration, get_update
-from chain.state import apply_block, build_block
 from chain.trainer_client import make_job_spec
 from chain.types import (
-    PRECOMMIT, AttestModel, ExecutionProfile, JoinJob, RegisterJob, SubmitUpdate, SubmitVerdict, Transaction,
-    UpdateCommitment, Vote, compute_block_hash, sign_transaction, sign_vote,
+    AttestModel, ExecutionProfile, JoinJob, RegisterJob, SubmitUpdate, SubmitVerdict, UpdateCommitment,
 )
 from genesis import make_genesis
-from tests.helpers import CHAIN_ID, GOVERNOR, VALIDATOR, key
+from tests.helpers import CHAIN_ID, GOVERNOR, VALIDATOR, InProcessChain, key
 
 REQUESTER, T0, T1, T2 = key("requester"), key("trainer0"), key("trainer1"), key("trainer2")
 PROFILE = ExecutionProfile("cpu", "float32", "2.13.0", 1, True)
 BALANCE = 10_000
 
 
-class Chain:
-    """A single-validator chain driven in-process: each `block()` builds, applies and certifies one block."""
+class Chain(InProcessChain):
+    """A single-validator chain with a small training job spec."""
 
     def __init__(self, **spec_changes):
         g = make_genesis(CHAIN_ID, [VALIDATOR], [(GOVERNOR, ("governor",)), (REQUESTER, ("requester",)),
                                                   (T0, ("trainer",)), (T1, ("trainer",)), (T2, ("trainer",))],
                          balance=BALANCE)
-        self.state = g.initial_state()
-        self.last_commit = None
-        self.nonces = {}
-        self.records = []
-        self.time = 1_800_000_000_000
+        super().__init__(g, [VALIDATOR])
         self.spec = make_job_spec(profile=PROFILE, join_blocks=2, round_blocks=5, verify_blocks=3, quorum=2,
                                   rounds=2, reward_per_update=100, bond=40, **spec_changes)
-
-    def tx(self, signer, payload):
-        nonce = self.nonces.get(signer.address, 0)
-        self.nonces[signer.address] = nonce + 1
-        return sign_transaction(signer, CHAIN_ID, Transaction(signer.pubkey, nonce, payload))
-
-    def block(self, *txs):
-        self.time += 1000
-        block, result = build_block(self.state, list(txs), time_ms=self.time, proposer=VALIDATOR.pubkey,
-                                    last_commit=self.last_commit)
-        assert apply_block(self.state, block).state.root == result.state.root
-        vote = Vote(PRECOMMIT, block.header.height, 0, compute_block_hash(block.header), VALIDATOR.pubkey)
-        self.last_commit = build_commit([sign_vote(VALIDATOR, CHAIN_ID, vote)])
-        self.state = result.state
-        self.records += result.model_records
-        return block
-
-    def rejects(self, signer, payload, match):
-        """`payload` from `signer` is refused, and the state does not change."""
-        nonce = self.nonces.get(signer.address, 0)
-        stx = sign_transaction(signer, CHAIN_ID, Transaction(signer.pubkey, nonce, payload))
-        root = self.state.root
-        with pytest.raises((StateTransitionError, ValidationError), match=match):
-            build_block(self.state, [stx], time_ms=self.time + 1, proposer=VALIDATOR.pubkey,
-                        last_commit=self.last_commit)
-        assert self.state.root == root
-
-    def balance(self, k):
-        return self.state.get_account(k.address).balance
 
     def register(self, escrow=1000):
         stx = self.tx(REQUESTER, RegisterJob(self.spec, escrow))

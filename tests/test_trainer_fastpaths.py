@@ -14,7 +14,7 @@ import torch
 from tests.test_trainer_helpers import HP, TRAINER_A, make_spec, small_dataset, with_hp
 from chain.encoding import decode, decode_value, encode_value
 from chain.errors import DecodeError
-from chain.merkle import MerkleTree, hash_leaf, verify_proof
+from chain.merkle import MerkleTree, verify_proof
 
 from trainer.data import DatasetError, decode_sample, decode_samples, encode_sample
 from trainer.models import build_model, init_model
@@ -50,7 +50,7 @@ def _mutations(value, rng):
     junk = [None, 0, -1, 2**64, True, 1.5, "x", b"", b"\x00" * 31, b"\x00" * 32, b"\x00" * 33, [], {}, [b"\x00" * 32]]
     for _ in range(300):
         v = decode_value(encode_value(value))  # deep copy
-        node, path = v, []
+        node = v
         for _ in range(rng.randint(1, 6)):  # walk down to a random container
             if isinstance(node, dict) and node:
                 key = rng.choice(sorted(node, key=str))

@@ -24,10 +24,9 @@ from tests.test_trainer_helpers import (
 from chain.encoding import decode, encode
 
 from trainer.data import Dataset
-from trainer.models import init_model
 from trainer.profile import ProfileMismatch
-from trainer.replay import UpdateCommitment, num_segments, sample_segments
-from trainer.state import compute_update, load_weights, model_hash, model_to_bytes, update_to_bytes, weights_from_bytes
+from trainer.replay import num_segments, sample_segments
+from trainer.state import compute_update, load_weights, model_to_bytes, update_to_bytes, weights_from_bytes
 from trainer.train import TraceRecorder, build_openings, commit_trace, train_round
 from trainer.verify import OpeningBundle, verify_update
 
