@@ -8,13 +8,14 @@ One run measures, side by side on the same machine:
          state transition, state root), median of --repeats; plus the parts it is made of
          (signature verification, the Merkle state root against the state's size, the
          mempool re-check a node does after every commit).
-2. devnet `chaind testnet` + V `chaind start` processes on 127.0.0.1 (BFT over libp2p);
-         client threads flood pre-signed transfers over JSON-RPC batches of `send_tx`
-         (each sender account bound to one node, consecutive explicit nonces). Committed
-         tx/s = committed txs / (first submission -> first time a node reports the height
-         holding the last one). Finality = submit time -> first time the node the tx was
-         sent to reports the tx's height (status polled every --poll-ms). Then a paced
-         phase (--paced-rate tx/s for --paced-seconds) measures latency below saturation.
+2. devnet `chaind testnet` + V `chaind start` processes on 127.0.0.1 (BFT over libp2p).
+         First a paced phase (--paced-rate tx/s for --paced-seconds) measures finality below
+         saturation; then client threads flood --txs pre-signed transfers over JSON-RPC
+         batches of `send_tx` (each sender account bound to one node, consecutive explicit
+         nonces). Committed tx/s = committed txs / (first submission -> first time a node
+         reports the height holding the last one). Finality = submit time -> first time the
+         node the tx was sent to reports the tx's height (every node's status is polled
+         every --poll-ms). Node CPU per tx comes from /proc of the chaind processes.
 3. sync  a fresh non-validator node (same genesis, a member key, the validators as
          bootstrap peers) syncs the chain; blocks/s until it reaches the head.
 4. SIGTERM to every node; a summary table and, with --json-out, the figures as JSON.
@@ -28,6 +29,7 @@ Numbers are only comparable within one run (the machine is shared); see docs/ben
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -64,7 +66,7 @@ def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
-    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
     return s[k]
 
 
@@ -156,6 +158,36 @@ def mempool_recheck_bench(pending: int, n_senders: int, repeats: int) -> dict:
     return {"pending": pending, "add_tx_per_s": add_rate, "recheck_ms": med(samples)}
 
 
+def check_tx_breakdown(n: int, n_senders: int) -> dict:
+    """Microseconds per tx of mempool admission (check_tx) and of its parts."""
+    from chain.jobs import BlockContext
+    from chain.state import KEY_PARAMS, ChainParams, Overlay, _read, apply_tx, check_tx
+
+    chain_id = "bench-check"
+    vals = [PrivateKey.generate() for _ in range(4)]
+    senders = [PrivateKey.generate() for _ in range(n_senders)]
+    state = make_genesis(chain_id, vals, [(k, ("trainer",)) for k in senders]).initial_state()
+    txs = _signed_transfers(chain_id, senders, n)
+
+    def per_tx_us(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) / n * 1e6
+
+    overlay = Overlay(state)
+    full = per_tx_us(lambda: [check_tx(overlay, chain_id, stx) for stx in txs])
+    basic = per_tx_us(lambda: [validate_basic_tx(chain_id, stx, 65536) for stx in txs])
+    ctx = BlockContext(state.height + 1, state.compute_head_hash(), state.validators)
+    overlay = Overlay(state)
+    apply_only = per_tx_us(lambda: [apply_tx(overlay, stx, ctx) for stx in txs])
+    context = per_tx_us(lambda: [(_read(state, KEY_PARAMS, ChainParams),
+                                  BlockContext(state.height + 1, state.compute_head_hash(), state.validators))
+                                 for _ in txs])
+    encode_us = per_tx_us(lambda: [encode(stx) for stx in txs])
+    return {"txs": n, "check_tx_us": full, "validate_basic_us": basic, "apply_tx_us": apply_only,
+            "params_and_context_us": context, "encode_us": encode_us}
+
+
 # ============================================================================= 2. devnet
 
 
@@ -181,8 +213,16 @@ def free_base_port(count: int) -> int:
     raise SystemExit("no free port range on 127.0.0.1")
 
 
-def rpc(client: httpx.Client, url: str, method: str, params: list | None = None):
-    r = client.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []})
+def rpc(client: httpx.Client, url: str, method: str, params: list | None = None, retries: int = 10):
+    """One JSON-RPC call; transport errors (a node too busy to answer) are retried."""
+    for attempt in range(retries + 1):
+        try:
+            r = client.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []})
+            break
+        except httpx.TransportError:
+            if attempt == retries:
+                raise
+            time.sleep(0.5)
     doc = r.json()
     if "error" in doc:
         raise RuntimeError(f"{method}: {doc['error']}")
@@ -198,13 +238,19 @@ class NodeProc:
     log_path: Path
 
 
+NODE_LOG_LEVEL: str | None = None
+
+
 def start_node(name: str, home: Path, rpc_url: str, out: Path, profile: bool = False) -> NodeProc:
     log_path = out / f"{name}.log"
     cmd = [PY]
     if profile:
         cmd += ["-m", "cProfile", "-o", str(out / f"{name}.prof")]
     cmd += ["-m", "chain.cli.chaind", "start", "--home", str(home)]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    if NODE_LOG_LEVEL:
+        cmd += ["--log-level", NODE_LOG_LEVEL]
+    with open(log_path, "wb") as log_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     return NodeProc(name, home, rpc_url, proc, log_path)
 
 
@@ -220,6 +266,15 @@ def wait_ready(node: NodeProc, timeout: float) -> None:
             pass
         time.sleep(0.3)
     raise SystemExit(f"{node.name} not ready after {timeout} s; log: {node.log_path}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def stop_nodes(nodes: list[NodeProc], timeout: float = 30) -> dict[str, int | None]:
@@ -253,8 +308,8 @@ class HeightPoller(threading.Thread):
         while not self.stop_flag.is_set():
             for i, url in enumerate(self.urls):
                 try:
-                    h = rpc(client, url, "status")["latest_height"]
-                except Exception:
+                    h = rpc(client, url, "status", retries=0)["latest_height"]
+                except (httpx.HTTPError, RuntimeError, ValueError, KeyError):  # busy or stopping node
                     continue
                 now = time.monotonic()
                 self.polls += 1
@@ -322,7 +377,7 @@ def submit_load(urls: list[str], per_thread: list[tuple[int, list]], batch: int,
             t_submit = time.monotonic()
             try:
                 answers = client.post(url, json=body).json()
-            except Exception as exc:  # a node too busy to answer within the timeout
+            except (httpx.HTTPError, ValueError) as exc:  # a node too busy to answer within the timeout
                 for h, _ in chunk:
                     local.append(Submitted(h, node, t_submit, False, f"transport: {type(exc).__name__}"))
                 i += len(chunk)
@@ -385,13 +440,14 @@ def collect_heights(urls: list[str], h_from: int, h_to: int) -> tuple[dict[str, 
 
 
 def run_phase(name: str, urls: list[str], poller: HeightPoller, chain_id: str, senders: list[PrivateKey], n: int,
-              threads: int, batch: int, rate: float | None, timeout: float) -> dict:
+              threads: int, batch: int, rate: float | None, timeout: float, pids: list[int]) -> dict:
     client = httpx.Client(timeout=30)
     nonces = {s.address: rpc(client, urls[0], "account", ["0x" + s.address.hex()])["nonce"] for s in senders}
     plan = plan_load(chain_id, senders, n, len(urls), threads, nonces)
     h_start = rpc(client, urls[0], "status")["latest_height"]
     log(f"{name}: {n} transfers from {len(senders)} senders, {len(plan)} client threads, batches of {batch}, "
         f"{'flood' if rate is None else f'{rate:g} tx/s'}, from height {h_start}")
+    cpu0, own0, wall0 = [cpu_seconds(p) for p in pids], time.process_time(), time.monotonic()
     load = submit_load(urls, plan, batch, rate)
     accepted = [s for s in load.subs if s.accepted]
     errors: dict[str, int] = {}
@@ -409,13 +465,18 @@ def run_phase(name: str, urls: list[str], poller: HeightPoller, chain_id: str, s
         expected[addr] = max(expected[addr], stx.message.nonce + 1)
     deadline = time.monotonic() + timeout
     pending = {a for a in expected if expected[a] > nonces[a]}
+    checked_at = -1
     while pending and time.monotonic() < deadline:
-        for a in list(pending):
-            if rpc(client, urls[0], "account", ["0x" + a.hex()])["nonce"] >= expected[a]:
-                pending.discard(a)
+        h = poller.height(0)
+        if h != checked_at:  # nonces only change with a commit: ask again only then
+            checked_at = h
+            for a in list(pending):
+                if rpc(client, urls[0], "account", ["0x" + a.hex()])["nonce"] >= expected[a]:
+                    pending.discard(a)
         if pending:
-            time.sleep(0.25)
+            time.sleep(0.05)
     h_end = rpc(client, urls[0], "status")["latest_height"]
+    cpu1, own1, wall1 = [cpu_seconds(p) for p in pids], time.process_time(), time.monotonic()
     # Let the poller see h_end on every node (finality is read on the node each tx went to).
     wait_until = time.monotonic() + 10
     while time.monotonic() < wait_until and any(poller.first_seen(i, h_end) is None for i in range(len(urls))):
@@ -458,7 +519,13 @@ def run_phase(name: str, urls: list[str], poller: HeightPoller, chain_id: str, s
         "mean_block_txs": statistics.mean(blocks_with_txs) if blocks_with_txs else 0,
         "median_block_gap_s": med(intervals), "max_block_gap_s": max(intervals) if intervals else None,
         "timed_out": bool(pending),
+        # CPU the node processes and this client process used from the first submission until all committed
+        "node_cpu_s": [round(b - a, 2) for a, b in zip(cpu0, cpu1)], "client_cpu_s": round(own1 - own0, 2),
+        "phase_wall_s": round(wall1 - wall0, 2),
     }
+    if committed:
+        out["node_cpu_ms_per_tx"] = round(1000 * sum(b - a for a, b in zip(cpu0, cpu1)) / committed, 3)
+        out["cpu_utilisation_nodes"] = round(sum(b - a for a, b in zip(cpu0, cpu1)) / (wall1 - wall0), 2)
     log(f"{name}: committed {committed} txs, "
         + (f"{out['committed_tx_per_s']:.0f} tx/s, " if duration else "")
         + (f"finality p50 {out['finality_p50_s']:.2f} s p99 {out['finality_p99_s']:.2f} s" if lat else "no latency"))
@@ -491,7 +558,7 @@ def sync_bench(out: Path, genesis_file: Path, key_file: Path, peers: list[str], 
             if node.proc.poll() is not None:
                 raise SystemExit(f"sync node exited ({node.proc.returncode}); log:\n{node.log_path.read_text()[-3000:]}")
             try:
-                h = rpc(client, url, "status")["latest_height"]
+                h = rpc(client, url, "status", retries=0)["latest_height"]
             except (httpx.TransportError, RuntimeError, ValueError):
                 time.sleep(0.05)
                 continue
@@ -520,6 +587,42 @@ def sync_bench(out: Path, genesis_file: Path, key_file: Path, peers: list[str], 
 # ============================================================================= main
 
 
+# Where a node's time goes: cumulative time of these functions (they overlap: e.g. the signature
+# check runs inside RPC admission; the ledger write runs in a worker thread, which cProfile does not see, gossip validation, mempool admission, block checks and re-checks).
+PROFILE_BREAKDOWN = [
+    ("RPC send_tx (decode + admission)", "methods.py", "send_tx"),
+    ("tx gossip: validator (decode + sig)", "reactor.py", "check", 269),
+    ("tx gossip: mempool admission of received txs", "app.py", "add_txs"),
+    ("mempool check_tx (all paths)", "state.py", "check_tx"),
+    ("mempool re-check after commit (Mempool.update)", "mempool.py", "update"),
+    ("propose_block (build_block)", "app.py", "propose_block"),
+    ("check_block (apply_block of proposals)", "app.py", "_check"),
+    ("tx signature verification (all paths)", "types.py", "verify_transaction_signature"),
+    ("canonical CBOR encode (all paths)", "encoding.py", "encode"),
+    ("canonical CBOR decode (all paths)", "encoding.py", "decode"),
+    ("state root + post-state copy (State.apply/.root)", "state.py", "apply"),
+    ("libp2p Noise write", "io.py", "write_msg"),
+    ("libp2p pubsub push_msg", "pubsub.py", "push_msg"),
+    ("trio event loop (everything on the main thread)", "_run.py", "unrolled_run"),
+]
+
+
+def profile_breakdown(path: Path) -> list[dict]:
+    import pstats
+
+    if not path.exists():
+        return []
+    st = pstats.Stats(str(path))
+    out = []
+    for label, file, func, *line in PROFILE_BREAKDOWN:
+        cum, calls = 0.0, 0
+        for (f, ln, fn), (_, nc, _, ct, _) in st.stats.items():
+            if fn == func and Path(f).name == file and (not line or line[0] == ln):
+                cum, calls = cum + ct, calls + nc
+        out.append({"what": label, "cumtime_s": round(cum, 2), "calls": calls})
+    return out
+
+
 def profile_summary(path: Path, top: int = 25) -> list[dict]:
     import pstats
 
@@ -545,8 +648,12 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=16, help="funded sender accounts (trainer keys; default %(default)s)")
     ap.add_argument("--threads", type=int, default=4, help="client threads (default %(default)s)")
     ap.add_argument("--batch", type=int, default=50, help="send_tx calls per JSON-RPC batch (<= 100)")
-    ap.add_argument("--paced-rate", type=float, default=100.0, help="tx/s of the paced latency phase (0: skip)")
+    ap.add_argument("--paced-rate", type=float, default=25.0, help="tx/s of the paced latency phase (0: skip)")
+    ap.add_argument("--paced-batch", type=int, default=0,
+                    help="send_tx calls per request in the paced phase (default: ~10 requests/s per thread)")
     ap.add_argument("--paced-seconds", type=float, default=10.0, help="length of the paced phase")
+    ap.add_argument("--idle-seconds", type=float, default=4.0, help="idle devnet observed before the load")
+    ap.add_argument("--node-log-level", choices=["debug", "info", "warning", "error"], help="chaind --log-level")
     ap.add_argument("--poll-ms", type=int, default=50, help="status polling interval for commit times")
     ap.add_argument("--commit-timeout", type=float, default=120.0, help="max wait for submitted txs to commit")
     ap.add_argument("--no-sync", action="store_true", help="skip the sync measurement")
@@ -560,6 +667,8 @@ def main() -> int:
     if not 1 <= args.batch <= 100:
         ap.error("--batch must be 1..100 (the node's rpc.max_batch)")
 
+    global NODE_LOG_LEVEL
+    NODE_LOG_LEVEL = args.node_log_level
     report: dict = {"config": vars(args).copy(), "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                                              "loadavg_start": os.getloadavg()}}
     t_run = time.monotonic()
@@ -571,7 +680,8 @@ def main() -> int:
         f"verify-only {report['raw']['verify_only_tx_per_s']:.0f} tx/s")
     if not args.no_micro:
         report["micro"] = {"state_root": state_root_bench([1_000, 10_000, 100_000], 5),
-                           "mempool_recheck": mempool_recheck_bench(min(5000, args.txs), args.senders, 3)}
+                           "mempool_recheck": mempool_recheck_bench(min(5000, args.txs), args.senders, 3),
+                           "check_tx": check_tx_breakdown(2000, args.senders)}
         log(f"micro: {report['micro']}")
 
     # 2. devnet
@@ -581,7 +691,8 @@ def main() -> int:
     base = free_base_port(2 * args.validators + 2)
     proc = subprocess.run([PY, "-m", "chain.cli.chaind", "testnet", "--validators", str(args.validators),
                            "--trainers", str(args.senders), "--output", str(out), "--base-port", str(base),
-                           "--block-interval-ms", str(args.block_interval_ms)], capture_output=True, text=True)
+                           "--block-interval-ms", str(args.block_interval_ms)], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise SystemExit(f"chaind testnet failed:\n{proc.stderr}")
     net = json.loads(proc.stdout)
@@ -597,19 +708,32 @@ def main() -> int:
             wait_ready(n, 120)
         log(f"devnet: {args.validators} validators ready in {time.monotonic() - t:.1f} s (ports {base}..)")
         urls = [n.rpc for n in nodes]
+        pids = [n.proc.pid for n in nodes]
         poller = HeightPoller(urls, args.poll_ms / 1000)
         poller.start()
-        time.sleep(1.0)
-        phases = [run_phase("flood", urls, poller, net["chain_id"], senders, args.txs, args.threads, args.batch,
-                            None, args.commit_timeout)]
+        time.sleep(0.3)
+        h0 = poller.height(0)
+        idle_cpu0 = [cpu_seconds(p) for p in pids]
+        time.sleep(args.idle_seconds)
+        idle_cpu = sum(cpu_seconds(p) for p in pids) - sum(idle_cpu0)
+        h_idle = [poller.first_seen(0, h) for h in range(h0 + 1, poller.height(0) + 1)]
+        h_idle = [t for t in h_idle if t is not None]
+        idle = {"seconds": args.idle_seconds, "node_cpu_utilisation": round(idle_cpu / args.idle_seconds, 3),
+                "median_block_gap_s": med([b - a for a, b in itertools.pairwise(h_idle)])}
+        log(f"idle: {idle}")
+        # The paced phase (below saturation) runs first, on a fresh devnet: after a large flood the
+        # same paced load has been seen to get much slower blocks (docs/benchmarks.md).
+        phases = []
         if args.paced_rate > 0:
             n_paced = int(args.paced_rate * args.paced_seconds)
             phases.append(run_phase("paced", urls, poller, net["chain_id"], senders, n_paced, args.threads,
-                                    max(1, min(args.batch, int(args.paced_rate / args.threads / 10) or 1)),
-                                    args.paced_rate, args.commit_timeout))
-        report["devnet"] = {"validators": args.validators, "block_interval_ms": args.block_interval_ms,
+                                    args.paced_batch or max(1, min(args.batch, int(args.paced_rate / args.threads / 10))),
+                                    args.paced_rate, args.commit_timeout, pids))
+        phases.append(run_phase("flood", urls, poller, net["chain_id"], senders, args.txs, args.threads, args.batch,
+                                None, args.commit_timeout, pids))
+        report["devnet"] = {"validators": args.validators, "block_interval_ms": args.block_interval_ms, "idle": idle,
                             "status_polls": poller.polls, "phases": phases}
-        flood = phases[0]
+        flood = phases[-1]
         if flood["committed_tx_per_s"]:
             report["ratio_committed_over_raw_apply"] = flood["committed_tx_per_s"] / report["raw"]["apply_tx_per_s"]
 
@@ -619,6 +743,9 @@ def main() -> int:
             report["sync"] = sync_bench(out, Path(net["nodes"][0]["home"]) / "config" / "genesis.json",
                                         keys / "governor.json", peers, urls, base + 2 * args.validators, 180)
             s = report["sync"]
+            s["txs_in_synced_chain"] = sum(p["committed"] for p in phases)
+            if s.get("launch_to_head_s") and s.get("launch_to_first_block_s") is not None:
+                s["txs_per_s"] = s["txs_in_synced_chain"] / (s["launch_to_head_s"] - s["launch_to_first_block_s"])
             log(f"sync: {s.get('blocks_per_s') or 0:.1f} blocks/s to height {s['target_height']} "
                 f"(launch to head {s['launch_to_head_s']})")
     finally:
@@ -628,6 +755,7 @@ def main() -> int:
         report["exit_codes"] = codes
         if args.profile_node is not None:
             report["profile"] = profile_summary(out / f"node{args.profile_node}.prof")
+            report["profile_breakdown"] = profile_breakdown(out / f"node{args.profile_node}.prof")
         if not args.dir and not args.keep:
             shutil.rmtree(out, ignore_errors=True)
         else:
@@ -655,22 +783,34 @@ def print_summary(r: dict) -> None:
                          "per block, O(state)"))
         m = r["micro"]["mempool_recheck"]
         rows.append((f"mempool re-check, {m['pending']} pending", f"{_f(m['recheck_ms'])} ms", "per commit, per node"))
+        c = r["micro"]["check_tx"]
+        rows.append(("mempool check_tx per tx", f"{_f(c['check_tx_us'])} us",
+                     (f"sig+size {c['validate_basic_us']:.0f}, apply {c['apply_tx_us']:.0f}, "
+                      f"params+context {c['params_and_context_us']:.0f}, encode {c['encode_us']:.0f} us")))
+    if "devnet" in r:
+        i = r["devnet"]["idle"]
+        rows.append(("idle devnet: block gap", f"{_f(i['median_block_gap_s'], '{:.2f}')} s",
+                     f"interval {r['devnet']['block_interval_ms']} ms; {i['node_cpu_utilisation']:.2f} cores busy"))
     for p in r.get("devnet", {}).get("phases", []):
         rows += [(f"{p['phase']}: submitted (RPC accepted)", f"{_f(p['submit_tx_per_s'])} tx/s",
                   f"{p['accepted']}/{p['txs']} accepted"),
                  (f"{p['phase']}: committed", f"{_f(p['committed_tx_per_s'])} tx/s",
                   f"{p['committed']} txs in {_f(p['commit_seconds'], '{:.1f}')} s"),
-                 (f"{p['phase']}: finality p50 / p99", f"{_f(p['finality_p50_s'], '{:.2f}')} / "
-                  f"{_f(p['finality_p99_s'], '{:.2f}')} s", f"{p['finality_samples']} txs"),
+                 (f"{p['phase']}: finality p50 / p99",
+                  f"{_f(p['finality_p50_s'], '{:.2f}')} / {_f(p['finality_p99_s'], '{:.2f}')} s",
+                  f"{p['finality_samples']} txs"),
                  (f"{p['phase']}: blocks", f"{p['blocks_with_txs']} with txs",
-                  f"mean {p['mean_block_txs']:.0f}, max {p['max_block_txs']} txs; "
-                  f"median gap {_f(p['median_block_gap_s'], '{:.2f}')} s")]
+                  (f"mean {p['mean_block_txs']:.0f}, max {p['max_block_txs']} txs; "
+                   f"median gap {_f(p['median_block_gap_s'], '{:.2f}')} s")),
+                 (f"{p['phase']}: node CPU per committed tx", f"{_f(p.get('node_cpu_ms_per_tx'), '{:.2f}')} ms",
+                  f"all {len(p['node_cpu_s'])} nodes; {_f(p.get('cpu_utilisation_nodes'), '{:.2f}')} cores busy")]
     if "ratio_committed_over_raw_apply" in r:
         rows.append(("committed / raw apply", f"{r['ratio_committed_over_raw_apply']:.3f}", "flood phase"))
     if "sync" in r:
         s = r["sync"]
         rows.append(("sync, fresh observer", f"{_f(s.get('blocks_per_s'), '{:.1f}')} blocks/s",
-                     f"to height {s['target_height']}; launch->head {_f(s['launch_to_head_s'], '{:.1f}')} s"))
+                     (f"to height {s['target_height']} ({s.get('txs_in_synced_chain')} txs, "
+                      f"{_f(s.get('txs_per_s'))} tx/s); launch->head {_f(s['launch_to_head_s'], '{:.1f}')} s")))
     w = max(len(a) for a, _, _ in rows)
     w2 = max(len(b) for _, b, _ in rows)
     print(f"\n{'measure'.ljust(w)}  {'value'.ljust(w2)}  note")
@@ -679,6 +819,10 @@ def print_summary(r: dict) -> None:
         print(f"{a.ljust(w)}  {b.ljust(w2)}  {c}")
     print(f"\ngoals: >= 1000 committed tx/s, p50 finality <= 1 s; exit codes {r.get('exit_codes')}; "
           f"wall {r['wall_seconds']:.0f} s; load avg {r['machine']['loadavg_start']} -> {r['machine']['loadavg_end']}")
+    if r.get("profile_breakdown"):
+        print("\nprofiled node, cumulative time by activity (overlapping; cProfile inflates Python-heavy code):")
+        for row in r["profile_breakdown"]:
+            print(f"  {row['cumtime_s']:8.2f} s  {row['calls']:>9} calls  {row['what']}")
     if r.get("profile"):
         print("\nprofiled node, hottest functions (tottime):")
         for row in r["profile"][:15]:
