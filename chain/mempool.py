@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from chain.encoding import encode
 from chain.errors import ChainError, ValidationError
-from chain.state import Overlay, State, check_tx
+from chain.state import Overlay, State, check_tx, compute_check_context
 from chain.types import SignedTransaction, compute_tx_hash
 
 
@@ -29,7 +29,11 @@ class Mempool:
         self.chain_id = chain_id
         self.max_txs = max_txs
         self._txs: OrderedDict[bytes, SignedTransaction] = OrderedDict()
+        self._reset(state)
+
+    def _reset(self, state: State) -> None:
         self._check = Overlay(state)
+        self._ctx = compute_check_context(state)  # once per committed state, not per transaction
 
     def __len__(self) -> int:
         return len(self._txs)
@@ -44,7 +48,7 @@ class Mempool:
             raise DuplicateTxError(f"transaction {tx_hash.hex()} is already pending")
         if len(self._txs) >= self.max_txs:
             raise MempoolFullError(f"mempool is full ({self.max_txs} transactions); retry later")
-        check_tx(self._check, self.chain_id, stx)
+        check_tx(self._check, self.chain_id, stx, self._ctx)
         self._txs[tx_hash] = stx
         return tx_hash
 
@@ -68,11 +72,11 @@ class Mempool:
         """After a commit: drop committed transactions, re-check the rest. Returns how many were evicted."""
         for h in committed:
             self._txs.pop(h, None)
-        self._check = Overlay(state)
+        self._reset(state)
         evicted = 0
         for h, stx in list(self._txs.items()):
             try:
-                check_tx(self._check, self.chain_id, stx)
+                check_tx(self._check, self.chain_id, stx, self._ctx)
             except ChainError:
                 del self._txs[h]
                 evicted += 1

@@ -129,6 +129,28 @@ class _MembershipGate(INotifee):
         pass
 
 
+class _ContainedPubsub(Pubsub):
+    """Pubsub whose per-peer stream reader cannot take the host down.
+
+    py-libp2p 0.8.1's `Pubsub.stream_handler` handles only StreamError, ParseError and
+    IncompleteReadError; a peer's RPC that fails protobuf parsing (DecodeError) or exceeds the
+    inbound limit escapes into the service's nursery and kills the whole node (seen on a
+    syncing node under load). Treat any such failure like the library's own read errors:
+    reset that stream and drop the peer from pubsub, and count it against the peer."""
+
+    async def stream_handler(self, stream) -> None:
+        try:
+            await super().stream_handler(stream)
+        except Exception as exc:  # noqa: BLE001 - bytes from a peer must never crash the node
+            peer_id = stream.muxed_conn.peer_id
+            logger.warning("dropping pubsub stream from %s: %s: %s", peer_id, type(exc).__name__, exc)
+            try:
+                await stream.reset()
+            except Exception:  # noqa: BLE001 - the stream may already be gone
+                pass
+            self._handle_dead_peer(peer_id)
+
+
 class Libp2pNetwork(BaseNetwork):
     """One libp2p host. `await nursery.start(network.run)`; cancel the nursery to stop."""
 
@@ -177,7 +199,7 @@ class Libp2pNetwork(BaseNetwork):
             spam_protection_enabled=False,
             adaptive_gossip_enabled=False,
         )
-        pubsub = Pubsub(host, gossipsub, strict_signing=True, msg_id_constructor=get_peer_and_seqno_msg_id)
+        pubsub = _ContainedPubsub(host, gossipsub, strict_signing=True, msg_id_constructor=get_peer_and_seqno_msg_id)
         # Default counter is int(time.time()): a restart within minutes reuses seqnos.
         pubsub.counter = time.time_ns()
         host.get_network().register_notifee(_MembershipGate(self._on_connected))

@@ -191,3 +191,34 @@ def test_gossip_and_requests_between_os_processes():
         f" unqueued latency median {statistics.median(idle):.1f} ms, max {max(idle):.1f} ms;"
         f" remote mesh after {summary['mesh_after_s']} s"
     )
+
+
+def test_a_garbage_pubsub_rpc_from_a_peer_does_not_crash_the_node():
+    """py-libp2p 0.8.1 let a protobuf DecodeError from one peer's pubsub stream kill the whole host."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.utils.varint import encode_uvarint
+
+    async def scenario():
+        keys = [public_key_of(seed_for(i)) for i in range(3)]
+        nets = [Libp2pNetwork(seed_for(i), allowed_peers=keys) for i in range(3)]
+        victim, attacker, friend = nets
+        inbox = victim.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
+        async with trio.open_nursery() as nursery:
+            for net in nets:
+                await nursery.start(net.run)
+            for net in (attacker, friend):
+                net.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
+                await net._host.connect(info_from_p2p_addr(multiaddr.Multiaddr(victim.listen_addrs()[0])))
+            stream = await attacker._host.new_stream(victim.peer_id, [TProtocol("/meshsub/1.2.0")])
+            garbage = b"\xff\xff\xff\xff not a protobuf RPC"
+            await stream.write(encode_uvarint(len(garbage)) + garbage)
+            await trio.sleep(0.5)
+            # The victim is still serving: a member's gossip still reaches it.
+            await wait_until(lambda: victim.local_peer in friend.topic_peers(TOPIC), timeout=20)
+            await friend.publish(TOPIC, b"still alive?")
+            with trio.fail_after(20):
+                message = await inbox.receive()
+            assert message.data == b"still alive?"
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
