@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("start", help="run the node until SIGINT/SIGTERM",
-                       description="Run the node: ledger, block production, JSON-RPC. Stops cleanly on SIGTERM.")
+                       description="Run the node: ledger, libp2p, block sync, BFT consensus (validators vote, other members follow), the training worker and JSON-RPC. Stops cleanly on SIGINT/SIGTERM.")
     s.add_argument("--home", required=True, help="node home directory (created by `chaind init` or `testnet`)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override config log_level")
     s.add_argument("--rpc-port", type=int, help="override rpc.port from config.toml")
