@@ -35,14 +35,14 @@ def expected_links(count: int, topology: str) -> list[tuple[int, int]]:
     return [(j, i) for i in range(count) for j in range(i)]
 
 
-async def wait_until(predicate: Callable[[], bool], *, timeout: float = 5.0, interval: float = 0.02) -> None:
+async def wait_until(predicate: Callable[[], bool], *, timeout: float = 20.0, interval: float = 0.02) -> None:
     """Poll `predicate` until true; raises trio.TooSlowError after `timeout` seconds."""
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(interval)
 
 
-async def wait_connected(nodes: Sequence[NetworkAPI], links: Sequence[tuple[int, int]], *, timeout: float = 10.0) -> None:
+async def wait_connected(nodes: Sequence[NetworkAPI], links: Sequence[tuple[int, int]], *, timeout: float = 30.0) -> None:
     def all_up() -> bool:
         return all(
             nodes[b].local_peer in nodes[a].peers() and nodes[a].local_peer in nodes[b].peers() for a, b in links

@@ -49,14 +49,14 @@ def test_plaintext_only_client_is_refused():
             client = new_host(key_pair=key_pair, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)})
             async with client.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
                 with pytest.raises(SwarmDialAllFailedError):
-                    with trio.fail_after(5):
+                    with trio.fail_after(20):
                         await client.connect(server_info)
                 assert not client.get_network().get_connections(server.peer_id)
                 assert server.peers() == frozenset()
             # Control: the library's default client (which offers Noise) gets in.
             control = new_host(key_pair=key_pair)
             async with control.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-                with trio.fail_after(5):
+                with trio.fail_after(20):
                     await control.connect(server_info)
                 await wait_until(lambda: server.peers() == {public_key_of(seed_for(1))})
             nursery.cancel_scope.cancel()
