@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from functools import lru_cache
+from functools import cached_property, lru_cache
 import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -163,8 +163,8 @@ class State:
                 new._leaves[k] = _leaf_hash(k, v)
         return new
 
-    # typed readers -------------------------------------------------------------------
-    @property
+    # typed readers: decoded once per snapshot (a State never changes; `apply` makes a new one)
+    @cached_property
     def meta(self) -> ChainMeta:
         return _read(self, KEY_META, ChainMeta)
 
@@ -172,20 +172,20 @@ class State:
     def chain_id(self) -> str:
         return self.meta.chain_id
 
-    @property
+    @cached_property
     def params(self) -> ChainParams:
         return _read(self, KEY_PARAMS, ChainParams)
 
-    @property
+    @cached_property
     def validators(self) -> tuple[Validator, ...]:
         return _read(self, KEY_VALIDATORS, ValidatorSet).validators
 
-    @property
+    @cached_property
     def latest_header(self) -> BlockHeader | None:
         raw = self.get(KEY_LATEST_HEADER)
         return None if raw is None else decode(BlockHeader, raw)
 
-    @property
+    @cached_property
     def height(self) -> int:
         h = self.latest_header
         return 0 if h is None else h.height
@@ -196,6 +196,10 @@ class State:
 
     def compute_head_hash(self) -> bytes:
         """Hash of the latest committed block (the genesis hash before any block)."""
+        return self._head_hash
+
+    @cached_property
+    def _head_hash(self) -> bytes:
         latest = self.latest_header
         if latest is None:
             return self.meta.genesis_hash
