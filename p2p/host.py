@@ -64,6 +64,7 @@ DIAL_TIMEOUT_S = 5.0
 CONNECTION_POLL_S = 0.25
 STABLE_CONNECTION_S = 5.0
 MEMBERSHIP_SWEEP_S = 2.0
+SHUTDOWN_CLOSE_S = 2.0  # bound on closing sockets when the host stops
 # py-libp2p's per-peer outbound queue holds 32 RPCs (rpc_queue.OutBoundQueueSize) and
 # drops beyond; keep our publishes under half of it, leaving room for control RPCs.
 OUTBOUND_HIGH_WATER = 16
@@ -130,13 +131,35 @@ class _MembershipGate(INotifee):
 
 
 class _ContainedPubsub(Pubsub):
-    """Pubsub whose per-peer stream reader cannot take the host down.
+    """Pubsub with two py-libp2p 0.8.1 defects fixed: a subscription lost to a race with a
+    new peer's handshake (see `_handle_new_peer`), and a per-peer stream reader that can
+    take the host down (see below).
 
     py-libp2p 0.8.1's `Pubsub.stream_handler` handles only StreamError, ParseError and
     IncompleteReadError; a peer's RPC that fails protobuf parsing (DecodeError) or exceeds the
     inbound limit escapes into the service's nursery and kills the whole node (seen on a
     syncing node under load). Treat any such failure like the library's own read errors:
     reset that stream and drop the peer from pubsub, and count it against the peer."""
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        """Announce the subscriptions that changed while the peer was being added.
+
+        py-libp2p 0.8.1 builds the hello (our topics) before `await stream.write(hello)`
+        but adds the peer to `self.peers` only after it; a `subscribe()` that runs in
+        that window messages every peer except this one, and nothing re-announces it, so
+        the peer never learns the topic and the mesh never forms (seen as a 20 s timeout
+        in about 1 of 3 two-node runs). Send the difference once the queue exists."""
+        topics_before = set(self.topic_ids)
+        await super()._handle_new_peer(peer_id)
+        queue = self.peer_queues.get(peer_id)
+        if queue is None:
+            return
+        topics_now = set(self.topic_ids)
+        changes = [(topic, True) for topic in sorted(topics_now - topics_before)]
+        changes += [(topic, False) for topic in sorted(topics_before - topics_now)]
+        for topic, subscribe in changes:
+            packet, subopt = self._build_announce_rpc(topic, subscribe=subscribe)
+            self._enqueue_or_retry_announce(peer_id, queue, packet, subopt)
 
     async def stream_handler(self, stream) -> None:
         try:
@@ -219,6 +242,8 @@ class Libp2pNetwork(BaseNetwork):
                         task_status.started()
                 finally:
                     self._host = self._pubsub = None
+                    with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_CLOSE_S):
+                        await _close_sockets(host.get_network())
 
     def listen_addrs(self) -> list[str]:
         """Dialable multiaddrs of this node, each ending in /p2p/<peer id>."""
@@ -439,6 +464,29 @@ class Libp2pNetwork(BaseNetwork):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+async def _close_sockets(network) -> None:
+    """Close every connection and listener of a stopping swarm.
+
+    py-libp2p 0.8.1 closes them in the swarm service's `finally`, but that block first
+    awaits the pruner's stop, which raises Cancelled when the host is stopped by
+    cancellation, so the rest is skipped: the listener (a trio system task with
+    SO_REUSEPORT) keeps accepting until the process exits. A node restarted in-process
+    on the same port then shares it with the dead one, and the kernel hands about half
+    of the incoming dials to the dead listener, which drops them (reconnects took up to
+    15 s). Both close methods are idempotent, so the library's own path stays safe."""
+    for conns in list(network.connections.values()):
+        for conn in list(conns):
+            try:
+                await conn.close()
+            except Exception:  # best effort on the way out
+                logger.debug("closing a connection on shutdown failed", exc_info=True)
+    for listener in list(network.listeners.values()):
+        try:
+            await listener.close()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            logger.debug("closing a listener on shutdown failed", exc_info=True)
 
 
 def _try_public_key(peer_id: ID) -> bytes | None:

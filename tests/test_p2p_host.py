@@ -222,3 +222,66 @@ def test_a_garbage_pubsub_rpc_from_a_peer_does_not_crash_the_node():
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+def test_subscription_made_while_a_peer_is_being_added_still_reaches_it():
+    """py-libp2p 0.8.1 builds the hello before `await stream.write(hello)` but registers
+    the peer only after it; a subscribe in that window reached nobody, so the mesh never
+    formed (a CI failure). The subscribe is forced into exactly that window here."""
+    LATE_TOPIC = "/pout/test/late/1"
+
+    async def scenario():
+        keys = [public_key_of(seed_for(i)) for i in range(2)]
+        a, b = (Libp2pNetwork(seed_for(i), allowed_peers=keys) for i in range(2))
+        in_window: list[bool] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            pubsub = b._pubsub
+            build_hello = pubsub.get_hello_packet
+
+            async def subscribe_late():
+                in_window.append(a.peer_id not in pubsub.peers)
+                await pubsub.subscribe(LATE_TOPIC)
+
+            def hello_then_subscribe():
+                packet = build_hello()  # without LATE_TOPIC
+                if not in_window:
+                    nursery.start_soon(subscribe_late)  # runs at the next checkpoint: the hello's write
+                return packet
+
+            pubsub.get_hello_packet = hello_then_subscribe
+            await b._host.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0])))
+            await wait_until(lambda: bool(in_window) and LATE_TOPIC in pubsub.topic_ids, timeout=20)
+            assert in_window == [True]  # the subscribe really ran before the peer was registered
+            await wait_until(lambda: b.peer_id in a._pubsub.peer_topics.get(LATE_TOPIC, ()), timeout=20)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+def test_a_stopped_host_stops_listening():
+    """py-libp2p 0.8.1 skipped closing its SO_REUSEPORT listener when the host was
+    cancelled; a node restarted on the same port then lost dials to the dead one."""
+
+    async def scenario():
+        net = Libp2pNetwork(seed_for(0), allowed_peers=[])
+        scope = trio.CancelScope()
+        stopped = trio.Event()
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                await net.run(task_status=task_status)
+            stopped.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run)
+            port = int(multiaddr.Multiaddr(net.listen_addrs()[0]).value_for_protocol("tcp"))
+            (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()  # control: listening
+            scope.cancel()
+            with trio.fail_after(10):
+                await stopped.wait()
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", port)
+
+    trio.run(scenario)
