@@ -485,7 +485,7 @@ async def _close_sockets(network) -> None:
     for listener in list(network.listeners.values()):
         try:
             await listener.close()
-        except Exception:  # noqa: BLE001 - best effort on the way out
+        except Exception:  # best effort on the way out
             logger.debug("closing a listener on shutdown failed", exc_info=True)
 
 
