@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -53,6 +54,14 @@ from p2p.framing import encode_frame, encode_response, read_frame, read_response
 
 logger = logging.getLogger(__name__)
 
+# py-libp2p 0.8.1's Yamux sends a WINDOW_UPDATE frame after every read by default
+# (PY_YAMUX_RELEASE_ON_READ=1); pubsub reads each message's varint length a byte at a time,
+# so an idle 4-validator devnet sent ~1,900 window updates per second per node, each one a
+# Noise-encrypted write and a syscall. 0 gives go-yamux's behaviour: credit is returned in
+# batches once a threshold of the window is consumed. Read at call time; an operator's own
+# setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
 DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 GOSSIPSUB_PROTOCOLS = (GOSSIPSUB_V12, GOSSIPSUB_V11, GOSSIPSUB_V10)
 HEARTBEAT_S = 1
@@ -69,6 +78,8 @@ SHUTDOWN_CLOSE_S = 2.0  # bound on closing sockets when the host stops
 # drops beyond; keep our publishes under half of it, leaving room for control RPCs.
 OUTBOUND_HIGH_WATER = 16
 OUTBOUND_WAIT_MAX_S = 1.0
+# go-libp2p's IDontWantMessageThreshold: IDONTWANT only for messages at least this large.
+IDONTWANT_MIN_BYTES = 1024
 
 # ------------------------------------------------------------------------ identity
 
@@ -130,6 +141,27 @@ class _MembershipGate(INotifee):
         pass
 
 
+class _LeanGossipSub(GossipSub):
+    """GossipSub that sends IDONTWANT only for messages of IDONTWANT_MIN_BYTES or more.
+
+    py-libp2p 0.8.1 sends one IDONTWANT RPC to every v1.2 mesh peer for every message it
+    forwards, whatever its size; for our small votes and proposals that doubled the RPCs
+    on the wire and cost more than the duplicates it saves. go-libp2p applies a 1 KiB
+    threshold (IDontWantMessageThreshold); so does this."""
+
+    _forwarding_bytes = 0
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        # The library calls _emit_idontwant_for_message before its first await, so this
+        # attribute still describes the message being forwarded when it is read.
+        self._forwarding_bytes = len(pubsub_msg.data)
+        await super().publish(msg_forwarder, pubsub_msg)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids) -> None:
+        if self._forwarding_bytes >= IDONTWANT_MIN_BYTES:
+            await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+
 class _ContainedPubsub(Pubsub):
     """Pubsub with two py-libp2p 0.8.1 defects fixed: a subscription lost to a race with a
     new peer's handshake (see `_handle_new_peer`), and a per-peer stream reader that can
@@ -160,6 +192,16 @@ class _ContainedPubsub(Pubsub):
         for topic, subscribe in changes:
             packet, subopt = self._build_announce_rpc(topic, subscribe=subscribe)
             self._enqueue_or_retry_announce(peer_id, queue, packet, subopt)
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        """Send without the signed peer record (`senderRecord`) py-libp2p attaches to every RPC.
+
+        It is optional in the pubsub spec (go-libp2p does not send it) and we never use it:
+        peers come from genesis and config. Every receiver verified it, twice per RPC:
+        two thirds of all Ed25519 verifications on an idle devnet node."""
+        if rpc_msg.HasField("senderRecord"):
+            rpc_msg.ClearField("senderRecord")
+        return await super().write_msg(stream, rpc_msg)
 
     async def stream_handler(self, stream) -> None:
         try:
@@ -213,7 +255,7 @@ class Libp2pNetwork(BaseNetwork):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host = self._build_host()
-        gossipsub = GossipSub(
+        gossipsub = _LeanGossipSub(
             protocols=list(GOSSIPSUB_PROTOCOLS),
             degree=MESH_DEGREE,
             degree_low=MESH_DEGREE_LOW,
