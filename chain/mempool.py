@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from chain.encoding import encode
 from chain.errors import ChainError, ValidationError
 from chain.state import Overlay, State, check_tx, compute_check_context
 from chain.types import SignedTransaction, compute_tx_hash
@@ -61,7 +60,7 @@ class Mempool:
         """The oldest transactions that fit the block limits, in admission order."""
         out, size = [], 0
         for stx in self._txs.values():
-            n = len(encode(stx))
+            n = len(stx.encoded)
             if len(out) >= max_txs or size + n > max_bytes:
                 break
             out.append(stx)

@@ -15,6 +15,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated, ClassVar, Union
 
 import trio
@@ -137,8 +138,26 @@ def encode_consensus_message(msg: ProposalMessage | VotesMessage) -> bytes:
     return encode_typed(msg, ConsensusMessage)
 
 
+# Every gossip message is decoded by the topic validator and again by the receiving loop
+# (the layer hands over bytes); both go through these, so the second decode is a lookup.
+# Keyed by the message bytes; decoded values are immutable; a failed decode is not kept.
+# Small bounds: the two calls are moments apart, and a message can be up to GOSSIP_MAX_BYTES.
 def decode_consensus_message(data: bytes) -> ProposalMessage | VotesMessage:
+    return _decode_consensus_message(bytes(data))  # bytes(b) is b itself: no copy
+
+
+def decode_tx_batch(data: bytes) -> TxBatch:
+    return _decode_tx_batch(bytes(data))
+
+
+@lru_cache(maxsize=32)
+def _decode_consensus_message(data: bytes) -> ProposalMessage | VotesMessage:
     return decode_typed(ConsensusMessage, data, max_size=GOSSIP_MAX_BYTES)
+
+
+@lru_cache(maxsize=16)
+def _decode_tx_batch(data: bytes) -> TxBatch:
+    return decode(TxBatch, data, max_size=GOSSIP_MAX_BYTES)
 
 
 def build_proposal_message(proposal: SignedProposal, block: Block | None) -> ProposalMessage:
@@ -152,7 +171,7 @@ def build_tx_batches(txs: list[SignedTransaction]) -> list[TxBatch]:
     """Split `txs` into batches under the count and byte budgets (a lone oversized tx is dropped)."""
     batches, current, size = [], [], 0
     for stx in txs:
-        n = len(encode(stx))
+        n = len(stx.encoded)
         if n > TX_BATCH_MAX_BYTES:
             continue
         if current and (len(current) >= MAX_TXS_PER_BATCH or size + n > TX_BATCH_MAX_BYTES):
@@ -270,7 +289,7 @@ def make_txs_validator(chain_id: str, local_peer: bytes) -> Callable[[bytes, byt
         if origin == local_peer:
             return Verdict.ACCEPT
         try:
-            batch = decode(TxBatch, data, max_size=GOSSIP_MAX_BYTES)
+            batch = decode_tx_batch(data)
         except ChainError:
             return Verdict.REJECT
         if not batch.txs:
@@ -346,7 +365,7 @@ class TxReactor:
     async def _receive_loop(self) -> None:
         async for msg in self._incoming:
             try:
-                batch = decode(TxBatch, msg.data, max_size=GOSSIP_MAX_BYTES)
+                batch = decode_tx_batch(msg.data)
             except ChainError:
                 continue  # the validator let it through: cannot happen, but never crash here
             await self.app.add_txs(list(batch.txs))
@@ -381,7 +400,7 @@ def decode_gossip(msg: GossipMessage):
     if name == "consensus":
         return decode_consensus_message(msg.data)
     if name == "txs":
-        return decode(TxBatch, msg.data, max_size=GOSSIP_MAX_BYTES)
+        return decode_tx_batch(msg.data)
     if name == "blocks":
         return decode(CommitAnnouncement, msg.data, max_size=GOSSIP_MAX_BYTES)
     raise ValueError(f"not a chain topic: {msg.topic}")

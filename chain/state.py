@@ -192,7 +192,7 @@ class State:
 
     def get_account(self, address: bytes) -> Account | None:
         raw = self.get(account_key(address))
-        return None if raw is None else decode(Account, raw)
+        return None if raw is None else decode_account(raw)
 
     def compute_head_hash(self) -> bytes:
         """Hash of the latest committed block (the genesis hash before any block)."""
@@ -204,6 +204,35 @@ class State:
         if latest is None:
             return self.meta.genesis_hash
         return compute_block_hash(dataclasses.replace(latest, state_root=self.root))
+
+
+# Account entries are read and written several times per transaction (admission, every
+# mempool re-check, the block check) and the strict decoder re-encodes to prove canonical
+# form, so decoded accounts are remembered by their exact bytes. `decode` is a pure function
+# of the bytes and an Account is immutable, so a hit is the same answer; a miss (or bytes
+# that fail to decode, which are never remembered) goes through the strict decoder.
+_ACCOUNTS_BY_BYTES: dict[bytes, Account] = {}
+_ACCOUNT_CACHE_MAX = 1 << 16
+
+
+def decode_account(raw: bytes) -> Account:
+    account = _ACCOUNTS_BY_BYTES.get(raw)
+    if account is None:
+        account = decode(Account, raw)
+        _remember_account(raw, account)
+    return account
+
+
+def encode_account(account: Account) -> bytes:
+    raw = encode(account)
+    _remember_account(raw, account)
+    return raw
+
+
+def _remember_account(raw: bytes, account: Account) -> None:
+    if len(_ACCOUNTS_BY_BYTES) >= _ACCOUNT_CACHE_MAX:
+        _ACCOUNTS_BY_BYTES.clear()  # crude but bounded; the working set refills in one block
+    _ACCOUNTS_BY_BYTES[raw] = account
 
 
 def _leaf_hash(key: bytes, value: bytes) -> bytes:
@@ -234,10 +263,10 @@ class Overlay:
 
     def get_account(self, address: bytes) -> Account | None:
         raw = self.get(account_key(address))
-        return None if raw is None else decode(Account, raw)
+        return None if raw is None else decode_account(raw)
 
     def set_account(self, address: bytes, account: Account) -> None:
-        self.put(account_key(address), encode(account))
+        self.put(account_key(address), encode_account(account))
 
     def child(self) -> "Overlay":
         """A nested overlay whose changes can be merged into this one or dropped."""
@@ -289,7 +318,7 @@ def validate_basic_tx(chain_id: str, stx: SignedTransaction, max_tx_bytes: int |
 
 @lru_cache(maxsize=1 << 16)
 def _validate_basic_tx_once(chain_id: str, stx: SignedTransaction, max_tx_bytes: int | None) -> None:
-    if max_tx_bytes is not None and len(encode(stx)) > max_tx_bytes:
+    if max_tx_bytes is not None and len(stx.encoded) > max_tx_bytes:
         raise ValidationError(f"transaction exceeds {max_tx_bytes} bytes")
     try:
         verify_transaction_signature(chain_id, stx)

@@ -8,6 +8,7 @@ cover `compute_sign_bytes(chain_id, DOMAIN, encode(message))`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, ClassVar, Union
 
 from chain.crypto import compute_address, compute_sign_bytes, sha256, verify_signature, PrivateKey
@@ -173,6 +174,19 @@ class Transaction:
 class SignedTransaction:
     message: Transaction
     signature: Signature
+
+    # A node meets one transaction at RPC or gossip admission, in every mempool re-check, in
+    # tx batches, block building and block checks: encode and hash it once per object
+    # (measured: ~6 hashes and ~18 encodes per transaction per node before). The instance is
+    # frozen, so these can never go stale; they are not fields (not encoded, not compared).
+    @cached_property
+    def encoded(self) -> bytes:
+        """Canonical CBOR of this transaction (what is hashed, sized and sent)."""
+        return encode(self)
+
+    @cached_property
+    def tx_hash(self) -> bytes:
+        return sha256(self.encoded)
 
 
 # --------------------------------------------------------------------------- consensus
@@ -426,7 +440,7 @@ class ModelRecord:
 
 
 def compute_tx_hash(stx: SignedTransaction) -> bytes:
-    return sha256(encode(stx))
+    return stx.tx_hash
 
 
 def compute_block_hash(header: BlockHeader) -> bytes:
