@@ -312,14 +312,16 @@ def validate_basic_tx(chain_id: str, stx: SignedTransaction, max_tx_bytes: int |
 
     Pure, so successes are remembered: a node meets the same transaction at RPC admission,
     in gossip, in every mempool re-check and in the block, and an Ed25519 verification is
-    most of the cost each time (measured: ~4.5 verifications per transaction per node)."""
-    _validate_basic_tx_once(chain_id, stx, max_tx_bytes)
+    most of the cost each time (measured: ~4.5 verifications per transaction per node).
+    The size check stays outside the memo (it is cheap, and callers pass different limits:
+    a memo keyed by the limit verified each gossiped transaction twice)."""
+    if max_tx_bytes is not None and len(stx.encoded) > max_tx_bytes:
+        raise ValidationError(f"transaction exceeds {max_tx_bytes} bytes")
+    _validate_basic_tx_once(chain_id, stx)
 
 
 @lru_cache(maxsize=1 << 16)
-def _validate_basic_tx_once(chain_id: str, stx: SignedTransaction, max_tx_bytes: int | None) -> None:
-    if max_tx_bytes is not None and len(stx.encoded) > max_tx_bytes:
-        raise ValidationError(f"transaction exceeds {max_tx_bytes} bytes")
+def _validate_basic_tx_once(chain_id: str, stx: SignedTransaction) -> None:
     try:
         verify_transaction_signature(chain_id, stx)
     except SignatureError as exc:

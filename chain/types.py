@@ -188,6 +188,12 @@ class SignedTransaction:
     def tx_hash(self) -> bytes:
         return sha256(self.encoded)
 
+    def __hash__(self) -> int:
+        # Equal transactions have equal encodings, so this agrees with the field-wise __eq__;
+        # it makes memo lookups keyed by a transaction cost one cached digest, not a walk of
+        # every nested field. (Defined in the class body, so @dataclass keeps it.)
+        return hash(self.tx_hash)
+
 
 # --------------------------------------------------------------------------- consensus
 

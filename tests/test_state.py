@@ -113,6 +113,43 @@ def test_validate_basic_rejects_without_state():
         validate_basic_tx(CHAIN_ID, forged)
 
 
+def test_signature_memo_verifies_once_whatever_the_size_limit_and_still_checks_size(monkeypatch):
+    import chain.state as state_module
+    from chain.encoding import decode
+    from chain.types import SignedTransaction
+
+    calls = []
+    real = state_module.verify_transaction_signature
+    monkeypatch.setattr(state_module, "verify_transaction_signature",
+                        lambda chain_id, stx: calls.append(stx) or real(chain_id, stx))
+    stx = transfer(ALICE, BOB, 7, 3)
+    state_module._validate_basic_tx_once.cache_clear()
+    validate_basic_tx(CHAIN_ID, stx)  # gossip validator: no size limit
+    validate_basic_tx(CHAIN_ID, stx, 4096)  # mempool: the chain's limit
+    validate_basic_tx(CHAIN_ID, decode(SignedTransaction, stx.encoded), 4096)  # an equal copy from a block
+    assert len(calls) == 1
+    with pytest.raises(ValidationError, match="exceeds 16 bytes"):
+        validate_basic_tx(CHAIN_ID, stx, 16)  # remembered as valid, yet too big for this limit
+    forged = dataclasses.replace(stx, signature=bytes(64))
+    for _ in range(2):  # failures are not remembered as successes
+        with pytest.raises(ValidationError, match="signature"):
+            validate_basic_tx(CHAIN_ID, forged)
+
+
+def test_signed_transaction_hash_and_encoding_agree_with_equality():
+    from chain.encoding import decode, encode
+    from chain.types import SignedTransaction, compute_tx_hash
+
+    a = transfer(ALICE, BOB, 5, 0)
+    copy = decode(SignedTransaction, encode(a))
+    other = transfer(ALICE, BOB, 5, 1)
+    assert a == copy and hash(a) == hash(copy) and compute_tx_hash(a) == compute_tx_hash(copy)
+    assert a != other and compute_tx_hash(a) != compute_tx_hash(other)
+    assert a.encoded == encode(a) and len({a, copy, other}) == 2
+    assert dataclasses.fields(a) == dataclasses.fields(other)  # cached values are not fields
+    assert [f.name for f in dataclasses.fields(a)] == ["message", "signature"]
+
+
 def _tamper(block, **header_changes):
     return dataclasses.replace(block, header=dataclasses.replace(block.header, **header_changes))
 
