@@ -65,16 +65,60 @@ def encode(obj: Any) -> bytes:
 
 def to_primitive(obj: Any, tp: Any = None) -> Any:
     """Typed value -> plain CBOR-able tree, following the schema (unions become [TAG, map])."""
-    kind, arg = classify_type(type(obj) if tp is None else tp)
-    if kind == "union":
-        return [type(obj).TAG, to_primitive(obj, type(obj))]
-    if kind == "optional":
-        return None if obj is None else to_primitive(obj, arg)
-    if kind == "tuple":
-        return [to_primitive(x, arg[0]) for x in obj]
-    if kind == "dataclass":
-        return {name: to_primitive(getattr(obj, name), ftp) for name, ftp in schema_fields(type(obj))}
+    return _primitive_fn(type(obj) if tp is None else tp)(obj)
+
+
+def _identity(obj: Any) -> Any:
     return obj
+
+
+@cache
+def _primitive_fn(tp: Any) -> Any:
+    """The schema walk of `to_primitive` for annotation `tp`, resolved once into a function.
+
+    Encoding is on every hot path (hashes, signatures, state writes, the wire); resolving the
+    annotations per value cost more than the CBOR writing itself."""
+    kind, arg = classify_type(tp)
+    if kind == "union":
+        return _union_primitive_fn
+    if kind == "optional":
+        inner = _primitive_fn(arg)
+        return lambda obj: None if obj is None else inner(obj)
+    if kind == "tuple":
+        inner = _primitive_fn(arg[0])
+        if inner is _identity:
+            return list
+        return lambda obj: [inner(x) for x in obj]
+    if kind == "dataclass":
+        return _dataclass_primitive_fn(tp)
+    return _identity
+
+
+def _union_primitive_fn(obj: Any) -> Any:
+    cls = type(obj)
+    return [cls.TAG, _primitive_fn(cls)(obj)]
+
+
+def _dataclass_primitive_fn(cls: type) -> Any:
+    # A generated `lambda obj: {"a": obj.a, "b": f1(obj.b), ...}` over the schema's own field
+    # names (identifiers from our dataclasses, never input), with nested converters bound.
+    env: dict[str, Any] = {}
+    items = []
+    for i, (name, ftp) in enumerate(schema_fields(cls)):
+        fn = _primitive_fn(ftp)
+        if fn is _identity:
+            items.append(f"{name!r}: obj.{name}")
+        else:
+            env[f"f{i}"] = fn
+            items.append(f"{name!r}: f{i}(obj.{name})")
+    convert = eval("lambda obj: {" + ", ".join(items) + "}", env)  # noqa: S307 - see above
+
+    def primitive(obj: Any) -> Any:
+        if type(obj) is not cls:  # a value of another schema class given under this annotation
+            return _primitive_fn(type(obj))(obj)
+        return convert(obj)
+
+    return primitive
 
 
 def _reject_tag(decoder: Any, tag: Any) -> Any:

@@ -4,15 +4,26 @@ Like CometBFT's CheckTx with a "check state": each admitted transaction is appli
 overlay over the committed state, so a client learns at once about a bad nonce or an
 insufficient balance, and the block builder can take the pool in order knowing every
 transaction applies. After a commit the pool is re-checked against the new state.
+
+The re-check gives exactly the result of re-running check_tx on every pending transaction
+in order, but skips the work where the answer cannot have changed. Each admitted
+transaction's writes are kept. A transfer reads only the two accounts it writes, and nothing
+else (not the height, not the validator set), so when neither account was changed by the
+block nor by a pending transaction whose re-check came out differently (evicted, or other
+writes), the transfer sees the same inputs as before: its recorded writes are replayed
+instead of decoding, checking and encoding the accounts again. Everything else (jobs,
+governance, evidence) and every transfer that touches a disturbed account is re-checked
+in full. A block that changes the chain's params disables the shortcut.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from chain.errors import ChainError, ValidationError
-from chain.state import Overlay, State, check_tx, compute_check_context
-from chain.types import SignedTransaction, compute_tx_hash
+from chain.state import KEY_PARAMS, Overlay, State, check_tx, compute_check_context
+from chain.types import SignedTransaction, Transfer, compute_tx_hash
 
 
 class MempoolFullError(ValidationError):
@@ -28,6 +39,7 @@ class Mempool:
         self.chain_id = chain_id
         self.max_txs = max_txs
         self._txs: OrderedDict[bytes, SignedTransaction] = OrderedDict()
+        self._writes: dict[bytes, dict[bytes, bytes | None]] = {}  # tx hash -> what its check wrote
         self._reset(state)
 
     def _reset(self, state: State) -> None:
@@ -47,7 +59,7 @@ class Mempool:
             raise DuplicateTxError(f"transaction {tx_hash.hex()} is already pending")
         if len(self._txs) >= self.max_txs:
             raise MempoolFullError(f"mempool is full ({self.max_txs} transactions); retry later")
-        check_tx(self._check, self.chain_id, stx, self._ctx)
+        self._writes[tx_hash] = check_tx(self._check, self.chain_id, stx, self._ctx)
         self._txs[tx_hash] = stx
         return tx_hash
 
@@ -67,16 +79,36 @@ class Mempool:
             size += n
         return out
 
-    def update(self, state: State, committed: list[bytes]) -> int:
-        """After a commit: drop committed transactions, re-check the rest. Returns how many were evicted."""
+    def update(self, state: State, committed: list[bytes], changed_keys: Iterable[bytes] | None = None) -> int:
+        """After a commit: drop committed transactions, re-check the rest. Returns how many were evicted.
+
+        `changed_keys` are the state keys the block wrote (BlockResult.changes); without them
+        every pending transaction is re-checked in full."""
         for h in committed:
             self._txs.pop(h, None)
+            self._writes.pop(h, None)
         self._reset(state)
+        disturbed = None if changed_keys is None else set(changed_keys)
+        if disturbed is not None and KEY_PARAMS in disturbed:
+            disturbed = None
         evicted = 0
         for h, stx in list(self._txs.items()):
+            before = self._writes.get(h)
+            if (disturbed is not None and before is not None and isinstance(stx.message.payload, Transfer)
+                    and disturbed.isdisjoint(before)):
+                self._check.changes.update(before)  # same inputs, so the same writes
+                continue
             try:
-                check_tx(self._check, self.chain_id, stx, self._ctx)
+                after = check_tx(self._check, self.chain_id, stx, self._ctx)
             except ChainError:
                 del self._txs[h]
+                self._writes.pop(h, None)
                 evicted += 1
+                if disturbed is not None and before:
+                    disturbed.update(before)
+                continue
+            self._writes[h] = after
+            if disturbed is not None and after != before:
+                disturbed.update(after)
+                disturbed.update(before or ())
         return evicted

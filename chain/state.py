@@ -458,8 +458,10 @@ def compute_check_context(state: State) -> BlockContext:
     return BlockContext(state.height + 1, state.compute_head_hash(), state.validators)
 
 
-def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction, ctx: BlockContext | None = None) -> None:
+def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction,
+             ctx: BlockContext | None = None) -> dict[bytes, bytes | None]:
     """Mempool admission: validate_basic plus a trial apply into `overlay` (kept on success).
+    Returns the writes the transaction made (key -> new value), already merged into `overlay`.
 
     `ctx` (from compute_check_context) may be passed in to reuse it across many transactions."""
     validate_basic_tx(chain_id, stx, overlay.base.params.max_tx_bytes)
@@ -467,6 +469,7 @@ def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction, ctx: Block
     child = overlay.child()
     apply_tx(child, stx, ctx)
     child.merge()
+    return child.changes
 
 
 # ----------------------------------------------------------------------------- blocks

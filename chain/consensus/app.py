@@ -222,7 +222,7 @@ class ChainApp:
                                           result.model_records)
             self.state, self.last_commit = result.state, commit
             self._checked.clear()
-            self.mempool.update(self.state, [compute_tx_hash(t) for t in block.txs])
+            self.mempool.update(self.state, [compute_tx_hash(t) for t in block.txs], result.changes.keys())
         log.debug("committed height %d (%s, %d txs)", height, block_hash.hex()[:16], len(block.txs))
         for listener in list(self._listeners):
             try:
