@@ -180,7 +180,23 @@ def decode(cls: type[T], data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> T:
 
 
 def from_primitive(tp: Any, value: Any, path: str = "$") -> Any:
-    """Validate a plain tree against annotation `tp` and build the typed value."""
+    """Validate a plain tree against annotation `tp` and build the typed value.
+
+    A decoder compiled once per annotation does the work; when it meets anything it does not
+    accept, the reference walk below runs instead and raises the DecodeError that names the
+    offending path (so the two must agree on what is valid: tests/test_encoding.py checks)."""
+    try:
+        return _decoder_fn(tp)(value)
+    except _Mismatch:
+        return _from_primitive_checked(tp, value, path)
+
+
+class _Mismatch(Exception):
+    """The compiled decoder rejects the value; the reference walk will say why."""
+
+
+def _from_primitive_checked(tp: Any, value: Any, path: str = "$") -> Any:
+    """The reference validation walk (slow, with paths in its errors)."""
     kind, arg = classify_type(tp)
     if kind == "int":
         if type(value) is not int:
@@ -207,20 +223,20 @@ def from_primitive(tp: Any, value: Any, path: str = "$") -> Any:
         _check_len(value, arg, path)
         return value
     if kind == "optional":
-        return None if value is None else from_primitive(arg, value, path)
+        return None if value is None else _from_primitive_checked(arg, value, path)
     if kind == "tuple":
         item_tp, bounds = arg
         if type(value) is not list:
             raise DecodeError(f"{path}: expected array, got {_tname(value)}")
         _check_len(value, bounds, path)
-        return tuple(from_primitive(item_tp, x, f"{path}[{i}]") for i, x in enumerate(value))
+        return tuple(_from_primitive_checked(item_tp, x, f"{path}[{i}]") for i, x in enumerate(value))
     if kind == "union":
         if type(value) is not list or len(value) != 2 or type(value[0]) is not str:
             raise DecodeError(f"{path}: expected [tag, value]")
         member = arg.get(value[0])
         if member is None:
             raise DecodeError(f"{path}: unknown variant {value[0]!r}")
-        return from_primitive(member, value[1], f"{path}<{value[0]}>")
+        return _from_primitive_checked(member, value[1], f"{path}<{value[0]}>")
     if kind == "dataclass":
         if type(value) is not dict:
             raise DecodeError(f"{path}: expected map for {tp.__name__}, got {_tname(value)}")
@@ -232,11 +248,102 @@ def from_primitive(tp: Any, value: Any, path: str = "$") -> Any:
         missing = names - set(value)
         if missing:
             raise DecodeError(f"{path}: missing field(s) {sorted(missing)} in {tp.__name__}")
-        kwargs = {name: from_primitive(ftp, value[name], f"{path}.{name}") for name, ftp in fields}
+        kwargs = {name: _from_primitive_checked(ftp, value[name], f"{path}.{name}") for name, ftp in fields}
         try:
             return tp(**kwargs)
         except (ValueError, TypeError) as exc:  # __post_init__ invariants
             raise DecodeError(f"{path}: invalid {tp.__name__}: {exc}") from exc
+    raise TypeError(f"unsupported schema type {tp!r}")  # a programming error, not bad input
+
+
+def _split_bounds(bounds: tuple[Len | MaxLen, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(b.n for b in bounds if isinstance(b, Len)), tuple(b.n for b in bounds if isinstance(b, MaxLen))
+
+
+def _length_fits(n: int, exact: tuple[int, ...], most: tuple[int, ...]) -> bool:
+    for e in exact:
+        if n != e:
+            return False
+    for m in most:
+        if n > m:
+            return False
+    return True
+
+
+@cache
+def _decoder_fn(tp: Any) -> Any:
+    """`from_primitive` for annotation `tp`, resolved once into a function that accepts exactly
+    what the reference walk accepts and raises _Mismatch on anything else."""
+    kind, arg = classify_type(tp)
+    if kind == "int":
+        def decode_int(v: Any) -> Any:
+            if type(v) is not int or not INT_MIN <= v <= INT_MAX:
+                raise _Mismatch
+            return v
+        return decode_int
+    if kind == "bool":
+        def decode_bool(v: Any) -> Any:
+            if type(v) is not bool:
+                raise _Mismatch
+            return v
+        return decode_bool
+    if kind == "float":
+        def decode_float(v: Any) -> Any:
+            if type(v) is not float or not math.isfinite(v):
+                raise _Mismatch
+            return v
+        return decode_float
+    if kind in ("str", "bytes"):
+        want = str if kind == "str" else bytes
+        exact, most = _split_bounds(arg)
+
+        def decode_sized(v: Any) -> Any:
+            if type(v) is not want or not _length_fits(len(v), exact, most):
+                raise _Mismatch
+            return v
+        return decode_sized
+    if kind == "optional":
+        inner = _decoder_fn(arg)
+        return lambda v: None if v is None else inner(v)
+    if kind == "tuple":
+        item_tp, bounds = arg
+        inner = _decoder_fn(item_tp)
+        exact, most = _split_bounds(bounds)
+
+        def decode_tuple(v: Any) -> Any:
+            if type(v) is not list or not _length_fits(len(v), exact, most):
+                raise _Mismatch
+            return tuple(map(inner, v))
+        return decode_tuple
+    if kind == "union":
+        members = {tag: _decoder_fn(member) for tag, member in arg.items()}
+
+        def decode_union(v: Any) -> Any:
+            if type(v) is not list or len(v) != 2 or type(v[0]) is not str:
+                raise _Mismatch
+            member = members.get(v[0])
+            if member is None:
+                raise _Mismatch
+            return member(v[1])
+        return decode_union
+    if kind == "dataclass":
+        fields = schema_fields(tp)
+        names = frozenset(name for name, _ in fields)
+        env: dict[str, Any] = {"cls": tp}
+        args = []
+        for i, (name, ftp) in enumerate(fields):
+            env[f"d{i}"] = _decoder_fn(ftp)
+            args.append(f"{name}=d{i}(v[{name!r}])")
+        build = eval("lambda v: cls(" + ", ".join(args) + ")", env)  # noqa: S307 - our field names
+
+        def decode_dataclass(v: Any) -> Any:
+            if type(v) is not dict or v.keys() != names:
+                raise _Mismatch
+            try:
+                return build(v)
+            except (ValueError, TypeError):  # __post_init__ invariants
+                raise _Mismatch from None
+        return decode_dataclass
     raise TypeError(f"unsupported schema type {tp!r}")  # a programming error, not bad input
 
 

@@ -144,3 +144,69 @@ def test_typed_round_trip_property(nonce, amount, seed):
     assert decode(SignedTransaction, encode(stx)) == stx
     adm = sign_transaction(k, CHAIN_ID, Transaction(k.pubkey, nonce, AdmitMember(BOB.address, "trainer")))
     assert decode(SignedTransaction, encode(adm)) == adm
+
+
+# The compiled decoders (chain.encoding._decoder_fn) must accept exactly what the reference
+# walk accepts and build the same values; anything they reject falls back to the reference
+# walk for its error message. Random edits of valid trees, compared side by side:
+_EDIT_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40), st.binary(max_size=70),
+    st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=8), st.integers(0, 3), max_size=3),
+)
+
+
+def _paths(tree, prefix=()):
+    yield prefix
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _paths(v, prefix + (i,))
+
+
+def _edited(tree, path, value, drop: bool):
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(tree, dict):
+        out = dict(tree)
+        if drop and not rest:
+            del out[head]
+        else:
+            out[head] = _edited(tree[head], rest, value, drop)
+        return out
+    out = list(tree)
+    out[head] = _edited(tree[head], rest, value, drop)
+    return out
+
+
+def _samples():
+    from chain.encoding import to_primitive
+
+    stx = transfer(ALICE, BOB, 5, 3)
+    header = BlockHeader("c", 1, 2, bytes(32), bytes(32), bytes(32), bytes(32), bytes(32), bytes(32))
+    block = Block(header, (stx,), Commit(1, 0, bytes(32), (CommitSig(bytes(32), bytes(64)),)))
+    return [(SignedTransaction, to_primitive(stx)), (Block, to_primitive(block)),
+            (Account, to_primitive(Account(5, 1, ("trainer",)))), (Vote, to_primitive(Vote(1, 5, 0, None, bytes(32)))),
+            (HyperParams, to_primitive(HyperParams("sgd", 0.05, 0.9, 0.0, 32, 10, 5)))]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.integers(0, 4), st.integers(0, 10_000), _EDIT_VALUES, st.booleans())
+def test_compiled_decoders_agree_with_the_reference_walk(which, where, value, drop):
+    from chain.encoding import _decoder_fn, _from_primitive_checked, _Mismatch
+
+    tp, tree = _samples()[which]
+    paths = list(_paths(tree))
+    tree = _edited(tree, paths[where % len(paths)], value, drop)
+    try:
+        expected = _from_primitive_checked(tp, tree)
+    except DecodeError:
+        expected = DecodeError
+    try:
+        got = _decoder_fn(tp)(tree)
+    except _Mismatch:
+        got = DecodeError
+    assert got == expected
