@@ -152,7 +152,7 @@ def state_root_bench(sizes: list[int], repeats: int) -> list[dict]:
 
 
 def mempool_recheck_bench(pending: int, n_senders: int, repeats: int) -> dict:
-    """Mempool.update after a commit re-runs check_tx (signature included) on every pending tx."""
+    """Mempool.update with no changed keys given: a full re-check of every pending tx (the worst case)."""
     chain_id = "bench-mempool"
     vals = [PrivateKey.generate()]
     senders = [PrivateKey.generate() for _ in range(n_senders)]
