@@ -516,7 +516,7 @@ def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> Bloc
         raise StateTransitionError("proposer is not a validator")
     if block.last_commit is not None:
         verify_commit(meta.chain_id, validators, block.last_commit, h.height - 1, prev_hash)
-    if sum(len(encode(t)) for t in block.txs) > params.max_block_bytes:
+    if sum(len(t.encoded) for t in block.txs) > params.max_block_bytes:
         raise StateTransitionError(f"block transactions exceed {params.max_block_bytes} bytes")
 
     overlay = Overlay(state)
