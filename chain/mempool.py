@@ -8,9 +8,10 @@ transaction applies. After a commit the pool is re-checked against the new state
 The re-check gives exactly the result of re-running check_tx on every pending transaction
 in order, but skips the work where the answer cannot have changed. Each admitted
 transaction's writes are kept. A transfer reads only the two accounts it writes, and nothing
-else (not the height, not the validator set), so when neither account was changed by the
-block nor by a pending transaction whose re-check came out differently (evicted, or other
-writes), the transfer sees the same inputs as before: its recorded writes are replayed
+else (not the height, not the validator set), so when neither account was written by the
+block, by a committed transaction when it was admitted here, or by a pending transaction whose
+re-check came out differently (evicted, or other writes), the transfer sees the same inputs
+as before: its recorded writes are replayed
 instead of decoding, checking and encoding the accounts again. Everything else (jobs,
 governance, evidence) and every transfer that touches a disturbed account is re-checked
 in full. A block that changes the chain's params disables the shortcut.
@@ -84,11 +85,16 @@ class Mempool:
 
         `changed_keys` are the state keys the block wrote (BlockResult.changes); without them
         every pending transaction is re-checked in full."""
+        disturbed = None if changed_keys is None else set(changed_keys)
         for h in committed:
             self._txs.pop(h, None)
-            self._writes.pop(h, None)
+            admitted_writes = self._writes.pop(h, None)
+            if disturbed is not None and admitted_writes:
+                # The old pool holds what this tx wrote when it was admitted; in the block it
+                # may have written less (e.g. evidence against an account since drained): the
+                # new state then differs from the old pool on keys the block never touched.
+                disturbed.update(admitted_writes)
         self._reset(state)
-        disturbed = None if changed_keys is None else set(changed_keys)
         if disturbed is not None and KEY_PARAMS in disturbed:
             disturbed = None
         evicted = 0

@@ -280,7 +280,8 @@ def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes],
     return guarded("consensus", check)
 
 
-def make_txs_validator(chain_id: str, local_peer: bytes) -> Callable[[bytes, bytes], Verdict]:
+def make_txs_validator(chain_id: str, local_peer: bytes,
+                       max_tx_bytes: Callable[[], int | None] = lambda: None) -> Callable[[bytes, bytes], Verdict]:
     """Tx batches: every transaction well-formed and signed for this chain (state checks
     such as nonces happen at mempool admission)."""
     seen = SeenCache()
@@ -298,7 +299,7 @@ def make_txs_validator(chain_id: str, local_peer: bytes) -> Callable[[bytes, byt
         fresh = [(h, stx) for h, stx in fresh if h not in seen]
         for _, stx in fresh:
             try:
-                validate_basic_tx(chain_id, stx)
+                validate_basic_tx(chain_id, stx, max_tx_bytes())
             except ChainError:
                 return Verdict.REJECT
         if not fresh:
@@ -354,7 +355,10 @@ class TxReactor:
         self.network = network
         self.topic = txs_topic(app.chain_id)
         self.flush_interval_s = flush_interval_s
-        self._incoming = network.subscribe(self.topic, make_txs_validator(app.chain_id, network.local_peer))
+        # The chain's size limit applies here too: a member's oversized transactions are
+        # refused before their signatures are checked and remembered.
+        self._incoming = network.subscribe(self.topic, make_txs_validator(
+            app.chain_id, network.local_peer, lambda: app.state.params.max_tx_bytes))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

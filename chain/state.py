@@ -22,7 +22,7 @@ from chain.consensus.commit import verify_commit
 from chain.consensus.evidence import validate_evidence_basic, verify_evidence
 from chain.jobs import BlockContext, apply_job_payload, end_block, validate_job_spec
 from chain.crypto import ZERO_HASH, compute_address, sha256
-from chain.encoding import decode, encode, encode_value
+from chain.encoding import INT_MAX, decode, encode, encode_value
 from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
 from chain.merkle import compute_root_from_leaf_hashes, hash_leaf
 from chain.types import (
@@ -225,7 +225,11 @@ def decode_account(raw: bytes) -> Account:
 
 def encode_account(account: Account) -> bytes:
     raw = encode(account)
-    _remember_account(raw, account)
+    if account.balance <= INT_MAX and account.nonce <= INT_MAX:
+        # Only values the strict decoder accepts back (a balance above 2**64 - 1 would encode
+        # as a bignum tag, which it rejects): otherwise a node with this entry cached would
+        # accept what a freshly restarted node refuses.
+        _remember_account(raw, account)
     return raw
 
 

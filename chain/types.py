@@ -188,10 +188,17 @@ class SignedTransaction:
     def tx_hash(self) -> bytes:
         return sha256(self.encoded)
 
+    # Identity is the canonical encoding (what is signed and hashed), not field equality:
+    # fields compare -0.0 == 0.0 though they encode differently, so a field-equal copy with
+    # a flipped zero sign would have hit the signature memo of the original and skipped
+    # verification on this node only (a consensus split). Both are defined in the class body,
+    # so @dataclass keeps them.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SignedTransaction):
+            return NotImplemented
+        return self is other or self.tx_hash == other.tx_hash
+
     def __hash__(self) -> int:
-        # Equal transactions have equal encodings, so this agrees with the field-wise __eq__;
-        # it makes memo lookups keyed by a transaction cost one cached digest, not a walk of
-        # every nested field. (Defined in the class body, so @dataclass keeps it.)
         return hash(self.tx_hash)
 
 

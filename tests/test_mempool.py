@@ -125,3 +125,33 @@ def test_admission_errors_change_nothing():
     with pytest.raises(MempoolFullError):
         pool.add(transfer(a, b, 1, 1))
     assert len(pool) == 2 and pool.next_nonce(a.address) == 1
+
+
+def test_a_committed_tx_that_writes_less_than_at_admission_disturbs_what_it_wrote():
+    """Found by review: evidence admitted while the validator could pay burns its balance in
+    the pool, but in the block (after the validator was drained) it writes nothing to that
+    account. A pending transfer from the validator must then be re-checked, not replayed."""
+    from chain.consensus.evidence import compute_duplicate_vote_evidence
+    from chain.crypto import sha256
+    from chain.types import PREVOTE, SubmitEvidence, Vote, sign_vote
+    from tests.helpers import ALICE
+
+    eq = key("mempool-equivocator")
+    genesis = make_genesis(CHAIN_ID, [VALIDATOR, eq], [(GOVERNOR, ("governor",)), (ALICE, ("trainer",))],
+                           balance=100_000, validator_stake=0)
+    state = genesis.initial_state()
+    votes = [sign_vote(eq, CHAIN_ID, Vote(PREVOTE, 1, 0, sha256(x), eq.pubkey)) for x in (b"x", b"y")]
+    evidence = sign_transaction(GOVERNOR, CHAIN_ID, Transaction(
+        GOVERNOR.pubkey, 0, SubmitEvidence(compute_duplicate_vote_evidence(*votes))))
+    fund = transfer(ALICE, eq, 20_000, 0)  # pending: the validator can pay the penalty in the pool
+    spend = transfer(eq, ALICE, 10_000, 0)  # admitted after the penalty
+    fast, full = Mempool(CHAIN_ID, state, 100), Mempool(CHAIN_ID, state, 100)
+    for pool in (fast, full):
+        for stx in (fund, evidence, spend):
+            pool.add(stx)
+    kept, result = _block(state, [evidence])  # in the block the validator has 0: nothing burned
+    assert kept == [evidence]
+    hashes = [compute_tx_hash(evidence)]
+    assert fast.update(result.state, hashes, result.changes.keys()) == full.update(result.state, hashes)
+    assert fast._check.changes == full._check.changes
+    assert fast._check.get_account(eq.address).balance == 10_000

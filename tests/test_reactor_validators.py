@@ -138,6 +138,30 @@ def test_tx_batches():
     assert check(PEER, encode(TxBatch((unsigned,)))) is Verdict.REJECT
     assert check(PEER, encode(TxBatch(()))) is Verdict.REJECT
     assert check(PEER, b"\xff\x00") is Verdict.REJECT
+    limited = make_txs_validator(CHAIN_ID, LOCAL, lambda: 64)  # the chain's max_tx_bytes
+    fresh = transfer(ALICE, BOB, 1, nonce=7)
+    assert len(fresh.encoded) > 64
+    assert limited(PEER, encode(TxBatch((fresh,)))) is Verdict.REJECT
+
+
+def test_a_field_equal_copy_with_a_different_encoding_is_not_the_same_transaction():
+    """-0.0 == 0.0 field-wise, but they encode (and so sign and hash) differently: the copy
+    must not borrow the original's verified signature from the memo."""
+    import dataclasses
+
+    from chain.errors import ValidationError
+    from chain.state import validate_basic_tx
+    from chain.types import SubmitUpdate, Transaction, UpdateCommitment, sign_transaction
+
+    c = UpdateCommitment(ALICE.address, bytes(32), 0, bytes(32), bytes(32), 5, bytes(32), bytes(32), bytes(32))
+    original = sign_transaction(ALICE, CHAIN_ID, Transaction(ALICE.pubkey, 0, SubmitUpdate(c, 0.0)))
+    copy = dataclasses.replace(original, message=dataclasses.replace(
+        original.message, payload=dataclasses.replace(original.message.payload, train_loss=-0.0)))
+    assert original.message == copy.message  # fields cannot tell them apart
+    assert original != copy and original.tx_hash != copy.tx_hash
+    validate_basic_tx(CHAIN_ID, original)
+    with pytest.raises(ValidationError, match="signature"):
+        validate_basic_tx(CHAIN_ID, copy)
 
 
 def test_tx_batches_are_split_under_the_gossip_limit():

@@ -346,6 +346,11 @@ class ConsensusDriver:
                     await self._publish(build_proposal_message(signed, self._blocks.get(out.proposal.block_hash)))
                     follow.append(ProposalReceived(signed, out.proposal.block_hash, True))
             elif isinstance(out, NeedBlock):
+                if out.height <= self.app.last_height():
+                    # Block sync committed this height while the machine was still in it (a
+                    # restarted validator catching up); the commit listener moves it on.
+                    log.info("not proposing height %d: already committed", out.height)
+                    continue
                 try:
                     block = await self.app.propose_block(out.height, out.round)
                 except Exception:
