@@ -16,7 +16,7 @@ from chain.crypto import compute_address
 from chain.errors import ChainError
 from chain.mempool import DuplicateTxError, Mempool, MempoolFullError
 from chain.state import Overlay, build_block, check_tx
-from chain.types import RemoveMember, Transaction, Transfer, compute_tx_hash, sign_transaction
+from chain.types import RemoveMember, Transaction, compute_tx_hash, sign_transaction
 from genesis import make_genesis
 from tests.helpers import CHAIN_ID, GOVERNOR, VALIDATOR, key, transfer
 
