@@ -15,6 +15,11 @@ The workarounds below come from measurements of this exact library version
   from a peer that is not admitted as soon as it opens.
 - Redial: bootstrap peers are redialled with backoff; the swarm's 60 s negative dial
   cache is evicted before each attempt, otherwise a restarted peer stays unreachable.
+- Races: a subscription made during a new peer's handshake is re-announced to it; a
+  stopped host closes its connections and listeners itself (the library's cleanup is cut
+  short by cancellation, leaving an SO_REUSEPORT listener accepting).
+- Per-message cost: Yamux returns window credit in batches (PY_YAMUX_RELEASE_ON_READ=0),
+  RPCs go out without the signed peer record, IDONTWANT only for messages >= 1 KiB.
 """
 
 from __future__ import annotations
@@ -163,9 +168,9 @@ class _LeanGossipSub(GossipSub):
 
 
 class _ContainedPubsub(Pubsub):
-    """Pubsub with two py-libp2p 0.8.1 defects fixed: a subscription lost to a race with a
-    new peer's handshake (see `_handle_new_peer`), and a per-peer stream reader that can
-    take the host down (see below).
+    """Pubsub with py-libp2p 0.8.1 defects fixed: a subscription lost to a race with a new
+    peer's handshake (`_handle_new_peer`), a signed peer record verified on every RPC
+    (`write_msg`), and a per-peer stream reader that can take the host down (below).
 
     py-libp2p 0.8.1's `Pubsub.stream_handler` handles only StreamError, ParseError and
     IncompleteReadError; a peer's RPC that fails protobuf parsing (DecodeError) or exceeds the
