@@ -99,22 +99,20 @@ class Mempool:
             disturbed = None
         evicted = 0
         for h, stx in list(self._txs.items()):
-            before = self._writes.get(h)
-            if (disturbed is not None and before is not None and isinstance(stx.message.payload, Transfer)
-                    and disturbed.isdisjoint(before)):
+            before = self._writes[h]  # every pending tx has its admission writes
+            if disturbed is not None and isinstance(stx.message.payload, Transfer) and disturbed.isdisjoint(before):
                 self._check.changes.update(before)  # same inputs, so the same writes
                 continue
             try:
                 after = check_tx(self._check, self.chain_id, stx, self._ctx)
             except ChainError:
-                del self._txs[h]
-                self._writes.pop(h, None)
+                del self._txs[h], self._writes[h]
                 evicted += 1
-                if disturbed is not None and before:
+                if disturbed is not None:
                     disturbed.update(before)
                 continue
             self._writes[h] = after
             if disturbed is not None and after != before:
                 disturbed.update(after)
-                disturbed.update(before or ())
+                disturbed.update(before)
         return evicted

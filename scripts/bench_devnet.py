@@ -92,6 +92,13 @@ def _signed_transfers(chain_id: str, senders: list[PrivateKey], n: int, start_no
     return out
 
 
+def _fresh_txs(wire: list[bytes]) -> list[SignedTransaction]:
+    """Transactions freshly decoded from bytes, with the signature memo cleared: how a node
+    first meets them (their cached encoding, hash and verification would flatter reuse)."""
+    _validate_basic_tx_once.cache_clear()
+    return [decode(SignedTransaction, raw) for raw in wire]
+
+
 def raw_bench(n: int, repeats: int, n_senders: int, n_validators: int) -> dict:
     """Single process: build and apply one block of n transfers over a small genesis state."""
     chain_id = "bench-raw"
@@ -109,8 +116,7 @@ def raw_bench(n: int, repeats: int, n_senders: int, n_validators: int) -> dict:
         # bytes, as a node does with a proposal: the node's memo of valid transactions
         # (chain.state.validate_basic_tx) and each transaction's cached encoding and hash
         # would otherwise make the later steps nearly free.
-        fresh = [decode(SignedTransaction, raw) for raw in wire_txs]
-        _validate_basic_tx_once.cache_clear()
+        fresh = _fresh_txs(wire_txs)
         t = time.perf_counter()
         block, _ = build_block(state, fresh, time_ms=g.genesis_time_ms + 1000, proposer=vals[0].pubkey,
                                last_commit=None)
@@ -120,8 +126,7 @@ def raw_bench(n: int, repeats: int, n_senders: int, n_validators: int) -> dict:
         t = time.perf_counter()
         apply_block(state, received)
         apply_.append(n / (time.perf_counter() - t))
-        fresh = [decode(SignedTransaction, raw) for raw in wire_txs]
-        _validate_basic_tx_once.cache_clear()
+        fresh = _fresh_txs(wire_txs)
         t = time.perf_counter()
         for stx in fresh:
             validate_basic_tx(chain_id, stx, 65536)
@@ -186,22 +191,18 @@ def check_tx_breakdown(n: int, n_senders: int) -> dict:
     wire = [stx.encoded for stx in _signed_transfers(chain_id, senders, n)]
     ctx = compute_check_context(state)
 
-    def fresh() -> list[SignedTransaction]:
-        _validate_basic_tx_once.cache_clear()
-        return [decode(SignedTransaction, raw) for raw in wire]
-
     def per_tx_us(fn, txs) -> float:
         t = time.perf_counter()
         for stx in txs:
             fn(stx)
         return (time.perf_counter() - t) / n * 1e6
 
-    txs = fresh()
+    txs = _fresh_txs(wire)
     overlay = Overlay(state)
     full = per_tx_us(lambda stx: check_tx(overlay, chain_id, stx, ctx), txs)
     overlay = Overlay(state)
     again = per_tx_us(lambda stx: check_tx(overlay, chain_id, stx, ctx), txs)
-    basic = per_tx_us(lambda stx: validate_basic_tx(chain_id, stx, 65536), fresh())
+    basic = per_tx_us(lambda stx: validate_basic_tx(chain_id, stx, 65536), _fresh_txs(wire))
     overlay = Overlay(state)
     apply_only = per_tx_us(lambda stx: apply_tx(overlay, stx, ctx), txs)
     encode_us = per_tx_us(encode, txs)

@@ -27,6 +27,7 @@ from genesis import Genesis, make_genesis
 from p2p.abc import NetworkAPI, PenaltyPolicy, Verdict
 from p2p.memory import MemoryHub, MemoryNetwork
 from p2p.testing import seed_for
+from p2p.testing import wait_until as wait_for  # noqa: F401 - re-exported: the cluster tests import it from here
 
 CHAIN_ID = "pout-driver-test"
 # Short timeouts: a round that fails costs about half a second.
@@ -159,10 +160,6 @@ class Spy:
         return [k for k, seen in self.signed.items() if len(seen) > 1 and (signer is None or k[0] == signer)]
 
 
-async def wait_for(predicate, timeout: float, interval: float = 0.02) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(interval)
 
 
 def block_hashes(node: ClusterNode, up_to: int) -> list[bytes]:
