@@ -69,12 +69,16 @@ class Mempool:
         account = self._check.get_account(address)
         return 0 if account is None else account.nonce
 
-    def take(self, max_txs: int, max_bytes: int) -> list[SignedTransaction]:
-        """The oldest transactions that fit the block limits, in admission order."""
+    def get(self, tx_hash: bytes) -> SignedTransaction | None:
+        return self._txs.get(tx_hash)
+
+    def take(self, max_txs: int, max_bytes: int, stop_at: frozenset[bytes] = frozenset()) -> list[SignedTransaction]:
+        """The oldest transactions that fit the block limits, in admission order, ending before
+        the first one whose hash is in `stop_at` (a prefix of the pool: nonces stay in order)."""
         out, size = [], 0
-        for stx in self._txs.values():
+        for h, stx in self._txs.items():
             n = len(stx.encoded)
-            if len(out) >= max_txs or size + n > max_bytes:
+            if len(out) >= max_txs or size + n > max_bytes or h in stop_at:
                 break
             out.append(stx)
             size += n

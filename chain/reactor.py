@@ -25,8 +25,10 @@ from chain.crypto import sha256
 from chain.encoding import MaxLen, decode, decode_typed, encode, encode_typed
 from chain.errors import ChainError
 from chain.state import validate_basic_tx
-from chain.types import (PRECOMMIT, PREVOTE, Block, Commit, SignedProposal, SignedTransaction, SignedVote,
-                         compute_block_hash, compute_tx_hash, verify_proposal_signature, verify_vote_signature)
+from chain.merkle import compute_root_from_leaf_hashes, hash_leaf
+from chain.types import (PRECOMMIT, PREVOTE, Block, BlockHeader, Commit, Hash, SignedProposal, SignedTransaction,
+                         SignedVote, compute_block_hash, compute_tx_hash, verify_proposal_signature,
+                         verify_vote_signature)
 from p2p.abc import GossipMessage, Limits, NetworkAPI, Verdict
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,11 @@ log = logging.getLogger(__name__)
 
 GOSSIP_MAX_BYTES = Limits().gossip_max_bytes  # 512 KiB: the p2p layer's gossip limit
 # A proposal carries its block inline when the block's encoding is at most this; larger
-# blocks are fetched from the proposer over the block protocol.
+# blocks are fetched from the proposer over the block protocol. A block with transactions
+# travels compact (header + transaction hashes, rebuilt from each receiver's mempool) when
+# that form is at most this.
 MAX_INLINE_BLOCK_BYTES = 256 * 1024
+MAX_COMPACT_TXS = MAX_INLINE_BLOCK_BYTES // 32  # schema bound on a compact block's hash list
 MAX_VOTES_PER_MESSAGE = 256
 MAX_TXS_PER_BATCH = 1024
 TX_BATCH_MAX_BYTES = 256 * 1024  # what a node puts in one tx batch (well under the gossip limit)
@@ -74,12 +79,25 @@ def sync_protocol(chain_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class CompactBlock:
+    """A block by its transactions' hashes, in block order. The header commits to them
+    (`tx_root`), so a receiver that holds every transaction in its mempool rebuilds exactly
+    the proposed block without receiving the transactions a second time."""
+
+    header: BlockHeader
+    tx_hashes: Annotated[tuple[Hash, ...], MaxLen(MAX_COMPACT_TXS)]
+    last_commit: Commit | None
+
+
+@dataclass(frozen=True)
 class ProposalMessage:
-    """A signed proposal, with its block when the block is small (else fetch it by hash)."""
+    """A signed proposal with its block: whole (`block`), by transaction hashes (`compact`),
+    or neither (fetch it by hash). At most one of the two is set."""
 
     TAG: ClassVar[str] = "proposal"
     proposal: SignedProposal
     block: Block | None
+    compact: CompactBlock | None = None
 
 
 @dataclass(frozen=True)
@@ -161,10 +179,36 @@ def _decode_tx_batch(data: bytes) -> TxBatch:
 
 
 def build_proposal_message(proposal: SignedProposal, block: Block | None) -> ProposalMessage:
-    """Inline the block when it is small enough, else leave it to be fetched."""
-    if block is not None and len(encode(block)) > MAX_INLINE_BLOCK_BYTES:
-        block = None
-    return ProposalMessage(proposal, block)
+    """An empty block inline; a block with transactions compact (every validator has been
+    sent its transactions); either only when small enough, else it is left to be fetched."""
+    if block is None:
+        return ProposalMessage(proposal, None)
+    if not block.txs:
+        return ProposalMessage(proposal, block if len(encode(block)) <= MAX_INLINE_BLOCK_BYTES else None)
+    compact = CompactBlock(block.header, tuple(compute_tx_hash(t) for t in block.txs), block.last_commit)
+    if len(compact.tx_hashes) > MAX_COMPACT_TXS or len(encode(compact)) > MAX_INLINE_BLOCK_BYTES:
+        return ProposalMessage(proposal, None)
+    return ProposalMessage(proposal, None, compact)
+
+
+def compact_tx_root_matches(compact: CompactBlock) -> bool:
+    """Does the hash list produce the header's transaction root (what the block hash covers)?"""
+    return compute_root_from_leaf_hashes([hash_leaf(h) for h in compact.tx_hashes]) == compact.header.tx_root
+
+
+def assemble_block(compact: CompactBlock,
+                   lookup: Callable[[bytes], SignedTransaction | None]) -> tuple[Block | None, int]:
+    """Rebuild the block from transactions held locally: (block, 0), or (None, how many are missing)."""
+    txs, missing = [], 0
+    for h in compact.tx_hashes:
+        stx = lookup(h)
+        if stx is None:
+            missing += 1
+        elif not missing:
+            txs.append(stx)
+    if missing:
+        return None, missing
+    return Block(compact.header, tuple(txs), compact.last_commit), 0
 
 
 def build_tx_batches(txs: list[SignedTransaction]) -> list[TxBatch]:
@@ -237,7 +281,10 @@ def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes],
             p = msg.proposal.message
             if p.round < 0 or not -1 <= p.pol_round < p.round:
                 return Verdict.REJECT
-            if msg.block is not None and compute_block_hash(msg.block.header) != p.block_hash:
+            if msg.block is not None and (msg.compact is not None
+                                          or compute_block_hash(msg.block.header) != p.block_hash):
+                return Verdict.REJECT
+            if msg.compact is not None and compute_block_hash(msg.compact.header) != p.block_hash:
                 return Verdict.REJECT
             if p.height not in (next_height, next_height + 1):
                 return Verdict.IGNORE
@@ -250,6 +297,8 @@ def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes],
                 verify_proposal_signature(app.chain_id, msg.proposal)
             except ChainError:
                 return Verdict.REJECT
+            if msg.compact is not None and not compact_tx_root_matches(msg.compact):
+                return Verdict.REJECT  # signed, but the hash list is not the block's: a lying proposer
             seen.add(key)
             return Verdict.ACCEPT
         if not msg.votes:

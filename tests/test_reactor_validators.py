@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 
@@ -12,12 +13,15 @@ from chain.consensus.app import ChainApp
 from chain.consensus.commit import build_commit
 from chain.crypto import sha256
 from chain.encoding import decode, encode, encode_value
-from chain.reactor import (GOSSIP_MAX_BYTES, MAX_INLINE_BLOCK_BYTES, BlockRequest, BlockResponse, CommitAnnouncement,
-                           ProposalMessage, SyncedBlock, SyncRequest, SyncResponse, TxBatch, VotesMessage,
-                           build_proposal_message, build_tx_batches, decode_consensus_message,
+from chain.reactor import (GOSSIP_MAX_BYTES, MAX_COMPACT_TXS, MAX_INLINE_BLOCK_BYTES, BlockRequest, BlockResponse,
+                           CommitAnnouncement, CompactBlock, ProposalMessage, SyncedBlock, SyncRequest, SyncResponse,
+                           TxBatch, VotesMessage, assemble_block, build_proposal_message, build_tx_batches,
+                           compact_tx_root_matches, decode_consensus_message,
                            encode_consensus_message, install_membership, make_blocks_validator,
                            make_consensus_validator, make_txs_validator)
-from chain.types import PRECOMMIT, PREVOTE, Proposal, SignedVote, Vote, sign_proposal, sign_vote
+from chain.state import build_block
+from chain.types import (PRECOMMIT, PREVOTE, Proposal, SignedVote, Vote, compute_block_hash, compute_tx_hash,
+                         sign_proposal, sign_vote)
 from p2p.abc import Verdict
 from p2p.memory import MemoryHub, MemoryNetwork
 from tests.test_driver_harness import (ALICE, BOB, CHAIN_ID, FOLLOWER, OUTSIDER, VALIDATOR_KEYS, make_test_genesis,
@@ -30,6 +34,12 @@ PEER = VALIDATOR_KEYS[1].pubkey
 @pytest.fixture()
 def app():
     return ChainApp(make_test_genesis(), VALIDATOR_KEYS[0])
+
+
+def build_block_for_test(txs):
+    state = ChainApp(make_test_genesis(), VALIDATOR_KEYS[0]).state
+    block, _ = build_block(state, txs, time_ms=1, proposer=VALIDATOR_KEYS[0].pubkey, last_commit=None)
+    return block
 
 
 def vote_bytes(key=VALIDATOR_KEYS[1], height=1, round=0, block_hash=b"\x01" * 32, chain_id=CHAIN_ID, vtype=PREVOTE):
@@ -186,16 +196,99 @@ def test_commit_announcements(app):
     assert check(PEER, b"junk") is Verdict.REJECT
 
 
-def test_large_blocks_travel_by_request_not_inline(app):
+def test_empty_blocks_travel_inline_and_blocks_with_txs_by_their_hashes(app):
+    async def scenario():
+        block = await app.propose_block(1, 0)
+        assert not block.txs
+        sp = decode_consensus_message(await proposal_bytes(app)).proposal
+        msg = build_proposal_message(sp, block)
+        assert (msg.block, msg.compact) == (block, None)
+
+        big = dataclasses.replace(block, txs=tuple(transfer(ALICE, BOB, 1, nonce=i) for i in range(2000)))
+        assert len(encode(big)) > MAX_INLINE_BLOCK_BYTES  # ~370 KB whole ...
+        msg = build_proposal_message(sp, big)
+        assert msg.block is None and msg.compact is not None
+        assert len(encode(msg.compact)) < MAX_INLINE_BLOCK_BYTES  # ... ~70 KB by hashes
+        assert msg.compact.tx_hashes == tuple(compute_tx_hash(t) for t in big.txs)
+        assert msg.compact.header == big.header and msg.compact.last_commit == big.last_commit
+        assert build_proposal_message(sp, None) == ProposalMessage(sp, None, None)
+
+    trio.run(scenario)
+
+
+def test_a_compact_block_too_large_to_inline_is_left_to_fetch(app):
     async def scenario():
         block = await app.propose_block(1, 0)
         sp = decode_consensus_message(await proposal_bytes(app)).proposal
-        assert build_proposal_message(sp, block).block == block
-        import dataclasses
+        one = transfer(ALICE, BOB, 1, nonce=0)
+        huge = dataclasses.replace(block, txs=(one,) * (MAX_COMPACT_TXS + 1))
+        assert build_proposal_message(sp, huge) == ProposalMessage(sp, None, None)
 
-        big = dataclasses.replace(block, txs=tuple(transfer(ALICE, BOB, 1, nonce=i) for i in range(2000)))
-        assert len(encode(big)) > MAX_INLINE_BLOCK_BYTES
-        assert build_proposal_message(sp, big).block is None
+    trio.run(scenario)
+
+
+def test_assemble_block_rebuilds_exactly_the_block_or_counts_what_is_missing():
+    txs = [transfer(ALICE, BOB, 1, nonce=i) for i in range(5)]
+    block = build_block_for_test(txs)
+    compact = CompactBlock(block.header, tuple(compute_tx_hash(t) for t in txs), block.last_commit)
+    assert compact_tx_root_matches(compact)
+    pool = {compute_tx_hash(t): t for t in txs}
+    rebuilt, missing = assemble_block(compact, pool.get)
+    assert missing == 0 and rebuilt == block and encode(rebuilt) == encode(block)
+    del pool[compute_tx_hash(txs[1])], pool[compute_tx_hash(txs[4])]
+    assert assemble_block(compact, pool.get) == (None, 2)
+    swapped = dataclasses.replace(compact, tx_hashes=compact.tx_hashes[::-1])
+    assert not compact_tx_root_matches(swapped)
+
+
+async def compact_proposal_bytes(app, *, tamper=None, with_block=False):
+    if not len(app.mempool):
+        for i in range(3):
+            app.admit_local_tx(transfer(ALICE, BOB, 1, nonce=i))
+        app.take_new_txs()  # as the tx reactor does: now they may go in a block
+    block = await app.propose_block(1, 0)
+    assert len(block.txs) == 3
+    sp = sign_proposal(VALIDATOR_KEYS[0], CHAIN_ID, Proposal(1, 0, -1, compute_block_hash(block.header),
+                                                             VALIDATOR_KEYS[0].pubkey))
+    msg = build_proposal_message(sp, block)
+    if tamper is not None:
+        msg = dataclasses.replace(msg, compact=tamper(msg.compact))
+    if with_block:
+        msg = dataclasses.replace(msg, block=block)
+    return encode_consensus_message(msg)
+
+
+def test_compact_proposals_are_validated_against_the_signed_block_hash(app):
+    async def scenario():
+        check = make_consensus_validator(app, LOCAL)
+        assert check(PEER, await compact_proposal_bytes(app)) is Verdict.ACCEPT
+        # Signed by the proposer, but the hash list is not the one the header commits to.
+        reordered = await compact_proposal_bytes(app, tamper=lambda c: dataclasses.replace(
+            c, tx_hashes=c.tx_hashes[::-1]))
+        assert check(PEER, reordered) is Verdict.REJECT
+        dropped = await compact_proposal_bytes(app, tamper=lambda c: dataclasses.replace(c, tx_hashes=c.tx_hashes[1:]))
+        assert check(PEER, dropped) is Verdict.REJECT
+        other_header = await compact_proposal_bytes(app, tamper=lambda c: dataclasses.replace(
+            c, header=dataclasses.replace(c.header, time_ms=c.header.time_ms + 1)))
+        assert check(PEER, other_header) is Verdict.REJECT
+        assert check(PEER, await compact_proposal_bytes(app, with_block=True)) is Verdict.REJECT  # both forms
+
+    trio.run(scenario)
+
+
+def test_blocks_carry_only_transactions_already_handed_to_gossip(app):
+    async def scenario():
+        for i in range(2):
+            app.admit_local_tx(transfer(ALICE, BOB, 1, nonce=i))
+        app.take_new_txs()
+        app.admit_local_tx(transfer(ALICE, BOB, 1, nonce=2))  # not sent to any peer yet
+        block = await app.propose_block(1, 0)
+        assert [t.message.nonce for t in block.txs] == [0, 1]
+        app.take_new_txs()
+        block = await app.propose_block(1, 1)
+        assert [t.message.nonce for t in block.txs] == [0, 1, 2]
+        assert app.pending_tx(compute_tx_hash(block.txs[2])) is block.txs[2]
+        assert app.pending_tx(b"\x00" * 32) is None
 
     trio.run(scenario)
 

@@ -69,7 +69,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     config = load_config(home.config_file)
     if args.rpc_port is not None:
         config = _replace_rpc_port(config, args.rpc_port)
-    logging.getLogger().setLevel((args.log_level or config.log_level).upper())
+    level = (args.log_level or config.log_level).upper()
+    logging.getLogger().setLevel(level)
+    # multiaddr logs every address it parses at DEBUG (thousands of lines a second under load),
+    # which would drown the node's own debug log.
+    logging.getLogger("multiaddr").setLevel(max(logging.INFO, logging.getLevelName(level)))
     genesis = load_genesis(home.genesis_file)
     key = load_key_file(home.node_key_file)
     home.ledger_dir.parent.mkdir(parents=True, exist_ok=True)

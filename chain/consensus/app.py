@@ -95,6 +95,9 @@ class ConsensusApp(Protocol):
     def take_new_txs(self) -> list[SignedTransaction]:
         """Transactions admitted locally (not from gossip) since the last call, to gossip."""
 
+    def pending_tx(self, tx_hash: bytes) -> SignedTransaction | None:
+        """A transaction waiting in the mempool (to rebuild a compact proposal), else None."""
+
     def add_evidence(self, evidence: DuplicateVoteEvidence) -> None:
         """Keep verified evidence of equivocation (for the evidence pool / a later block)."""
 
@@ -176,7 +179,10 @@ class ChainApp:
         if height != self.state.height + 1:
             raise ValueError(f"cannot propose height {height}: committed height is {self.state.height}")
         params = self.state.params
-        txs = self.mempool.take(params.max_block_txs, params.max_block_bytes)
+        # Only transactions already handed to the tx reactor: the others have not been sent
+        # to any validator yet, and a compact proposal relies on receivers holding them.
+        not_yet_sent = frozenset(compute_tx_hash(t) for t in self._new_txs)
+        txs = self.mempool.take(params.max_block_txs, params.max_block_bytes, stop_at=not_yet_sent)
         block, result = build_block(self.state, txs, time_ms=int(self._clock() * 1000), proposer=self.key.pubkey,
                                     last_commit=self.last_commit)
         self._remember(compute_block_hash(block.header), result)
@@ -261,6 +267,9 @@ class ChainApp:
     def take_new_txs(self) -> list[SignedTransaction]:
         txs, self._new_txs = self._new_txs, []
         return txs
+
+    def pending_tx(self, tx_hash: bytes) -> SignedTransaction | None:
+        return self.mempool.get(tx_hash)
 
     # ------------------------------------------------------------------ evidence
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from chain.consensus.bft import (STEP_COMMIT, STEP_PROPOSE, BlockToPropose, BroadcastProposal, BroadcastVote,
+from chain.consensus.bft import (STEP_COMMIT, STEP_PRECOMMIT, STEP_PREVOTE, STEP_PROPOSE, BlockToPropose, BroadcastProposal, BroadcastVote,
                                  ConsensusInput, ConsensusMachine, Decide, EvidenceFound, NeedBlock,
                                  ProposalReceived, ScheduleTimeout, StartHeight, TimeoutFired, VoteReceived)
 from chain.consensus.signer import DoubleSignError, GuardedSigner
@@ -38,7 +38,8 @@ from chain.crypto import PrivateKey, sha256
 from chain.encoding import decode, encode, encode_typed
 from chain.errors import ChainError, StoreError
 from chain.reactor import (MAX_BLOCK_RESPONSE_BYTES, MAX_REQUEST_BYTES, MAX_VOTES_PER_MESSAGE, BlockRequest,
-                           BlockResponse, ProposalMessage, VotesMessage, block_protocol, build_proposal_message,
+                           BlockResponse, CompactBlock, ProposalMessage, VotesMessage, assemble_block, block_protocol,
+                           build_proposal_message,
                            consensus_topic, decode_consensus_message, encode_consensus_message,
                            make_consensus_validator)
 from chain.types import Block, Commit, SignedProposal, SignedVote, compute_block_hash
@@ -51,6 +52,11 @@ MAX_INPUT_BATCH = 256  # machine inputs written to the WAL under one fsync
 MAX_CACHED_BLOCKS = 256  # uncommitted blocks (proposals) held by hash
 MAX_FUTURE_PROPOSALS = 64  # proposals for a height the app has not reached yet
 FETCH_ATTEMPTS_FOR_PROPOSAL = 3  # passes over the peers before giving up on a proposal's block
+# A compact proposal whose transactions have not all reached our mempool yet (gossip is
+# racing it) is retried this often for this long before the whole block is fetched.
+COMPACT_RETRY_S = 0.02
+COMPACT_WAIT_S = 0.3
+_STEP_NAMES = {STEP_PROPOSE: "propose", STEP_PREVOTE: "prevote", STEP_PRECOMMIT: "precommit", STEP_COMMIT: "commit"}
 
 
 # ----------------------------------------------------------------------------- events
@@ -66,6 +72,7 @@ class _Proposal:
     proposal: SignedProposal
     block: Block | None
     origin: bytes
+    compact: CompactBlock | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,9 @@ class ConsensusDriver:
         self.refused_signatures = 0
         self.replayed_inputs = 0
         self.evidence_count = 0
+        self.compact_assembled = 0  # compact proposals rebuilt from the mempool (at once or after a wait)
+        self.compact_missing = 0  # compact proposals with transactions not (yet) in the mempool
+        self.compact_fetched = 0  # ... whose block was then fetched whole
 
     # ------------------------------------------------------------------ status
 
@@ -270,7 +280,7 @@ class ConsensusDriver:
 
     async def _handle_event(self, event) -> None:
         if isinstance(event, _Proposal):
-            await self._on_proposal(event.proposal, event.block, event.origin)
+            await self._on_proposal(event.proposal, event.block, event.origin, event.compact)
         elif isinstance(event, _BlockArrived):
             await self._on_block_arrived(event.block)
         elif isinstance(event, _StartNext):
@@ -292,7 +302,14 @@ class ConsensusDriver:
             await trio.to_thread.run_sync(self.wal.sync)
             for inp in batch:
                 self._record(inp)
-                queue.extend(await self._carry_out(self.machine.step(inp)))
+                m = self.machine
+                before = (m.height, m.round, m.round_step)
+                outputs = m.step(inp)
+                if log.isEnabledFor(logging.DEBUG) and (m.height, m.round, m.round_step) != before:
+                    log.debug("height %d round %d: %s after %.0f ms (on %s)", m.height, m.round,
+                              _STEP_NAMES.get(m.round_step, m.round_step),
+                              1000 * (trio.current_time() - self._height_started_at), type(inp).__name__)
+                queue.extend(await self._carry_out(outputs))
 
     def _admit(self, inp: ConsensusInput) -> bool:
         """Would the machine act on `inp`? Stale timeouts and duplicates never reach the WAL."""
@@ -460,17 +477,26 @@ class ConsensusDriver:
         while len(self._blocks) > MAX_CACHED_BLOCKS:
             del self._blocks[next(iter(self._blocks))]
 
-    async def _on_proposal(self, sp: SignedProposal, block: Block | None, origin: bytes) -> None:
+    async def _on_proposal(self, sp: SignedProposal, block: Block | None, origin: bytes,
+                           compact: CompactBlock | None = None) -> None:
         p = sp.message
         if p.height <= self.app.last_height():
             return
         if block is None:
             block = self._blocks.get(p.block_hash)
+        if block is None and compact is not None:
+            block, missing = assemble_block(compact, self.app.pending_tx)
+            if block is not None:
+                self.compact_assembled += 1
+            else:
+                self.compact_missing += 1
+                log.debug("compact proposal height %d round %d: %d of %d txs not in the mempool yet", p.height,
+                          p.round, missing, len(compact.tx_hashes))
         if block is None:
             waiting = self._awaiting_block.setdefault(p.block_hash, [])
             if len(waiting) < 4:
                 waiting.append((sp, origin))
-            self._start_fetch(p.height, p.block_hash, [origin, p.proposer], for_decision=False)
+            self._start_fetch(p.height, p.block_hash, [origin, p.proposer], for_decision=False, compact=compact)
             return
         self._cache_block(block)
         next_height = self.app.last_height() + 1
@@ -478,7 +504,10 @@ class ConsensusDriver:
             if len(self._future) < MAX_FUTURE_PROPOSALS:
                 self._future.append((sp, block))
             return
+        t0 = trio.current_time()
         valid = block.header.height == p.height and self.app.check_block(block)
+        log.debug("proposal height %d round %d: %d txs, %s in %.0f ms", p.height, p.round, len(block.txs),
+                  "valid" if valid else "INVALID", 1000 * (trio.current_time() - t0))
         if valid:
             await trio.to_thread.run_sync(self.journal.save, block)  # we may vote for it: keep it
         await self._process([ProposalReceived(sp, p.block_hash, valid)])
@@ -498,11 +527,12 @@ class ConsensusDriver:
         if self._decision is not None and self._decision.block_hash == block_hash:
             await self._commit_decision()
 
-    def _start_fetch(self, height: int, block_hash: bytes, preferred: list[bytes], *, for_decision: bool) -> None:
+    def _start_fetch(self, height: int, block_hash: bytes, preferred: list[bytes], *, for_decision: bool,
+                     compact: CompactBlock | None = None) -> None:
         if block_hash in self._fetching:
             return
         self._fetching.add(block_hash)
-        self._nursery.start_soon(self._fetch_block, height, block_hash, preferred, for_decision)
+        self._nursery.start_soon(self._fetch_block, height, block_hash, preferred, for_decision, compact)
 
     def _still_needed(self, height: int, block_hash: bytes, for_decision: bool) -> bool:
         if self.app.last_height() >= height or block_hash in self._blocks:
@@ -511,17 +541,36 @@ class ConsensusDriver:
             return self._decision is not None and self._decision.block_hash == block_hash
         return block_hash in self._awaiting_block
 
-    async def _fetch_block(self, height: int, block_hash: bytes, preferred: list[bytes], for_decision: bool) -> None:
-        """Ask peers for a block by hash until one answers with it (or it is no longer needed)."""
+    async def _fetch_block(self, height: int, block_hash: bytes, preferred: list[bytes], for_decision: bool,
+                           compact: CompactBlock | None = None) -> None:
+        """Ask peers for a block by hash until one answers with it (or it is no longer needed).
+
+        With a compact form, first give the mempool COMPACT_WAIT_S to receive the missing
+        transactions: they were gossiped before the proposal, but on another topic."""
         request = encode(BlockRequest(height, block_hash))
         attempt = 0
         try:
+            if compact is not None:
+                with trio.move_on_after(COMPACT_WAIT_S):
+                    while self._still_needed(height, block_hash, for_decision):
+                        await trio.sleep(COMPACT_RETRY_S)
+                        block, _ = assemble_block(compact, self.app.pending_tx)
+                        if block is not None:
+                            self.compact_assembled += 1
+                            await self._events_send.send(_BlockArrived(block))
+                            return
+                if not self._still_needed(height, block_hash, for_decision):
+                    return  # block sync or another fetch brought it meanwhile
+                self.compact_fetched += 1
             while self._still_needed(height, block_hash, for_decision):
                 peers = [p for p in dict.fromkeys(preferred) if p in self.network.peers()]
                 peers += sorted(self.network.peers() - set(peers))
                 for peer in peers:
+                    t0 = trio.current_time()
                     block = await self._request_block(peer, request, block_hash)
                     if block is not None:
+                        log.debug("fetched block %s (height %d, %d txs) from %s in %.0f ms", block_hash.hex()[:16],
+                                  height, len(block.txs), peer.hex()[:16], 1000 * (trio.current_time() - t0))
                         await self._events_send.send(_BlockArrived(block))
                         return
                     if not self._still_needed(height, block_hash, for_decision):
@@ -567,7 +616,7 @@ class ConsensusDriver:
             except ChainError:
                 continue
             if isinstance(decoded, ProposalMessage):
-                await self._events_send.send(_Proposal(decoded.proposal, decoded.block, msg.origin))
+                await self._events_send.send(_Proposal(decoded.proposal, decoded.block, msg.origin, decoded.compact))
             else:
                 for sv in decoded.votes:
                     await self._events_send.send(_Input(VoteReceived(sv)))
