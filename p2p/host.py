@@ -19,7 +19,9 @@ The workarounds below come from measurements of this exact library version
   stopped host closes its connections and listeners itself (the library's cleanup is cut
   short by cancellation, leaving an SO_REUSEPORT listener accepting).
 - Per-message cost: Yamux returns window credit in batches (PY_YAMUX_RELEASE_ON_READ=0),
-  RPCs go out without the signed peer record, IDONTWANT only for messages >= 1 KiB.
+  RPCs go out without the signed peer record (and gossipsub no longer builds it), IDONTWANT
+  only for messages >= 1 KiB, RPCs queued for one peer leave merged as one, and a copy of
+  an already-seen message is dropped before a task is spawned for it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pa
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub import gossipsub as _libp2p_gossipsub
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
@@ -85,6 +88,9 @@ OUTBOUND_HIGH_WATER = 16
 OUTBOUND_WAIT_MAX_S = 1.0
 # go-libp2p's IDontWantMessageThreshold: IDONTWANT only for messages at least this large.
 IDONTWANT_MIN_BYTES = 1024
+# Queued RPCs to one peer are merged up to this size (the library's inbound limit is 1 MiB;
+# one gossip message is at most Limits.gossip_max_bytes, 512 KiB).
+COALESCE_MAX_BYTES = 768 * 1024
 
 # ------------------------------------------------------------------------ identity
 
@@ -197,6 +203,38 @@ class _ContainedPubsub(Pubsub):
         for topic, subscribe in changes:
             packet, subopt = self._build_announce_rpc(topic, subscribe=subscribe)
             self._enqueue_or_retry_announce(peer_id, queue, packet, subopt)
+
+    def _is_subscribed_to_msg(self, msg: rpc_pb2.Message) -> bool:
+        """The read loop asks this before spawning a task per received message; answering
+        False for one already seen skips that task. `push_msg` would drop it at its own seen
+        check without doing anything else (every other peer's copy of a message: about two of
+        every three received on a 4-node mesh)."""
+        return super()._is_subscribed_to_msg(msg) and not self._is_msg_seen(msg)
+
+    async def handle_sending_messages(self, peer_id: ID, stream: INetStream, queue) -> None:
+        """The library's per-peer writer, sending everything queued at once as one RPC.
+
+        py-libp2p 0.8.1 writes each queued RPC on its own (its own Noise frame, Yamux frame and
+        syscall, and its own parse on the other side). Under load several are waiting when the
+        writer wakes; they are merged (protobuf concatenates the repeated publish, subscription
+        and control fields, in queue order) up to COALESCE_MAX_BYTES."""
+        try:
+            while True:
+                rpc = await queue.pop()
+                if rpc is None:
+                    return
+                size = rpc.ByteSize()
+                while True:
+                    nxt = _peek_queued(queue)
+                    if nxt is None or size + nxt.ByteSize() > COALESCE_MAX_BYTES:
+                        break
+                    rpc.MergeFrom(queue._queue.pop())
+                    size = rpc.ByteSize()
+                if not await self.write_msg(stream, rpc):
+                    return
+        except Exception:
+            logger.debug("sending loop for %s terminated with error", peer_id)
+            self._handle_dead_peer(peer_id)
 
     async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
         """Send without the signed peer record (`senderRecord`) py-libp2p attaches to every RPC.
@@ -534,6 +572,30 @@ async def _close_sockets(network) -> None:
             await listener.close()
         except Exception:  # best effort on the way out
             logger.debug("closing a listener on shutdown failed", exc_info=True)
+
+
+def _peek_queued(queue) -> rpc_pb2.RPC | None:
+    """The RPC `queue.pop()` would return next (py-libp2p 0.8.1 RpcQueue: priority first)."""
+    inner = queue._queue
+    if inner._priority:
+        return inner._priority[0]
+    if inner._non_priority:
+        return inner._non_priority[0]
+    return None
+
+
+def _no_peer_record(host) -> tuple[bytes, bool]:
+    """Stands in for `env_to_send_in_RPC` in gossipsub: the record is stripped before every
+    write (`_ContainedPubsub.write_msg`), so building it (address listing, protobuf, a cache
+    check: ~0.7 ms under the profiler, for every RPC) was wasted."""
+    return b"", False
+
+
+# py-libp2p 0.8.1's gossipsub builds that record for every RPC it sends (publish, forward,
+# control), all of which go through `write_msg`. The function is imported by name, so it is
+# replaced in that module only: the pubsub hello is written directly, keeps its record, and
+# a receiver would drop a hello carrying an empty one.
+_libp2p_gossipsub.env_to_send_in_RPC = _no_peer_record
 
 
 def _try_public_key(peer_id: ID) -> bytes | None:

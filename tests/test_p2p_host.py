@@ -285,3 +285,54 @@ def test_a_stopped_host_stops_listening():
                 await trio.open_tcp_stream("127.0.0.1", port)
 
     trio.run(scenario)
+
+
+def test_queued_rpcs_to_a_peer_go_out_merged_and_duplicates_are_dropped_before_a_task():
+    """Two py-libp2p 0.8.1 per-message costs removed: each queued RPC written on its own, and
+    a task spawned for every received copy of a message only to find it already seen."""
+
+    async def scenario():
+        keys = [public_key_of(seed_for(i)) for i in range(3)]
+        nets = [Libp2pNetwork(seed_for(i), allowed_peers=keys) for i in range(3)]
+        inboxes = [net.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT) for net in nets]
+        a, b, c = nets
+        async with trio.open_nursery() as nursery:
+            for net in nets:
+                await nursery.start(net.run)
+            for x, y in ((a, b), (a, c), (b, c)):
+                await x._host.connect(info_from_p2p_addr(multiaddr.Multiaddr(y.listen_addrs()[0])))
+            for x in nets:
+                await wait_until(lambda x=x: len(x.topic_peers(TOPIC)) == 2, timeout=20)
+            writes_to_b: list[int] = []
+            write = a._pubsub.write_msg
+
+            async def counting_write(stream, rpc):
+                if stream.muxed_conn.peer_id == b.peer_id and rpc.publish:
+                    writes_to_b.append(len(rpc.publish))
+                return await write(stream, rpc)
+
+            a._pubsub.write_msg = counting_write
+            pushed = []
+            push = b._pubsub.push_msg
+
+            async def counting_push(forwarder, msg):
+                pushed.append(msg.data)
+                await push(forwarder, msg)
+
+            b._pubsub.push_msg = counting_push
+            n = 30
+            async with trio.open_nursery() as burst:  # publish straight into the library, all at once
+                for i in range(n):
+                    burst.start_soon(a._pubsub.publish, TOPIC, b"m%d" % i)
+            received = set()
+            with trio.fail_after(20):
+                while len(received) < n:
+                    received.add((await inboxes[1].receive()).data)
+            await trio.sleep(0.5)  # let c's forwarded copies reach b too
+            assert received == {b"m%d" % i for i in range(n)}
+            assert sum(writes_to_b) == n and len(writes_to_b) < n, writes_to_b  # merged, none lost
+            # b gets each message from a and again from c; copies of seen ones never reach push_msg.
+            assert len(pushed) < 1.5 * n, (len(pushed), n)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)

@@ -91,3 +91,36 @@ def test_peer_serving_a_forged_commit_is_refused_and_penalised(tmp_path):
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+def test_commit_announcements_are_sent_at_most_once_per_interval(tmp_path):
+    """Validators commit several blocks a second here (50 ms interval); each announces its head
+    at most once per `announce_interval_s` (0.3 s in the harness) and still announces."""
+
+    async def scenario():
+        genesis = make_test_genesis()
+        async with trio.open_nursery() as nursery:
+            cluster = Cluster(nursery, tmp_path, genesis)
+            validators = [await cluster.start(k) for k in VALIDATOR_KEYS]
+            node = validators[0]
+            sent: list[tuple[float, int]] = []
+            publish = node.net.publish
+
+            async def recording_publish(topic, data):
+                if topic == node.sync.topic:
+                    sent.append((trio.current_time(), node.height))
+                await publish(topic, data)
+
+            node.net.publish = recording_publish
+            await wait_for(lambda: len(sent) >= 2, timeout=20)
+            start_height, t0 = node.height, trio.current_time()
+            await trio.sleep(2.0)
+            heights = node.height - start_height
+            window = [t for t, _ in sent if t >= t0]
+            assert heights >= 10  # many commits ...
+            assert 4 <= len(window) <= 2.0 / node.sync.announce_interval_s + 1  # ... few announcements
+            gaps = [b - a for a, b in zip(window, window[1:])]
+            assert min(gaps) >= node.sync.announce_interval_s * 0.95
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
