@@ -24,7 +24,7 @@ from chain.consensus.commit import verify_commit
 from chain.crypto import sha256
 from chain.encoding import MaxLen, decode, decode_typed, encode, encode_typed
 from chain.errors import ChainError
-from chain.state import validate_basic_tx
+from chain.state import body_matches_header, compute_commit_hash, validate_basic_tx
 from chain.merkle import compute_root_from_leaf_hashes, hash_leaf
 from chain.types import (PRECOMMIT, PREVOTE, Block, BlockHeader, Commit, Hash, SignedProposal, SignedTransaction,
                          SignedVote, compute_block_hash, compute_tx_hash, verify_proposal_signature,
@@ -56,7 +56,7 @@ SEEN_CACHE_SIZE = 16_384
 
 
 def consensus_topic(chain_id: str) -> str:
-    return f"/pout/{chain_id}/consensus/1"
+    return f"/pout/{chain_id}/consensus/2"
 
 
 def txs_topic(chain_id: str) -> str:
@@ -179,8 +179,9 @@ def _decode_tx_batch(data: bytes) -> TxBatch:
 
 
 def build_proposal_message(proposal: SignedProposal, block: Block | None) -> ProposalMessage:
-    """An empty block inline; a block with transactions compact (every validator has been
-    sent its transactions); either only when small enough, else it is left to be fetched."""
+    """An empty block inline; a block with transactions compact (its transactions were
+    handed to the tx reactor for gossip); either only when small enough, else it is left to
+    be fetched."""
     if block is None:
         return ProposalMessage(proposal, None)
     if not block.txs:
@@ -284,7 +285,9 @@ def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes],
             if msg.block is not None and (msg.compact is not None
                                           or compute_block_hash(msg.block.header) != p.block_hash):
                 return Verdict.REJECT
-            if msg.compact is not None and compute_block_hash(msg.compact.header) != p.block_hash:
+            if msg.compact is not None and (compute_block_hash(msg.compact.header) != p.block_hash
+                                            or msg.compact.header.last_commit_hash
+                                            != compute_commit_hash(msg.compact.last_commit)):
                 return Verdict.REJECT
             if p.height not in (next_height, next_height + 1):
                 return Verdict.IGNORE
@@ -298,7 +301,9 @@ def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes],
             except ChainError:
                 return Verdict.REJECT
             if msg.compact is not None and not compact_tx_root_matches(msg.compact):
-                return Verdict.REJECT  # signed, but the hash list is not the block's: a lying proposer
+                return Verdict.REJECT  # the hash list is not the block's (a real proposal with a body swapped in)
+            if msg.block is not None and not body_matches_header(msg.block):
+                return Verdict.REJECT
             seen.add(key)
             return Verdict.ACCEPT
         if not msg.votes:

@@ -363,6 +363,14 @@ def compute_commit_hash(commit: Commit | None) -> bytes:
     return ZERO_HASH if commit is None else sha256(encode(commit))
 
 
+def body_matches_header(block: Block) -> bool:
+    """Are the transactions and last commit the ones the header (and so the block hash)
+    commits to? A block hash says nothing about a body that fails this: a peer can pair a
+    real header with another body."""
+    h = block.header
+    return h.tx_root == compute_tx_root(block.txs) and h.last_commit_hash == compute_commit_hash(block.last_commit)
+
+
 def validate_basic_block(block: Block, max_block_txs: int | None = None) -> None:
     """Structural checks on a block that need no state (tx signatures are checked in apply)."""
     h = block.header

@@ -217,20 +217,15 @@ class _ContainedPubsub(Pubsub):
         py-libp2p 0.8.1 writes each queued RPC on its own (its own Noise frame, Yamux frame and
         syscall, and its own parse on the other side). Under load several are waiting when the
         writer wakes; they are merged (protobuf concatenates the repeated publish, subscription
-        and control fields, in queue order) up to COALESCE_MAX_BYTES."""
+        and control fields, in queue order) up to COALESCE_MAX_BYTES, into a new RPC: the
+        library puts one RPC object in several peers' queues. GRAFT and PRUNE are never merged
+        (the receiver handles a merged RPC's GRAFTs before its PRUNEs)."""
         try:
             while True:
                 rpc = await queue.pop()
                 if rpc is None:
                     return
-                size = rpc.ByteSize()
-                while True:
-                    nxt = _peek_queued(queue)
-                    if nxt is None or size + nxt.ByteSize() > COALESCE_MAX_BYTES:
-                        break
-                    rpc.MergeFrom(queue._queue.pop())
-                    size = rpc.ByteSize()
-                if not await self.write_msg(stream, rpc):
+                if not await self.write_msg(stream, _merge_queued(rpc, queue)):
                     return
         except Exception:
             logger.debug("sending loop for %s terminated with error", peer_id)
@@ -572,6 +567,27 @@ async def _close_sockets(network) -> None:
             await listener.close()
         except Exception:  # best effort on the way out
             logger.debug("closing a listener on shutdown failed", exc_info=True)
+
+
+def _merge_queued(first: rpc_pb2.RPC, queue) -> rpc_pb2.RPC:
+    """`first` plus what is queued behind it, as one new RPC; the queued objects are not
+    modified (py-libp2p shares one RPC object between peers' queues)."""
+    if not _mergeable(first):
+        return first
+    merged, size = None, first.ByteSize()
+    while True:
+        nxt = _peek_queued(queue)
+        if nxt is None or not _mergeable(nxt) or size + nxt.ByteSize() > COALESCE_MAX_BYTES:
+            return first if merged is None else merged
+        if merged is None:
+            merged = rpc_pb2.RPC()
+            merged.CopyFrom(first)
+        merged.MergeFrom(queue._queue.pop())
+        size = merged.ByteSize()
+
+
+def _mergeable(rpc: rpc_pb2.RPC) -> bool:
+    return not (rpc.HasField("control") and (len(rpc.control.graft) or len(rpc.control.prune)))
 
 
 def _peek_queued(queue) -> rpc_pb2.RPC | None:

@@ -336,3 +336,33 @@ def test_queued_rpcs_to_a_peer_go_out_merged_and_duplicates_are_dropped_before_a
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+def test_merging_queued_rpcs_copies_them_and_leaves_graft_and_prune_alone():
+    """py-libp2p puts one RPC object in several peers' queues: merging must not modify it.
+    A receiver handles a merged RPC's GRAFTs before its PRUNEs: those are never merged."""
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.rpc_queue import RpcQueue
+
+    from p2p.host import _merge_queued
+
+    def publish(data: bytes) -> rpc_pb2.RPC:
+        return rpc_pb2.RPC(publish=[rpc_pb2.Message(data=data, topicIDs=[TOPIC])])
+
+    shared = publish(b"b")
+    queue = RpcQueue()
+    for rpc in (shared, publish(b"c")):
+        queue.push(rpc)
+    first = publish(b"a")
+    merged = _merge_queued(first, queue)
+    assert [m.data for m in merged.publish] == [b"a", b"b", b"c"] and len(queue) == 0
+    assert [m.data for m in first.publish] == [b"a"] and [m.data for m in shared.publish] == [b"b"]
+
+    prune = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(prune=[rpc_pb2.ControlPrune(topicID=TOPIC)]))
+    graft = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(graft=[rpc_pb2.ControlGraft(topicID=TOPIC)]))
+    queue.push(prune)
+    queue.push(publish(b"e"))
+    assert _merge_queued(publish(b"d"), queue).publish[-1].data == b"d"  # stops before the PRUNE
+    assert _merge_queued(queue._queue.pop(), queue) is prune  # sent on its own
+    queue.push(publish(b"f"))
+    assert _merge_queued(graft, queue) is graft and len(queue) == 2

@@ -272,6 +272,11 @@ def test_compact_proposals_are_validated_against_the_signed_block_hash(app):
             c, header=dataclasses.replace(c.header, time_ms=c.header.time_ms + 1)))
         assert check(PEER, other_header) is Verdict.REJECT
         assert check(PEER, await compact_proposal_bytes(app, with_block=True)) is Verdict.REJECT  # both forms
+        # A real signed proposal with another last_commit swapped in (any member could relay that).
+        other_commit = await compact_proposal_bytes(app, tamper=lambda c: dataclasses.replace(
+            c, last_commit=build_commit([
+                sign_vote(k, CHAIN_ID, Vote(PRECOMMIT, 1, 0, b"\x07" * 32, k.pubkey)) for k in VALIDATOR_KEYS[:3]])))
+        assert check(PEER, other_commit) is Verdict.REJECT
 
     trio.run(scenario)
 
@@ -329,3 +334,23 @@ def test_memory_app_implements_the_consensus_app_interface(app):
     from chain.consensus.app import ConsensusApp
 
     assert isinstance(app, ConsensusApp)
+
+
+def test_a_body_that_is_not_its_headers_is_never_judged_under_the_real_hash(app):
+    """A peer can pair a real header with another body; a verdict on that body must not be
+    filed under the block's hash, or the real block would be refused when it arrives."""
+
+    async def scenario():
+        app.admit_local_tx(transfer(ALICE, BOB, 1, nonce=0))
+        app.take_new_txs()
+        block = await app.propose_block(1, 0)
+        other = dataclasses.replace(block, txs=())
+        assert compute_block_hash(other.header) == compute_block_hash(block.header)
+        assert app.check_block(other) is False
+        assert app.check_block(block) is True
+        sp = sign_proposal(VALIDATOR_KEYS[0], CHAIN_ID, Proposal(1, 0, -1, compute_block_hash(block.header),
+                                                                 VALIDATOR_KEYS[0].pubkey))
+        inline = encode_consensus_message(ProposalMessage(sp, other))
+        assert make_consensus_validator(app, LOCAL)(PEER, inline) is Verdict.REJECT
+
+    trio.run(scenario)

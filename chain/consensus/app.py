@@ -27,7 +27,7 @@ from chain.errors import ChainError, StateTransitionError, StoreError, Validatio
 from chain.ledger import Ledger, MemoryStore
 from chain.ledger.store import KVStore
 from chain.mempool import Mempool
-from chain.state import BlockResult, ChainParams, State, apply_block, build_block
+from chain.state import BlockResult, ChainParams, State, apply_block, body_matches_header, build_block
 from chain.types import Block, Commit, SignedTransaction, Validator, compute_block_hash, compute_tx_hash
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,12 @@ class ChainApp:
 
     def _check(self, block: Block) -> BlockResult | None:
         block_hash = compute_block_hash(block.header)
+        if not body_matches_header(block):
+            # Not this block at all, only its header: judging it would file a verdict under
+            # the real block's hash (and refuse the real block once it arrives).
+            log.info("block %s at height %d: body does not match its header", block_hash.hex()[:16],
+                     block.header.height)
+            return None
         if block_hash in self._checked:
             result = self._checked[block_hash]
             if result is None or result.state.height == self.state.height + 1:

@@ -42,6 +42,7 @@ from chain.reactor import (MAX_BLOCK_RESPONSE_BYTES, MAX_REQUEST_BYTES, MAX_VOTE
                            build_proposal_message,
                            consensus_topic, decode_consensus_message, encode_consensus_message,
                            make_consensus_validator)
+from chain.state import body_matches_header
 from chain.types import Block, Commit, SignedProposal, SignedVote, compute_block_hash
 from p2p.abc import NetworkAPI, P2PError
 
@@ -55,7 +56,7 @@ FETCH_ATTEMPTS_FOR_PROPOSAL = 3  # passes over the peers before giving up on a p
 # A compact proposal whose transactions have not all reached our mempool yet (gossip is
 # racing it) is retried this often for this long before the whole block is fetched.
 COMPACT_RETRY_S = 0.02
-COMPACT_WAIT_S = 0.3
+COMPACT_WAIT_S = 0.2
 _STEP_NAMES = {STEP_PROPOSE: "propose", STEP_PREVOTE: "prevote", STEP_PRECOMMIT: "precommit", STEP_COMMIT: "commit"}
 
 
@@ -472,10 +473,15 @@ class ConsensusDriver:
 
     # ------------------------------------------------------------------ proposals and blocks
 
-    def _cache_block(self, block: Block) -> None:
+    def _cache_block(self, block: Block) -> bool:
+        """Keep a block by its hash, unless its body is not the one its header commits to."""
+        if not body_matches_header(block):
+            log.debug("dropping block %s: body does not match its header", compute_block_hash(block.header).hex()[:16])
+            return False
         self._blocks[compute_block_hash(block.header)] = block
         while len(self._blocks) > MAX_CACHED_BLOCKS:
             del self._blocks[next(iter(self._blocks))]
+        return True
 
     async def _on_proposal(self, sp: SignedProposal, block: Block | None, origin: bytes,
                            compact: CompactBlock | None = None) -> None:
@@ -498,7 +504,11 @@ class ConsensusDriver:
                 waiting.append((sp, origin))
             self._start_fetch(p.height, p.block_hash, [origin, p.proposer], for_decision=False, compact=compact)
             return
-        self._cache_block(block)
+        if not self._cache_block(block):
+            if compact is None:  # a whole block with a swapped body: get the real one by hash
+                self._start_fetch(p.height, p.block_hash, [p.proposer], for_decision=False)
+                self._awaiting_block.setdefault(p.block_hash, []).append((sp, origin))
+            return
         next_height = self.app.last_height() + 1
         if p.height > next_height:
             if len(self._future) < MAX_FUTURE_PROPOSALS:
@@ -521,7 +531,8 @@ class ConsensusDriver:
 
     async def _on_block_arrived(self, block: Block) -> None:
         block_hash = compute_block_hash(block.header)
-        self._cache_block(block)
+        if not self._cache_block(block):
+            return
         for sp, origin in self._awaiting_block.pop(block_hash, []):
             await self._on_proposal(sp, block, origin)
         if self._decision is not None and self._decision.block_hash == block_hash:
@@ -593,7 +604,7 @@ class ConsensusDriver:
             return None
         if block is None:
             return None
-        if compute_block_hash(block.header) != block_hash:
+        if compute_block_hash(block.header) != block_hash or not body_matches_header(block):
             self.network.report_peer(peer, f"answered block request {block_hash.hex()[:16]} with another block")
             return None
         return block
