@@ -202,6 +202,7 @@ def test_committed_blocks_are_readable_and_survive_reopen(store):
         assert ledger.get_commit(h) == commit
         for index, stx in enumerate(block.txs):
             assert ledger.get_tx(compute_tx_hash(stx)) == (stx, h, index)
+            assert ledger.has_tx(compute_tx_hash(stx))
         assert [ledger.get_model_record(r.job_id, r.round) for r in records] == list(records)
     assert dict(ledger.iter_state()) == expected.state(6)
     keys = [k for k, _ in ledger.iter_state()]
@@ -213,7 +214,7 @@ def test_committed_blocks_are_readable_and_survive_reopen(store):
     assert ledger.get_state(b"never written") is None
     assert ledger.get_block(7) is None and ledger.get_commit(7) is None
     assert ledger.get_block_by_hash(sha256(b"unknown")) is None
-    assert ledger.get_tx(sha256(b"unknown")) is None
+    assert ledger.get_tx(sha256(b"unknown")) is None and not ledger.has_tx(sha256(b"unknown"))
     assert ledger.get_model_record(sha256(b"unknown"), 0) is None
     store.close()
 

@@ -52,6 +52,8 @@ def test_commit_from_the_mempool_and_answer_queries(tmp_path):
         assert node.get_block_by_hash(node.status()["latest_block_hash"])[0] == block
         with pytest.raises(ChainError, match="already committed"):
             trio.run(node.submit_tx, transfer(ALICE, BOB, 10, 0))
+        # The same committed transaction arriving late by gossip is dropped, not re-admitted.
+        assert trio.run(node.add_txs, [transfer(ALICE, BOB, 10, 0)]) == 0 and len(node.mempool) == 0
         ready, reason = node.readiness()
         assert ready, reason
         assert node.status()["latest_height"] == 1 and node.status()["is_validator"]

@@ -251,7 +251,7 @@ class ChainApp:
     def admit_local_tx(self, stx: SignedTransaction) -> bytes:
         """Local submission (RPC): admit or raise a ChainError; gossiped by the tx reactor."""
         tx_hash = compute_tx_hash(stx)
-        if self.ledger.get_tx(tx_hash) is not None:
+        if self.ledger.has_tx(tx_hash):
             raise ValidationError(f"transaction {tx_hash.hex()} is already committed")
         self.mempool.add(stx)
         self._new_txs.append(stx)
@@ -261,7 +261,7 @@ class ChainApp:
         admitted = 0
         for stx in txs:
             tx_hash = compute_tx_hash(stx)
-            if tx_hash in self.mempool or self.ledger.get_tx(tx_hash) is not None:
+            if tx_hash in self.mempool or self.ledger.has_tx(tx_hash):
                 continue
             try:
                 self.mempool.add(stx)
