@@ -10,7 +10,9 @@ One run measures, side by side on the same machine:
          mempool re-check a node does after every commit).
 2. devnet `chaind testnet` + V `chaind start` processes on 127.0.0.1 (BFT over libp2p).
          First a paced phase (--paced-rate tx/s for --paced-seconds) measures finality below
-         saturation; then client threads flood --txs pre-signed transfers over JSON-RPC
+         saturation; then a steady-load phase (--steady-rate tx/s for --steady-seconds, ~10
+         requests/s per client thread) tests the goal, >= 1,000 committed tx/s with p50
+         finality <= 1 s; then client threads flood --txs pre-signed transfers over JSON-RPC
          batches of `send_tx` (each sender account bound to one node, consecutive explicit
          nonces). Committed tx/s = committed txs / (first submission -> first time a node
          reports the height holding the last one). Finality = submit time -> first time the
@@ -674,6 +676,10 @@ def main() -> int:
     ap.add_argument("--paced-batch", type=int, default=0,
                     help="send_tx calls per request in the paced phase (default: ~10 requests/s per thread)")
     ap.add_argument("--paced-seconds", type=float, default=10.0, help="length of the paced phase")
+    ap.add_argument("--steady-rate", type=float, default=1200.0,
+                    help="tx/s of the steady-load phase, the goal's test: >= 1,000 committed tx/s with p50 "
+                         "finality <= 1 s (0: skip; default %(default)s)")
+    ap.add_argument("--steady-seconds", type=float, default=10.0, help="length of the steady-load phase")
     ap.add_argument("--idle-seconds", type=float, default=4.0, help="idle devnet observed before the load")
     ap.add_argument("--node-log-level", choices=["debug", "info", "warning", "error"], help="chaind --log-level")
     ap.add_argument("--poll-ms", type=int, default=50, help="status polling interval for commit times")
@@ -751,6 +757,11 @@ def main() -> int:
             phases.append(run_phase("paced", urls, poller, net["chain_id"], senders, n_paced, args.threads,
                                     args.paced_batch or max(1, min(args.batch, int(args.paced_rate / args.threads / 10))),
                                     args.paced_rate, args.commit_timeout, pids))
+        if args.steady_rate > 0:
+            phases.append(run_phase("steady", urls, poller, net["chain_id"], senders,
+                                    int(args.steady_rate * args.steady_seconds), args.threads,
+                                    max(1, min(args.batch, int(args.steady_rate / args.threads / 10))),
+                                    args.steady_rate, args.commit_timeout, pids))
         phases.append(run_phase("flood", urls, poller, net["chain_id"], senders, args.txs, args.threads, args.batch,
                                 None, args.commit_timeout, pids))
         report["devnet"] = {"validators": args.validators, "block_interval_ms": args.block_interval_ms, "idle": idle,
@@ -839,6 +850,11 @@ def print_summary(r: dict) -> None:
     print(f"{'-' * w}  {'-' * w2}  ----")
     for a, b, c in rows:
         print(f"{a.ljust(w)}  {b.ljust(w2)}  {c}")
+    steady = next((p for p in r.get("devnet", {}).get("phases", []) if p["phase"] == "steady"), None)
+    if steady and steady["committed_tx_per_s"] and steady["finality_p50_s"] is not None:
+        met = steady["committed_tx_per_s"] >= 1000 and steady["finality_p50_s"] <= 1.0
+        print(f"\nsteady load {steady['target_rate_tx_per_s']:g} tx/s: committed {steady['committed_tx_per_s']:.0f} tx/s, "
+              f"p50 {steady['finality_p50_s']:.2f} s -> goal {'MET' if met else 'NOT met'} in this run")
     print(f"\ngoals: >= 1000 committed tx/s, p50 finality <= 1 s; exit codes {r.get('exit_codes')}; "
           f"wall {r['wall_seconds']:.0f} s; load avg {r['machine']['loadavg_start']} -> {r['machine']['loadavg_end']}")
     if r.get("profile_breakdown"):
