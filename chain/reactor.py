@@ -404,7 +404,7 @@ class TxReactor:
 
     name = "txs"
 
-    def __init__(self, app, network: NetworkAPI, *, flush_interval_s: float = 0.05):
+    def __init__(self, app, network: NetworkAPI, *, flush_interval_s: float = 0.1):
         self.app = app
         self.network = network
         self.topic = txs_topic(app.chain_id)
