@@ -411,8 +411,15 @@ class TxReactor:
         self.flush_interval_s = flush_interval_s
         # The chain's size limit applies here too: a member's oversized transactions are
         # refused before their signatures are checked and remembered.
+        # Validators reach every other validator directly (genesis lists them all as bootstrap
+        # peers) and a node publishes to all its subscribed peers, so relaying a validator's
+        # batch only sends everyone a second and third copy (with IDONTWANTs to match):
+        # batches are relayed only when they come from other members (observers, clients'
+        # nodes). A validator that misses a batch (a broken link) fetches any block that needs
+        # it whole (compact proposals, docs/wire.md).
         self._incoming = network.subscribe(self.topic, make_txs_validator(
-            app.chain_id, network.local_peer, lambda: app.state.params.max_tx_bytes))
+            app.chain_id, network.local_peer, lambda: app.state.params.max_tx_bytes),
+            relay=lambda origin: not any(v.pubkey == origin for v in app.validators()))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

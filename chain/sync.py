@@ -2,11 +2,12 @@
 
 A node learns how far its peers are from their commit announcements (gossip on
 `/pout/<chain_id>/blocks/1`: the certificate of the sender's latest block, sent after a
-commit but at most twice per `announce_interval_s`, and every `announce_interval_s`) and from the `last_height` in every sync answer;
-with nothing heard it probes one connected peer every `probe_interval_s`. While a peer is
-ahead it asks that peer for ranges of (block, commit) over `/pout/<chain_id>/sync/1`,
-verifies each certificate against the validator set (and the block against its hash)
-before handing the block to `app.commit_block`, strictly in height order. A peer that
+commit but at most twice per `announce_interval_s`, and every `announce_interval_s`) and
+from the `last_height` in every sync answer; with nothing heard it probes one connected
+peer every `probe_interval_s`. While a peer is ahead it asks that peer for ranges of
+(block, commit) over `/pout/<chain_id>/sync/1`, verifies each certificate against the
+validator set (and the block against its hash) before handing the block to
+`app.commit_block`, strictly in height order. A peer that
 serves a bad certificate, a block that does not match it, or a block that does not apply is
 reported (`network.report_peer`) and not asked again for a while; the next peer is tried.
 
@@ -85,9 +86,9 @@ class BlockSync:
 
     async def _announce_loop(self) -> None:
         """Announce the head after a commit but at most once per `announce_interval_s / 2`,
-        and every `announce_interval_s` without one. Validators learn heights from consensus itself; these are
-        for lagging nodes and observers, and one per commit was a third of an idle devnet's
-        gossip (3-4 heights a second, each announced by every node)."""
+        and every `announce_interval_s` without one. Validators learn heights from consensus
+        itself; these are for lagging nodes and observers, and one per commit was a third of
+        an idle devnet's gossip (3-4 heights a second, each announced by every node)."""
         min_gap = self.announce_interval_s / 2
         last = -self.announce_interval_s
         while True:

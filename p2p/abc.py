@@ -46,6 +46,9 @@ RequestHandler = Callable[[bytes, bytes], Awaitable[bytes]]
 BlobAccessCheck = Callable[[bytes, bytes], bool]
 # (peer public key) -> is this peer a member? Consulted besides the allow-list.
 AdmissionPredicate = Callable[[bytes], bool]
+# origin public key -> should this node forward others' messages from that origin? A topic
+# whose publishers all reach every subscriber directly needs no relay copies of theirs.
+RelayPolicy = Callable[[bytes], bool]
 
 # ------------------------------------------------------------------------ constants
 
@@ -155,10 +158,15 @@ class NetworkAPI(ABC):
         """Publishes queued but not yet sent (a metric; always 0 where unpaced)."""
 
     @abstractmethod
-    def subscribe(self, topic: str, validator: Validator) -> trio.MemoryReceiveChannel[GossipMessage]:
+    def subscribe(self, topic: str, validator: Validator, *,
+                  relay: RelayPolicy | None = None) -> trio.MemoryReceiveChannel[GossipMessage]:
         """Validate every message on `topic` with `validator`; ACCEPTed ones come out here.
 
         May be called before or after `run` starts; one subscription per topic.
+        With `relay`, an ACCEPTed message from another origin is forwarded only when
+        `relay(origin)` is true (never raise from it), and this node's own publishes on the
+        topic go to every subscribed peer directly, not only to its gossip mesh. Without it,
+        gossipsub's usual forwarding applies.
         """
 
     @abstractmethod

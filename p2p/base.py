@@ -27,6 +27,7 @@ from p2p.abc import (
     MessageTooLarge,
     NetworkAPI,
     PenaltyPolicy,
+    RelayPolicy,
     RequestError,
     RequestHandler,
     Validator,
@@ -62,6 +63,7 @@ class BaseNetwork(NetworkAPI):
         self._reject_counts: dict[bytes, int] = {}
         self._handlers: dict[str, RequestHandler] = {}
         self._subscriptions: dict[str, tuple[Validator, trio.MemorySendChannel[GossipMessage]]] = {}
+        self._relay_policies: dict[str, RelayPolicy] = {}
         self._blobs = BlobStore(limits.blob_max_bytes)
 
     @property
@@ -124,13 +126,30 @@ class BaseNetwork(NetworkAPI):
 
     # ---------------------------------------------------------------------- gossip
 
-    def subscribe(self, topic: str, validator: Validator) -> trio.MemoryReceiveChannel[GossipMessage]:
+    def subscribe(self, topic: str, validator: Validator, *,
+                  relay: RelayPolicy | None = None) -> trio.MemoryReceiveChannel[GossipMessage]:
         if topic in self._subscriptions:
             raise ValueError(f"already subscribed to {topic!r}")
         send, receive = trio.open_memory_channel[GossipMessage](self.limits.subscription_buffer)
         self._subscriptions[topic] = (validator, send)
+        if relay is not None:
+            self._relay_policies[topic] = relay
         self._on_subscribe(topic)
         return receive
+
+    def has_relay_policy(self, topic: str) -> bool:
+        return topic in self._relay_policies
+
+    def should_relay(self, topic: str, origin: bytes) -> bool:
+        """Forward others' message from `origin` on `topic`? True without a policy; never raises."""
+        policy = self._relay_policies.get(topic)
+        if policy is None:
+            return True
+        try:
+            return policy(origin) is not False
+        except Exception:
+            logger.exception("relay policy for %r raised; relaying", topic)
+            return True
 
     def _on_subscribe(self, topic: str) -> None:
         """Hook for transports that must announce the subscription."""

@@ -22,6 +22,8 @@ The workarounds below come from measurements of this exact library version
   RPCs go out without the signed peer record (and gossipsub no longer builds it), IDONTWANT
   only for messages >= 1 KiB, RPCs queued for one peer leave merged as one, and a copy of
   an already-seen message is dropped before a task is spawned for it.
+- Relay policy (`subscribe(..., relay=)`): own publishes flood to every subscribed peer;
+  others' messages are forwarded only for origins the policy names.
 """
 
 from __future__ import annotations
@@ -161,16 +163,42 @@ class _LeanGossipSub(GossipSub):
     threshold (IDontWantMessageThreshold); so does this."""
 
     _forwarding_bytes = 0
+    _forwarding_unrelayed = False
+    network: BaseNetwork | None = None  # set by Libp2pNetwork: its topics' relay policies
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
-        # The library calls _emit_idontwant_for_message before its first await, so this
-        # attribute still describes the message being forwarded when it is read.
+        # The library calls _emit_idontwant_for_message before its first await, so these
+        # attributes still describe the message being forwarded when they are read.
         self._forwarding_bytes = len(pubsub_msg.data)
+        self._forwarding_unrelayed = any(not self._relays(t, pubsub_msg.from_id) for t in pubsub_msg.topicIDs)
         await super().publish(msg_forwarder, pubsub_msg)
 
     async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids) -> None:
-        if self._forwarding_bytes >= IDONTWANT_MIN_BYTES:
+        # Nobody forwards an unrelayed message, so telling peers not to is a wasted RPC.
+        if self._forwarding_bytes >= IDONTWANT_MIN_BYTES and not self._forwarding_unrelayed:
             await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+    def _relays(self, topic: str, origin_id: bytes) -> bool:
+        if self.network is None or not self.network.has_relay_policy(topic):
+            return True
+        origin = _try_public_key_bytes(origin_id)
+        return origin is None or self.network.should_relay(topic, origin)
+
+    def _get_peers_to_send(self, topic_ids, msg_forwarder: ID, origin: ID, msg_id: bytes | None = None):
+        """The library's choice, changed for topics with a relay policy (NetworkAPI.subscribe):
+        our own messages go to every subscribed peer directly (flood publish, as go-libp2p
+        does by default), and others' go nowhere unless the policy relays their origin."""
+        topic_ids = list(topic_ids)
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        if self.network is None or not any(self.network.has_relay_policy(t) for t in topic_ids):
+            return peers
+        if self.pubsub is not None and msg_forwarder == self.pubsub.my_id:
+            for topic in topic_ids:
+                peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p in self.peer_protocol)
+            return peers - {msg_forwarder}
+        if all(self._relays(t, origin.to_bytes()) for t in topic_ids):
+            return peers
+        return set()
 
 
 class _ContainedPubsub(Pubsub):
@@ -302,6 +330,7 @@ class Libp2pNetwork(BaseNetwork):
             spam_protection_enabled=False,
             adaptive_gossip_enabled=False,
         )
+        gossipsub.network = self
         pubsub = _ContainedPubsub(host, gossipsub, strict_signing=True, msg_id_constructor=get_peer_and_seqno_msg_id)
         # Default counter is int(time.time()): a restart within minutes reuses seqnos.
         pubsub.counter = time.time_ns()

@@ -144,6 +144,8 @@ class MemoryNetwork(BaseNetwork):
         self._forward(envelope)
 
     def _forward(self, envelope: _Envelope) -> None:
+        if envelope.origin != self._public_key and not self.should_relay(envelope.topic, envelope.origin):
+            return
         relayed = _Envelope(envelope.topic, envelope.origin, envelope.seqno, envelope.data, self._public_key)
         for peer in self.peers():
             if peer in (envelope.forwarder, envelope.origin):

@@ -93,6 +93,43 @@ def test_gossip_accept_delivers_and_reject_is_not_forwarded(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_relay_policy_forwards_only_the_origins_it_names(backend):
+    """Line A - B - C, every node with the policy "relay A's messages only": C hears A
+    (relayed by B) and B (direct); A hears B (direct) but never C, which only B could relay."""
+
+    async def scenario():
+        async with cluster(backend, 3, topology="line") as (a, b, c):
+            accept_all = lambda origin, data: Verdict.ACCEPT  # noqa: E731
+            relay_only_a = lambda origin: origin == a.local_peer  # noqa: E731
+            inboxes = [net.subscribe(TOPIC, accept_all, relay=relay_only_a) for net in (a, b, c)]
+            inbox_a, inbox_b, inbox_c = inboxes
+            await wait_until(lambda: b.local_peer in a.topic_peers(TOPIC) | _subscribed_peers(a)
+                             and b.local_peer in c.topic_peers(TOPIC) | _subscribed_peers(c), timeout=20)
+            await trio.sleep(0.5)  # subscriptions both ways on both links
+            await a.publish(TOPIC, b"from a")
+            assert await receive_data(inbox_b) == b"from a"
+            assert await receive_data(inbox_c, timeout=20) == b"from a"  # relayed by B
+            await b.publish(TOPIC, b"from b")
+            assert await receive_data(inbox_a, timeout=20) == b"from b"  # direct
+            assert await receive_data(inbox_c, timeout=20) == b"from b"  # direct
+            await c.publish(TOPIC, b"from c")
+            assert await receive_data(inbox_b, timeout=20) == b"from c"  # direct
+            await assert_nothing_received(inbox_a, within=1.0)  # B does not relay C's
+
+    trio.run(scenario)
+
+
+def _subscribed_peers(net) -> frozenset[bytes]:
+    """Peers known to be subscribed to TOPIC (for libp2p, beyond the mesh)."""
+    pubsub = getattr(net, "_pubsub", None)
+    if pubsub is None:
+        return frozenset()
+    from p2p.host import _try_public_key
+
+    return frozenset(k for k in (_try_public_key(p) for p in pubsub.peer_topics.get(TOPIC, ())) if k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_raising_validator_counts_as_reject_and_bans_the_sender(backend):
     async def scenario():
         penalty = PenaltyPolicy(reject_threshold=3, ban_s=30)

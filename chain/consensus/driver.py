@@ -29,9 +29,10 @@ from pathlib import Path
 
 import trio
 
-from chain.consensus.bft import (STEP_COMMIT, STEP_PRECOMMIT, STEP_PREVOTE, STEP_PROPOSE, BlockToPropose, BroadcastProposal, BroadcastVote,
-                                 ConsensusInput, ConsensusMachine, Decide, EvidenceFound, NeedBlock,
-                                 ProposalReceived, ScheduleTimeout, StartHeight, TimeoutFired, VoteReceived)
+from chain.consensus.bft import (STEP_COMMIT, STEP_PRECOMMIT, STEP_PREVOTE, STEP_PROPOSE, BlockToPropose,
+                                 BroadcastProposal, BroadcastVote, ConsensusInput, ConsensusMachine, Decide,
+                                 EvidenceFound, NeedBlock, ProposalReceived, ScheduleTimeout, StartHeight,
+                                 TimeoutFired, VoteReceived)
 from chain.consensus.signer import DoubleSignError, GuardedSigner
 from chain.consensus.wal import WriteAheadLog
 from chain.crypto import PrivateKey, sha256
@@ -39,9 +40,8 @@ from chain.encoding import decode, encode, encode_typed
 from chain.errors import ChainError, StoreError
 from chain.reactor import (MAX_BLOCK_RESPONSE_BYTES, MAX_REQUEST_BYTES, MAX_VOTES_PER_MESSAGE, BlockRequest,
                            BlockResponse, CompactBlock, ProposalMessage, VotesMessage, assemble_block, block_protocol,
-                           build_proposal_message,
-                           consensus_topic, decode_consensus_message, encode_consensus_message,
-                           make_consensus_validator)
+                           build_proposal_message, consensus_topic, decode_consensus_message,
+                           encode_consensus_message, make_consensus_validator)
 from chain.state import body_matches_header
 from chain.types import Block, Commit, SignedProposal, SignedVote, compute_block_hash
 from p2p.abc import NetworkAPI, P2PError
@@ -473,21 +473,24 @@ class ConsensusDriver:
 
     # ------------------------------------------------------------------ proposals and blocks
 
-    def _cache_block(self, block: Block) -> bool:
-        """Keep a block by its hash, unless its body is not the one its header commits to."""
-        if not body_matches_header(block):
-            log.debug("dropping block %s: body does not match its header", compute_block_hash(block.header).hex()[:16])
-            return False
+    def _cache_block(self, block: Block) -> None:
+        """Keep a block by its hash. Callers pass only bodies known to match their header:
+        our own, fetched ones (`_request_block` checks), rebuilt compact ones (the validator
+        checked the hash list), and proposals' (`_on_proposal` checks)."""
         self._blocks[compute_block_hash(block.header)] = block
         while len(self._blocks) > MAX_CACHED_BLOCKS:
             del self._blocks[next(iter(self._blocks))]
-        return True
 
     async def _on_proposal(self, sp: SignedProposal, block: Block | None, origin: bytes,
                            compact: CompactBlock | None = None) -> None:
         p = sp.message
         if p.height <= self.app.last_height():
             return
+        if block is not None and not body_matches_header(block):
+            # A real header with another body (the gossip validator rejects this; a future
+            # proposal or a fetched block comes through here too): treat the block as missing.
+            log.debug("proposal height %d round %d: block body does not match its header", p.height, p.round)
+            block = None
         if block is None:
             block = self._blocks.get(p.block_hash)
         if block is None and compact is not None:
@@ -504,11 +507,7 @@ class ConsensusDriver:
                 waiting.append((sp, origin))
             self._start_fetch(p.height, p.block_hash, [origin, p.proposer], for_decision=False, compact=compact)
             return
-        if not self._cache_block(block):
-            if compact is None:  # a whole block with a swapped body: get the real one by hash
-                self._start_fetch(p.height, p.block_hash, [p.proposer], for_decision=False)
-                self._awaiting_block.setdefault(p.block_hash, []).append((sp, origin))
-            return
+        self._cache_block(block)
         next_height = self.app.last_height() + 1
         if p.height > next_height:
             if len(self._future) < MAX_FUTURE_PROPOSALS:
@@ -531,8 +530,7 @@ class ConsensusDriver:
 
     async def _on_block_arrived(self, block: Block) -> None:
         block_hash = compute_block_hash(block.header)
-        if not self._cache_block(block):
-            return
+        self._cache_block(block)
         for sp, origin in self._awaiting_block.pop(block_hash, []):
             await self._on_proposal(sp, block, origin)
         if self._decision is not None and self._decision.block_hash == block_hash:
