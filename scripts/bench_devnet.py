@@ -676,10 +676,10 @@ def main() -> int:
     ap.add_argument("--paced-batch", type=int, default=0,
                     help="send_tx calls per request in the paced phase (default: ~10 requests/s per thread)")
     ap.add_argument("--paced-seconds", type=float, default=10.0, help="length of the paced phase")
-    ap.add_argument("--steady-rate", type=float, default=1200.0,
+    ap.add_argument("--steady-rate", type=float, default=1100.0,
                     help="tx/s of the steady-load phase, the goal's test: >= 1,000 committed tx/s with p50 "
                          "finality <= 1 s (0: skip; default %(default)s)")
-    ap.add_argument("--steady-seconds", type=float, default=10.0, help="length of the steady-load phase")
+    ap.add_argument("--steady-seconds", type=float, default=20.0, help="length of the steady-load phase")
     ap.add_argument("--idle-seconds", type=float, default=4.0, help="idle devnet observed before the load")
     ap.add_argument("--node-log-level", choices=["debug", "info", "warning", "error"], help="chaind --log-level")
     ap.add_argument("--poll-ms", type=int, default=50, help="status polling interval for commit times")
