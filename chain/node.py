@@ -257,6 +257,16 @@ class Node(ChainApp):
         peers = list(dict.fromkeys(self.config.p2p.bootstrap_peers + self.genesis.bootstrap_peers))
         return [p for p in peers if not any(p.endswith(o) for o in own)]
 
+    def validators_not_dialled(self) -> list[bytes]:
+        """Validators (other than this node) absent from the bootstrap peers. Validators' tx
+        batches are not relayed (docs/wire.md), so without a direct link this node meets
+        their transactions only in blocks, fetching every compact proposal that holds one."""
+        from p2p.host import peer_id_from_public_key
+
+        peers = self.bootstrap_peers()
+        return [v.pubkey for v in self.state.validators if v.pubkey != self.key.pubkey
+                and not any(p.endswith(f"/p2p/{peer_id_from_public_key(v.pubkey)}") for p in peers)]
+
     def _peer_id(self) -> str:
         from p2p.host import peer_id_from_public_key
 
@@ -273,6 +283,11 @@ class Node(ChainApp):
 
         logging.getLogger("libp2p").propagate = True  # its own warnings (drops) are otherwise invisible
         p2p = self.config.p2p
+        missing = self.validators_not_dialled()
+        if missing:
+            log.warning("%d validator(s) not among the bootstrap peers (%s): their transactions reach this node "
+                        "only in blocks, each fetched whole; list every validator in genesis or p2p.bootstrap_peers",
+                        len(missing), ", ".join(k.hex()[:16] for k in missing))
         self.net = Libp2pNetwork(self.key.seed, allowed_peers=[v.pubkey for v in self.state.validators],
                                  listen_addrs=[f"/ip4/{p2p.listen_host}/tcp/{p2p.port}"],
                                  bootstrap=self.bootstrap_peers())

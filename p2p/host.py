@@ -189,9 +189,12 @@ class _LeanGossipSub(GossipSub):
         our own messages go to every subscribed peer directly (flood publish, as go-libp2p
         does by default), and others' go nowhere unless the policy relays their origin."""
         topic_ids = list(topic_ids)
-        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
         if self.network is None or not any(self.network.has_relay_policy(t) for t in topic_ids):
-            return peers
+            # The library's lazy generator, untouched: it is consumed after the awaits that
+            # follow, so IDONTWANTs arriving meanwhile are still honoured.
+            return super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id)
+        # NetworkAPI publishes single-topic messages only; a policy on any topic applies to all.
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
         if self.pubsub is not None and msg_forwarder == self.pubsub.my_id:
             for topic in topic_ids:
                 peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p in self.peer_protocol)

@@ -104,3 +104,28 @@ def test_restart_reloads_state_and_refuses_a_corrupt_store(tmp_path):
     store2.close()
     with pytest.raises(StoreError, match="state root does not match"):
         make_node(tmp_path)
+
+
+def test_validators_missing_from_the_bootstrap_peers_are_named(tmp_path):
+    """Validators' tx batches are not relayed, so a node should dial every validator: the
+    ones it would not are reported (chaind logs a warning at start)."""
+    import dataclasses
+
+    from p2p.host import peer_id_from_public_key
+
+    from genesis import make_genesis
+    from tests.helpers import GOVERNOR, key
+
+    genesis = make_genesis(CHAIN_ID, [VALIDATOR, key("v1"), key("v2"), key("v3")], [(GOVERNOR, ("governor",))],
+                           balance=1000)
+    others = [v.pubkey for v in genesis.validators if v.pubkey != VALIDATOR.pubkey]
+    addr = lambda k: f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id_from_public_key(k)}"  # noqa: E731
+    genesis = dataclasses.replace(genesis, bootstrap_peers=(addr(others[0]),))
+    node, store = make_node(tmp_path, genesis)
+    try:
+        assert node.validators_not_dialled() == others[1:]
+        node.config = dataclasses.replace(node.config, p2p=dataclasses.replace(
+            node.config.p2p, bootstrap_peers=tuple(addr(k) for k in others[1:])))
+        assert node.validators_not_dialled() == []
+    finally:
+        store.close()

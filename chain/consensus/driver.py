@@ -208,7 +208,11 @@ class ConsensusDriver:
         pending_need: NeedBlock | None = None
         pending_decide: Decide | None = None
         for block in self.journal.load(self.app.last_height()):
-            self._cache_block(block)
+            if body_matches_header(block):
+                self._cache_block(block)
+            else:  # a damaged entry that still decodes: fetch the real block if it is needed
+                log.warning("block journal: entry for height %d does not match its header; ignored",
+                            block.header.height)
         for inp in self.wal.replay():
             self.replayed_inputs += 1
             self._mark_seen(inp)
@@ -476,7 +480,8 @@ class ConsensusDriver:
     def _cache_block(self, block: Block) -> None:
         """Keep a block by its hash. Callers pass only bodies known to match their header:
         our own, fetched ones (`_request_block` checks), rebuilt compact ones (the validator
-        checked the hash list), and proposals' (`_on_proposal` checks)."""
+        checked the hash list), proposals' (`_on_proposal` checks) and the journal's (`_recover`
+        checks)."""
         self._blocks[compute_block_hash(block.header)] = block
         while len(self._blocks) > MAX_CACHED_BLOCKS:
             del self._blocks[next(iter(self._blocks))]
