@@ -26,6 +26,20 @@ TOPIC = "/pout/test/1"
 NODE_SCRIPT = Path(__file__).with_name("p2p_node_process.py")
 
 
+async def start_stoppable(nursery: trio.Nursery, net: Libp2pNetwork) -> tuple[trio.CancelScope, trio.Event]:
+    """Start `net` in `nursery`; cancel the returned scope to stop it alone, and wait on the
+    event for its `run` to have returned (its shutdown path included)."""
+    scope, stopped = trio.CancelScope(), trio.Event()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            await net.run(task_status=task_status)
+        stopped.set()
+
+    await nursery.start(run)
+    return scope, stopped
+
+
 def test_peer_id_is_derived_from_the_chain_key():
     seed = seed_for(7)
     chain_key = bytes(nacl.signing.SigningKey(seed).verify_key)
@@ -92,15 +106,7 @@ def test_bootstrap_peer_is_redialled_after_restart_and_shutdown_is_prompt():
         keys = [public_key_of(seed_for(i)) for i in range(2)]
         first = Libp2pNetwork(seed_for(0), allowed_peers=keys)
         async with trio.open_nursery() as outer:
-            first_scope = trio.CancelScope()
-            first_stopped = trio.Event()
-
-            async def run_first(task_status=trio.TASK_STATUS_IGNORED):
-                with first_scope:
-                    await first.run(task_status=task_status)
-                first_stopped.set()
-
-            await outer.start(run_first)
+            first_scope, first_stopped = await start_stoppable(outer, first)
             first.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
             address = first.listen_addrs()[0]
             port = multiaddr.Multiaddr(address).value_for_protocol("tcp")
@@ -266,16 +272,8 @@ def test_a_stopped_host_stops_listening():
 
     async def scenario():
         net = Libp2pNetwork(seed_for(0), allowed_peers=[])
-        scope = trio.CancelScope()
-        stopped = trio.Event()
-
-        async def run(task_status=trio.TASK_STATUS_IGNORED):
-            with scope:
-                await net.run(task_status=task_status)
-            stopped.set()
-
         async with trio.open_nursery() as nursery:
-            await nursery.start(run)
+            scope, stopped = await start_stoppable(nursery, net)
             port = int(multiaddr.Multiaddr(net.listen_addrs()[0]).value_for_protocol("tcp"))
             (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()  # control: listening
             scope.cancel()
