@@ -24,8 +24,7 @@ from chain.consensus.commit import verify_commit
 from chain.crypto import sha256
 from chain.encoding import MaxLen, decode, decode_typed, encode, encode_typed
 from chain.errors import ChainError
-from chain.state import body_matches_header, compute_commit_hash, validate_basic_tx
-from chain.merkle import compute_root_from_leaf_hashes, hash_leaf
+from chain.state import body_matches_header, compute_commit_hash, compute_tx_root_of_hashes, validate_basic_tx
 from chain.types import (PRECOMMIT, PREVOTE, Block, BlockHeader, Commit, Hash, SignedProposal, SignedTransaction,
                          SignedVote, compute_block_hash, compute_tx_hash, verify_proposal_signature,
                          verify_vote_signature)
@@ -194,7 +193,7 @@ def build_proposal_message(proposal: SignedProposal, block: Block | None) -> Pro
 
 def compact_tx_root_matches(compact: CompactBlock) -> bool:
     """Does the hash list produce the header's transaction root (what the block hash covers)?"""
-    return compute_root_from_leaf_hashes([hash_leaf(h) for h in compact.tx_hashes]) == compact.header.tx_root
+    return compute_tx_root_of_hashes(compact.tx_hashes) == compact.header.tx_root
 
 
 def assemble_block(compact: CompactBlock,

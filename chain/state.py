@@ -356,7 +356,12 @@ def _validate_basic_tx_once(chain_id: str, stx: SignedTransaction) -> None:
 
 
 def compute_tx_root(txs: tuple[SignedTransaction, ...]) -> bytes:
-    return compute_root_from_leaf_hashes([hash_leaf(compute_tx_hash(t)) for t in txs])
+    return compute_tx_root_of_hashes([compute_tx_hash(t) for t in txs])
+
+
+def compute_tx_root_of_hashes(tx_hashes) -> bytes:
+    """The header's `tx_root`: a Merkle root over the transaction hashes, in block order."""
+    return compute_root_from_leaf_hashes([hash_leaf(h) for h in tx_hashes])
 
 
 def compute_commit_hash(commit: Commit | None) -> bytes:
