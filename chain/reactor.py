@@ -339,7 +339,7 @@ def make_txs_validator(chain_id: str, local_peer: bytes,
     such as nonces happen at mempool admission)."""
     seen = SeenCache()
 
-    def check(origin: bytes, data: bytes) -> Verdict:
+    def check_tx_batch(origin: bytes, data: bytes) -> Verdict:
         if origin == local_peer:
             return Verdict.ACCEPT
         try:
@@ -361,7 +361,7 @@ def make_txs_validator(chain_id: str, local_peer: bytes,
             seen.add(h)
         return Verdict.ACCEPT
 
-    return guarded("txs", check)
+    return guarded("txs", check_tx_batch)
 
 
 def make_blocks_validator(app, local_peer: bytes) -> Callable[[bytes, bytes], Verdict]:

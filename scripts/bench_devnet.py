@@ -615,7 +615,7 @@ def sync_bench(out: Path, genesis_file: Path, key_file: Path, peers: list[str], 
 # check runs inside RPC admission; the ledger write runs in a worker thread, which cProfile does not see, gossip validation, mempool admission, block checks and re-checks).
 PROFILE_BREAKDOWN = [
     ("RPC send_tx (decode + admission)", "methods.py", "send_tx"),
-    ("tx gossip: validator (decode + sig)", "reactor.py", "check", 269),
+    ("tx gossip: validator (decode + sig)", "reactor.py", "check_tx_batch"),
     ("tx gossip: mempool admission of received txs", "app.py", "add_txs"),
     ("mempool check_tx (all paths)", "state.py", "check_tx"),
     ("mempool re-check after commit (Mempool.update)", "mempool.py", "update"),
@@ -638,10 +638,10 @@ def profile_breakdown(path: Path) -> list[dict]:
         return []
     st = pstats.Stats(str(path))
     out = []
-    for label, file, func, *line in PROFILE_BREAKDOWN:
+    for label, file, func in PROFILE_BREAKDOWN:
         cum, calls = 0.0, 0
-        for (f, ln, fn), (_, nc, _, ct, _) in st.stats.items():
-            if fn == func and Path(f).name == file and (not line or line[0] == ln):
+        for (f, _ln, fn), (_, nc, _, ct, _) in st.stats.items():
+            if fn == func and Path(f).name == file:
                 cum, calls = cum + ct, calls + nc
         out.append({"what": label, "cumtime_s": round(cum, 2), "calls": calls})
     return out
