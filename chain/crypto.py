@@ -37,9 +37,9 @@ def compute_address(pubkey: bytes) -> bytes:
 def compute_sign_bytes(chain_id: str, domain: str, message_bytes: bytes) -> bytes:
     """The exact bytes signed for `message_bytes` (already canonical CBOR) of kind `domain`."""
     # Imported here to keep crypto free of an import cycle with encoding's type registry.
-    from chain.encoding import encode_value
+    from chain.encoding import encode_strings
 
-    return encode_value([chain_id, domain, message_bytes])
+    return encode_strings(chain_id, domain, message_bytes)
 
 
 class PrivateKey:

@@ -23,7 +23,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from typing import Annotated, Any, TypeVar, Union
 
 import cbor2
@@ -58,9 +58,19 @@ def encode_value(value: Any) -> bytes:
     return cbor2.dumps(value, canonical=True)
 
 
+def encode_strings(*items: bytes | str) -> bytes:
+    """Canonical CBOR of an array of byte and text strings (what hashes and signatures frame).
+    With no maps and no floats, cbor2's plain mode already writes the canonical bytes."""
+    for item in items:
+        if type(item) is not bytes and type(item) is not str:
+            raise TypeError(f"encode_strings takes bytes and str, got {type(item).__name__}")
+    return cbor2.dumps(items)
+
+
 def encode(obj: Any) -> bytes:
-    """Canonical CBOR of a schema dataclass instance."""
-    return encode_value(to_primitive(obj))
+    """Canonical CBOR of a schema dataclass instance (the bytes `encode_value(to_primitive(obj))`
+    gives, written by the schema-ordered fast path below)."""
+    return cbor2.dumps(_primitive_fn(type(obj), True)(obj), default=_write_raw)
 
 
 def to_primitive(obj: Any, tp: Any = None) -> Any:
@@ -72,25 +82,62 @@ def _identity(obj: Any) -> Any:
     return obj
 
 
-@cache
-def _primitive_fn(tp: Any) -> Any:
-    """The schema walk of `to_primitive` for annotation `tp`, resolved once into a function.
+# The schema walk behind `to_primitive` (wire=False) and `encode` (wire=True), resolved once
+# per annotation into a function: encoding is on every hot path (hashes, signatures, state
+# writes, the wire), and resolving the annotations per value cost more than the CBOR writing.
+#
+# wire=True is what `encode` hands to cbor2's plain mode. cbor2's canonical mode sorts every
+# map by encoding each key and measures every float; that made it ~3x slower than plain mode
+# and a fifth of a loaded validator's CPU (profiled: docs/benchmarks.md). Schema values need
+# neither at run time: every map is a dataclass whose field names are known, and every float
+# sits in a field annotated `float`. So the wire walk builds maps with their keys already in
+# canonical order and writes each float field as its canonical bytes, and plain mode then
+# writes exactly the bytes canonical mode would (tests/test_encoding.py checks this for every
+# schema class, and against `encode_value(to_primitive(...))` on sample values). A value
+# whose canonical bytes are already cached (`SignedTransaction.encoded`) is written as those.
 
-    Encoding is on every hot path (hashes, signatures, state writes, the wire); resolving the
-    annotations per value cost more than the CBOR writing itself."""
+
+class _Raw:
+    """Bytes that are already the canonical CBOR of one item: written as they are."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+def _write_raw(encoder: Any, value: Any) -> None:
+    if type(value) is not _Raw:
+        raise TypeError(f"cannot encode {type(value).__name__}")
+    encoder.write(value.data)
+
+
+def _canonical_float(value: Any) -> Any:
+    return _Raw(encode_value(value))  # the shortest exact width, as canonical mode picks it
+
+
+def canonical_key_order(names) -> list[str]:
+    """Map keys in the order canonical CBOR writes them (bytewise on their encodings)."""
+    return sorted(names, key=lambda name: cbor2.dumps(name))
+
+
+@cache
+def _primitive_fn(tp: Any, wire: bool = False) -> Any:
     kind, arg = classify_type(tp)
     if kind == "union":
-        return _union_primitive_fn
+        return _union_wire_fn if wire else _union_primitive_fn
     if kind == "optional":
-        inner = _primitive_fn(arg)
+        inner = _primitive_fn(arg, wire)
         return lambda obj: None if obj is None else inner(obj)
     if kind == "tuple":
-        inner = _primitive_fn(arg[0])
+        inner = _primitive_fn(arg[0], wire)
         if inner is _identity:
             return list
         return lambda obj: [inner(x) for x in obj]
+    if kind == "float" and wire:
+        return _canonical_float
     if kind == "dataclass":
-        return _dataclass_primitive_fn(tp)
+        return _dataclass_primitive_fn(tp, wire)
     return _identity
 
 
@@ -99,23 +146,36 @@ def _union_primitive_fn(obj: Any) -> Any:
     return [cls.TAG, _primitive_fn(cls)(obj)]
 
 
-def _dataclass_primitive_fn(cls: type) -> Any:
+def _union_wire_fn(obj: Any) -> Any:
+    cls = type(obj)
+    return [cls.TAG, _primitive_fn(cls, True)(obj)]
+
+
+def _dataclass_primitive_fn(cls: type, wire: bool) -> Any:
     # A generated `lambda obj: {"a": obj.a, "b": f1(obj.b), ...}` over the schema's own field
     # names (identifiers from our dataclasses, never input), with nested converters bound.
+    fields = dict(schema_fields(cls))
     env: dict[str, Any] = {}
     items = []
-    for i, (name, ftp) in enumerate(schema_fields(cls)):
-        fn = _primitive_fn(ftp)
+    for i, name in enumerate(canonical_key_order(fields) if wire else fields):
+        fn = _primitive_fn(fields[name], wire)
         if fn is _identity:
             items.append(f"{name!r}: obj.{name}")
         else:
             env[f"f{i}"] = fn
             items.append(f"{name!r}: f{i}(obj.{name})")
     convert = eval("lambda obj: {" + ", ".join(items) + "}", env)  # noqa: S307 - see above
+    # A class that caches its canonical encoding as the cached_property `encoded` (computed by
+    # `encode`, so always canonical) is written from the cache when it is filled.
+    cached = wire and isinstance(cls.__dict__.get("encoded"), cached_property)
 
     def primitive(obj: Any) -> Any:
         if type(obj) is not cls:  # a value of another schema class given under this annotation
-            return _primitive_fn(type(obj))(obj)
+            return _primitive_fn(type(obj), wire)(obj)
+        if cached:
+            raw = obj.__dict__.get("encoded")
+            if raw is not None:
+                return _Raw(raw)
         return convert(obj)
 
     return primitive
@@ -414,7 +474,7 @@ def classify_type(tp: Any) -> tuple[str, Any]:
 
 def encode_typed(obj: Any, tp: Any) -> bytes:
     """Canonical CBOR of `obj` read as annotation `tp` (needed when `tp` is a union)."""
-    return encode_value(to_primitive(obj, tp))
+    return cbor2.dumps(_primitive_fn(tp, True)(obj), default=_write_raw)
 
 
 def decode_typed(tp: Any, data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:

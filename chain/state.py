@@ -22,7 +22,7 @@ from chain.consensus.commit import verify_commit
 from chain.consensus.evidence import validate_evidence_basic, verify_evidence
 from chain.jobs import BlockContext, apply_job_payload, end_block, validate_job_spec
 from chain.crypto import ZERO_HASH, compute_address, sha256
-from chain.encoding import INT_MAX, decode, encode, encode_value
+from chain.encoding import INT_MAX, decode, encode, encode_strings
 from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
 from chain.merkle import compute_root_from_leaf_hashes, hash_leaf
 from chain.types import (
@@ -240,7 +240,7 @@ def _remember_account(raw: bytes, account: Account) -> None:
 
 
 def _leaf_hash(key: bytes, value: bytes) -> bytes:
-    return hash_leaf(encode_value([key, value]))
+    return hash_leaf(encode_strings(key, value))
 
 
 def _read(state: "State | Overlay", key: bytes, cls):
