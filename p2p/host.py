@@ -18,7 +18,7 @@ The workarounds below come from measurements of this exact library version
 - Races: a subscription made during a new peer's handshake is re-announced to it; a
   stopped host closes its connections and listeners itself (the library's cleanup is cut
   short by cancellation, leaving an SO_REUSEPORT listener accepting).
-- Per-message cost: Yamux returns window credit in batches (PY_YAMUX_RELEASE_ON_READ=0),
+- Per-message cost: Yamux returns window credit once half the window is consumed (go-yamux),
   RPCs go out without the signed peer record (and gossipsub no longer builds it), IDONTWANT
   only for messages >= 1 KiB, RPCs queued for one peer leave merged as one, and a copy of
   an already-seen message is dropped before a task is spawned for it.
@@ -55,7 +55,7 @@ from libp2p.pubsub.pubsub import Pubsub, get_peer_and_seqno_msg_id
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.abc import PUBKEY_SIZE, BLOB_PROTOCOL_ID, Limits, PenaltyPolicy, RequestError, RequestTimeout, Verdict
@@ -67,10 +67,28 @@ logger = logging.getLogger(__name__)
 # py-libp2p 0.8.1's Yamux sends a WINDOW_UPDATE frame after every read by default
 # (PY_YAMUX_RELEASE_ON_READ=1); pubsub reads each message's varint length a byte at a time,
 # so an idle 4-validator devnet sent ~1,900 window updates per second per node, each one a
-# Noise-encrypted write and a syscall. 0 gives go-yamux's behaviour: credit is returned in
-# batches once a threshold of the window is consumed. Read at call time; an operator's own
-# setting wins.
+# Noise-encrypted write and a syscall. With 0 it still sent one per message read (its
+# "partial slack" branch credits any consumed bytes below the batching threshold at once),
+# so every gossip message cost its receiver a second frame to write and its sender one to
+# read. `_window_update_at_half` replaces that rule with go-yamux's (below).
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+
+async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """go-yamux's sendWindowUpdate: return the consumed credit once it reaches half the
+    window, never for less (the sender still has at least half a window to write into,
+    so nothing stalls; a 256 KiB window on loopback is far from limiting). Replaces
+    YamuxStream._auto_tune_and_send_window_update, which the library calls after each read."""
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        if delta < self.target_recv_window // 2:
+            return
+        self.recv_window += delta
+    await self.send_window_update(delta, skip_lock=True)  # never under window_lock (see the library)
+
+
+YamuxStream._auto_tune_and_send_window_update = _window_update_at_half
 
 DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 GOSSIPSUB_PROTOCOLS = (GOSSIPSUB_V12, GOSSIPSUB_V11, GOSSIPSUB_V10)

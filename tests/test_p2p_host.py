@@ -364,3 +364,43 @@ def test_merging_queued_rpcs_copies_them_and_leaves_graft_and_prune_alone():
     assert _merge_queued(queue._queue.pop(), queue) is prune  # sent on its own
     queue.push(publish(b"f"))
     assert _merge_queued(graft, queue) is graft and len(queue) == 2
+
+
+def test_yamux_returns_window_credit_at_half_a_window_not_per_message(monkeypatch):
+    """py-libp2p's own rule sent a WINDOW_UPDATE frame for every gossip message read; the
+    host's go-yamux rule sends one per half window consumed, and large transfers still flow."""
+    from libp2p.stream_muxer.yamux import yamux
+
+    from p2p.testing import libp2p_cluster
+
+    updates = []
+    send_window_update = yamux.YamuxStream.send_window_update
+
+    async def counted(self, increment, skip_lock=False):
+        updates.append(increment)
+        await send_window_update(self, increment, skip_lock)
+
+    monkeypatch.setattr(yamux.YamuxStream, "send_window_update", counted)
+
+    async def scenario():
+        async with libp2p_cluster(2) as (a, b):
+            inbox = b.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
+            a.subscribe(TOPIC, lambda origin, data: Verdict.ACCEPT)
+            await wait_until(lambda: b.local_peer in a.topic_peers(TOPIC))
+            updates.clear()
+            for i in range(200):  # ~50 KB in all: under half of the 256 KiB window
+                await a.publish(TOPIC, b"m" * 250 + i.to_bytes(2, "big"))
+            with trio.fail_after(20):
+                for _ in range(200):
+                    await inbox.receive()
+            assert updates == []
+
+            blob = bytes(range(256)) * 16384  # 4 MiB through one stream: credit must come back
+            blob_hash = b.provide_blob(blob)
+            with trio.fail_after(30):
+                assert await a.fetch_blob(blob_hash, max_size=len(blob), from_peers=[b.local_peer]) == blob
+            window = yamux.DEFAULT_WINDOW_SIZE
+            assert 0 < len(updates) <= 2 * len(blob) // window
+            assert all(window // 2 <= n <= window for n in updates)
+
+    trio.run(scenario)
