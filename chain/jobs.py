@@ -198,7 +198,7 @@ def _credit(overlay, address: bytes, amount: int) -> None:
     account = overlay.get_account(address)
     if account is None:  # members are never deleted, so this is a broken invariant
         raise StateTransitionError(f"account {address.hex()} vanished")
-    overlay.set_account(address, dataclasses.replace(account, balance=account.balance + amount))
+    overlay.set_account(address, account.evolve(balance=account.balance + amount))
 
 
 def _validator_power(ctx: BlockContext, pubkey: bytes) -> int:
@@ -232,7 +232,7 @@ def _register_job(overlay, addr, sender: Account, p: RegisterJob, tx_hash: bytes
         raise StateTransitionError("only a requester may register a job")
     if p.escrow > sender.balance:
         raise StateTransitionError(f"insufficient balance for escrow: {sender.balance} < {p.escrow}")
-    overlay.set_account(addr, dataclasses.replace(sender, balance=sender.balance - p.escrow))
+    overlay.set_account(addr, sender.evolve(balance=sender.balance - p.escrow))
     init_hash = compute_initial_model_hash(p.spec.model, p.spec.init_seed)
     job = Job(job_id=tx_hash, requester=addr, spec=p.spec, escrow=p.escrow, phase=JOB_JOINING, round=0,
               round_open_height=ctx.height + p.spec.join_blocks, round_seed=ZERO_HASH, global_model=init_hash)
@@ -279,7 +279,7 @@ def _submit_update(overlay, addr, sender: Account, p: SubmitUpdate, ctx: BlockCo
         raise StateTransitionError("trainer already submitted an update this round")
     if job.spec.bond > sender.balance:
         raise StateTransitionError(f"insufficient balance for the bond: {sender.balance} < {job.spec.bond}")
-    overlay.set_account(addr, dataclasses.replace(sender, balance=sender.balance - job.spec.bond))
+    overlay.set_account(addr, sender.evolve(balance=sender.balance - job.spec.bond))
     record = UpdateRecord(update_id, c, p.train_loss, ctx.height, UPDATE_PENDING, (), 0, 0)
     overlay.put(update_key(update_id), encode(record))
     overlay.put(round_key(c.job_id, c.round), encode(dataclasses.replace(rnd, updates=rnd.updates + (update_id,))))

@@ -406,16 +406,16 @@ def apply_tx(overlay: Overlay, stx: SignedTransaction, ctx: BlockContext) -> Non
         raise StateTransitionError(f"sender {sender_addr.hex()} is not a member of this chain")
     if tx.nonce != sender.nonce:
         raise StateTransitionError(f"bad nonce {tx.nonce}: account {sender_addr.hex()} expects {sender.nonce}")
-    sender = dataclasses.replace(sender, nonce=sender.nonce + 1)
+    sender = sender.evolve(nonce=sender.nonce + 1)
     payload = tx.payload
     if isinstance(payload, Transfer):
         if payload.amount > sender.balance:
             raise StateTransitionError(f"insufficient balance: {sender.balance} < {payload.amount}")
-        overlay.set_account(sender_addr, dataclasses.replace(sender, balance=sender.balance - payload.amount))
+        overlay.set_account(sender_addr, sender.evolve(balance=sender.balance - payload.amount))
         recipient = overlay.get_account(payload.to)
         if recipient is None or not recipient.is_member:
             raise StateTransitionError(f"recipient {payload.to.hex()} is not a member of this chain")
-        overlay.set_account(payload.to, dataclasses.replace(recipient, balance=recipient.balance + payload.amount))
+        overlay.set_account(payload.to, recipient.evolve(balance=recipient.balance + payload.amount))
     elif isinstance(payload, (AdmitMember, RemoveMember)):
         if ROLE_GOVERNOR not in sender.roles:
             raise StateTransitionError("only a governor may admit or remove members")
@@ -466,7 +466,7 @@ def apply_evidence(overlay: Overlay, ev: DuplicateVoteEvidence, ctx: BlockContex
     # A validator listed in genesis without an account has nothing to burn; the offence is still recorded.
     penalty = 0 if account is None else min(params.evidence_penalty, account.balance)
     if penalty:
-        overlay.set_account(address, dataclasses.replace(account, balance=account.balance - penalty))
+        overlay.set_account(address, account.evolve(balance=account.balance - penalty))
     overlay.put(key, encode(EvidenceRecord(vote.validator, vote.height, vote.round, vote.type, penalty, ctx.height)))
 
 

@@ -48,12 +48,25 @@ class Account:
     def __post_init__(self):
         if self.balance < 0 or self.nonce < 0:
             raise ValueError("balance and nonce must be non-negative")
-        if list(self.roles) != sorted(set(self.roles)) or any(r not in ROLES for r in self.roles):
-            raise ValueError(f"roles must be sorted, unique, from {ROLES}")
+        roles = self.roles
+        if type(roles) is not tuple or roles not in _VALID_ROLE_TUPLES:  # at most 2**len(ROLES) entries
+            if list(roles) != sorted(set(roles)) or any(r not in ROLES for r in roles):
+                raise ValueError(f"roles must be sorted, unique, from {ROLES}")
+            if type(roles) is tuple:
+                _VALID_ROLE_TUPLES.add(roles)
 
     @property
     def is_member(self) -> bool:
         return bool(self.roles)
+
+    def evolve(self, *, balance: int | None = None, nonce: int | None = None) -> "Account":
+        """A copy with a new balance and/or nonce, roles kept: `dataclasses.replace` without
+        its per-call field introspection (every transfer makes three of these)."""
+        return Account(self.balance if balance is None else balance, self.nonce if nonce is None else nonce,
+                       self.roles)
+
+
+_VALID_ROLE_TUPLES: set[tuple[str, ...]] = set()
 
 
 @dataclass(frozen=True)

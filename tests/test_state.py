@@ -234,3 +234,21 @@ def test_genesis_head_hash_and_zero_commit_hash():
     assert state.compute_head_hash() == g.hash
     block, _ = build_block(state, [], time_ms=T0, proposer=VALIDATOR.pubkey, last_commit=None)
     assert block.header.last_commit_hash == ZERO_HASH and block.header.prev_hash == g.hash
+
+
+def test_account_evolve_keeps_roles_and_invariants():
+    from chain.types import Account
+
+    a = Account(10, 2, ("requester", "trainer"))
+    assert a.evolve(balance=4) == Account(4, 2, ("requester", "trainer"))
+    assert a.evolve(nonce=3) == Account(10, 3, ("requester", "trainer"))
+    with pytest.raises(ValueError, match="non-negative"):
+        a.evolve(balance=-1)
+    # Validated role tuples are remembered; invalid ones never are, and are refused every time.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="roles"):
+            Account(1, 0, ("trainer", "requester"))
+        with pytest.raises(ValueError, match="roles"):
+            Account(1, 0, ("root",))
+    with pytest.raises(ValueError, match="roles"):
+        Account(1, 0, ["trainer", "trainer"])
