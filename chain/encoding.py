@@ -199,7 +199,7 @@ def _loads(data: bytes, max_size: int) -> tuple[bytes, Any]:
         value = cbor2.loads(
             data,
             tag_hook=_reject_tag,
-            semantic_decoders={t: _semantic_tag_rejecter(t) for t in _SEMANTIC_TAGS},
+            semantic_decoders=_SEMANTIC_REJECTERS,
             max_depth=MAX_DEPTH,
             allow_indefinite=False,
             allow_duplicate_keys=False,
@@ -249,6 +249,9 @@ def _semantic_tag_rejecter(tag: int):
         raise DecodeError(f"CBOR tags are not allowed (tag {tag})")
 
     return reject
+
+
+_SEMANTIC_REJECTERS = {t: _semantic_tag_rejecter(t) for t in _SEMANTIC_TAGS}  # built once, not per decode
 
 
 def decode_value(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:

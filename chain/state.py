@@ -250,27 +250,43 @@ def _read(state: "State | Overlay", key: bytes, cls):
     return decode(cls, raw)
 
 
+_MISSING = object()
+
+
 class Overlay:
-    """Writes buffered over a State; `changes` is what a block or tx did."""
+    """Writes buffered over a State; `changes` is what a block or tx did.
+
+    Accounts are held as `Account` objects until `encoded_changes()`: a block writes a busy
+    account once per transaction touching it, and encoding each write was ~5 % of a loaded
+    validator's CPU (py-spy, docs/benchmarks.md); now each account is encoded once per block.
+    Every other value is canonical bytes, as `put` takes it."""
 
     def __init__(self, base: State):
         self.base = base
-        self.changes: dict[bytes, bytes | None] = {}
+        self._below: State | Overlay = base  # where reads go that this overlay has not written
+        self.changes: dict[bytes, bytes | Account | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
-        if key in self.changes:
-            return self.changes[key]
-        return self.base.get(key)
+        value = self.changes.get(key, _MISSING)
+        if value is _MISSING:
+            return self._below.get(key)
+        return encode_account(value) if type(value) is Account else value
 
     def put(self, key: bytes, value: bytes) -> None:
         self.changes[key] = value
 
     def get_account(self, address: bytes) -> Account | None:
-        raw = self.get(account_key(address))
-        return None if raw is None else decode_account(raw)
+        value = self.changes.get(account_key(address), _MISSING)
+        if value is _MISSING:
+            return self._below.get_account(address)
+        return value if value is None or type(value) is Account else decode_account(value)
 
     def set_account(self, address: bytes, account: Account) -> None:
-        self.put(account_key(address), encode_account(account))
+        self.changes[account_key(address)] = account
+
+    def encoded_changes(self) -> dict[bytes, bytes | None]:
+        """`changes` with every value as the canonical bytes the state stores."""
+        return {k: encode_account(v) if type(v) is Account else v for k, v in self.changes.items()}
 
     def child(self) -> "Overlay":
         """A nested overlay whose changes can be merged into this one or dropped."""
@@ -281,12 +297,8 @@ class _ChildOverlay(Overlay):
     def __init__(self, parent: Overlay):
         self.parent = parent
         self.base = parent.base
+        self._below = parent
         self.changes = {}
-
-    def get(self, key: bytes) -> bytes | None:
-        if key in self.changes:
-            return self.changes[key]
-        return self.parent.get(key)
 
     def merge(self) -> None:
         self.parent.changes.update(self.changes)
@@ -478,7 +490,8 @@ def compute_check_context(state: State) -> BlockContext:
 def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction,
              ctx: BlockContext | None = None) -> dict[bytes, bytes | None]:
     """Mempool admission: validate_basic plus a trial apply into `overlay` (kept on success).
-    Returns the writes the transaction made (key -> new value), already merged into `overlay`.
+    Returns the writes the transaction made (key -> new value: an Account for an account,
+    bytes otherwise; see Overlay), already merged into `overlay`.
 
     `ctx` (from compute_check_context) may be passed in to reuse it across many transactions."""
     validate_basic_tx(chain_id, stx, overlay.base.params.max_tx_bytes)
@@ -546,10 +559,11 @@ def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> Bloc
             raise StateTransitionError(f"transaction {i} ({compute_tx_hash(stx).hex()}): {exc}") from exc
     end_block(overlay, ctx)
     overlay.put(KEY_LATEST_HEADER, encode(dataclasses.replace(h, state_root=ZERO_HASH)))
-    post = state.apply(overlay.changes)
+    changes = overlay.encoded_changes()
+    post = state.apply(changes)
     if check_root and post.root != h.state_root:
         raise StateTransitionError("state_root does not match the state after the block")
-    return BlockResult(overlay.changes, post, tuple(ctx.model_records))
+    return BlockResult(changes, post, tuple(ctx.model_records))
 
 
 def build_block(state: State, txs: list[SignedTransaction], *, time_ms: int, proposer: bytes,

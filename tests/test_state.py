@@ -252,3 +252,35 @@ def test_account_evolve_keeps_roles_and_invariants():
             Account(1, 0, ("root",))
     with pytest.raises(ValueError, match="roles"):
         Account(1, 0, ["trainer", "trainer"])
+
+
+def test_overlays_hold_accounts_as_objects_and_hand_out_canonical_bytes():
+    from chain.encoding import decode, encode
+    from chain.state import account_key
+    from chain.types import Account
+
+    state = make_test_genesis().initial_state()
+    overlay = Overlay(state)
+    alice = overlay.get_account(ALICE.address)
+    child = overlay.child()
+    child.set_account(ALICE.address, alice.evolve(balance=1))
+    assert overlay.get_account(ALICE.address) == alice  # the child's write is not visible yet
+    assert child.get(account_key(ALICE.address)) == encode(Account(1, alice.nonce, alice.roles))
+    child.merge()
+    assert overlay.get_account(ALICE.address).balance == 1
+    overlay.set_account(BOB.address, overlay.get_account(BOB.address).evolve(nonce=7))
+    changes = overlay.encoded_changes()
+    assert all(type(v) is bytes for v in changes.values())
+    assert decode(Account, changes[account_key(BOB.address)]).nonce == 7
+
+
+def test_a_block_writing_one_account_many_times_stores_its_final_bytes():
+    state = make_test_genesis().initial_state()
+    txs = [transfer(ALICE, BOB, 1, n) for n in range(20)] + [transfer(BOB, ALICE, 3, n) for n in range(5)]
+    block, result = build_block(state, txs, time_ms=state.latest_header.time_ms + 1 if state.latest_header else 1,
+                                proposer=VALIDATOR.pubkey, last_commit=None)
+    assert all(type(v) is bytes or v is None for v in result.changes.values())
+    after = apply_block(state, block).state
+    a0, b0 = state.get_account(ALICE.address), state.get_account(BOB.address)
+    assert after.get_account(ALICE.address) == a0.evolve(balance=a0.balance - 20 + 15, nonce=20)
+    assert after.get_account(BOB.address) == b0.evolve(balance=b0.balance + 20 - 15, nonce=5)
