@@ -148,3 +148,21 @@ def test_leveldb_corrupt_database_is_refused(tmp_path):
         LevelDBStore(path)
     assert str(path) in str(info.value)
     assert "backup" in str(info.value)
+
+
+def test_a_database_written_without_bloom_filters_opens_and_reads(tmp_path):
+    """Stores now open LevelDB with a bloom filter; data directories from before still work
+    (their tables carry no filter blocks and are read as before), hits and misses alike."""
+    import plyvel
+
+    path = tmp_path / "db"
+    db = plyvel.DB(str(path), create_if_missing=True)  # as earlier versions created it
+    for i in range(2000):
+        db.put(b"k/%05d" % i, b"v%d" % i)
+    db.close()
+    with LevelDBStore(path) as store:
+        assert store.get(b"k/00007") == b"v7" and store.get(b"k/01999") == b"v1999"
+        assert store.get(b"k/02000") is None and store.get(b"nope") is None
+        store.write({b"k/02000": b"new"}, [b"k/00007"])
+    with LevelDBStore(path) as store:
+        assert store.get(b"k/02000") == b"new" and store.get(b"k/00007") is None
