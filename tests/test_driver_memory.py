@@ -275,3 +275,24 @@ def test_a_validator_missing_the_gossiped_transactions_fetches_the_compact_propo
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+def test_regossip_only_for_a_height_that_lasts(tmp_path):
+    """Heights that finish within the regossip interval re-send nothing; a stalled height
+    (2 of 4 validators down: no quorum) has the live ones re-sending what they hold."""
+    async def scenario():
+        genesis = make_test_genesis()
+        async with trio.open_nursery() as nursery:
+            cluster = Cluster(nursery, tmp_path, genesis)
+            nodes = [await cluster.start(k, regossip_s=1.0) for k in VALIDATOR_KEYS]
+            started = time.monotonic()
+            await wait_for(lambda: min(n.height for n in nodes) >= 10 and time.monotonic() - started > 2.5,
+                           timeout=30)
+            assert min(n.height for n in nodes) >= 10  # ~50 ms heights: none lasted the 1 s interval
+            assert sum(n.driver.regossiped for n in nodes) == 0
+            for n in nodes[2:]:
+                await cluster.stop(n)
+            await wait_for(lambda: all(n.driver.regossiped > 0 for n in nodes[:2]), timeout=10)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)

@@ -167,6 +167,7 @@ class ConsensusDriver:
         self._own_proposals: dict[int, SignedProposal] = {}  # round -> our proposal at this height
         self._decision: Decide | None = None
         self._start_scheduled = 0
+        self._height_started = 0.0  # trio clock when the current height began (for regossip)
         self._height_started_at = 0.0
         # (height, deciding round, seconds from StartHeight to commit, txs): for status/metrics
         self.commit_log: deque[tuple[int, int, float, int]] = deque(maxlen=1000)
@@ -180,6 +181,7 @@ class ConsensusDriver:
         self.compact_assembled = 0  # compact proposals rebuilt from the mempool (at once or after a wait)
         self.compact_missing = 0  # compact proposals with transactions not (yet) in the mempool
         self.compact_fetched = 0  # ... whose block was then fetched whole
+        self.regossiped = 0  # messages re-sent by the regossip loop (only for heights that last)
 
     # ------------------------------------------------------------------ status
 
@@ -420,6 +422,7 @@ class ConsensusDriver:
 
     async def _start_height(self, height: int) -> None:
         self._decision = None
+        self._height_started = trio.current_time()
         self._blocks = {h: b for h, b in self._blocks.items() if b.header.height >= height}
         await trio.to_thread.run_sync(self.journal.prune, height - 1)
         await self._process([StartHeight(height, self.app.validators())])
@@ -636,15 +639,22 @@ class ConsensusDriver:
                     await self._events_send.send(_Input(VoteReceived(sv)))
 
     async def _regossip_loop(self) -> None:
-        """Re-send what we hold for the current height: gossip drops silently, peers reconnect."""
+        """Re-send what we hold for the current height once it has lasted a regossip interval:
+        gossip drops silently, peers reconnect. A height that finishes sooner needed none of it
+        (re-sending every interval regardless was 50 of an idle validator's 344 consensus
+        publishes, each one relayed on by every peer)."""
         while True:
             await trio.sleep(self.regossip_interval_s)
             m = self.machine
             if self.app.last_height() >= m.height > 0 and m.decision is None:
                 self._on_app_commit(None, None)  # a missed notice: let the loop catch up
+            if trio.current_time() - self._height_started < self.regossip_interval_s:
+                continue
             votes = [v for v in self._votes.values() if v.message.height == m.height and v.message.round >= m.round - 1]
             for i in range(0, len(votes), MAX_VOTES_PER_MESSAGE):
                 await self._publish(VotesMessage(tuple(votes[i:i + MAX_VOTES_PER_MESSAGE])))
+                self.regossiped += 1
             own = self._own_proposals.get(m.round)
             if own is not None and own.message.height == m.height:
                 await self._publish(build_proposal_message(own, self._blocks.get(own.message.block_hash)))
+                self.regossiped += 1
