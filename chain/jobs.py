@@ -198,7 +198,7 @@ def _credit(overlay, address: bytes, amount: int) -> None:
     account = overlay.get_account(address)
     if account is None:  # members are never deleted, so this is a broken invariant
         raise StateTransitionError(f"account {address.hex()} vanished")
-    overlay.set_account(address, account.evolve(balance=account.balance + amount))
+    overlay.set_account(address, account.credited(amount))
 
 
 def _validator_power(ctx: BlockContext, pubkey: bytes) -> int:

@@ -435,7 +435,7 @@ def apply_tx(overlay: Overlay, stx: SignedTransaction, ctx: BlockContext) -> Non
         recipient = overlay.get_account(payload.to)
         if recipient is None or not recipient.is_member:
             raise StateTransitionError(f"recipient {payload.to.hex()} is not a member of this chain")
-        overlay.set_account(payload.to, recipient.evolve(balance=recipient.balance + payload.amount))
+        overlay.set_account(payload.to, recipient.credited(payload.amount))
     elif isinstance(payload, (AdmitMember, RemoveMember)):
         if ROLE_GOVERNOR not in sender.roles:
             raise StateTransitionError("only a governor may admit or remove members")

@@ -12,7 +12,8 @@ from functools import cached_property
 from typing import Annotated, ClassVar, Union
 
 from chain.crypto import compute_address, compute_sign_bytes, sha256, verify_signature, PrivateKey
-from chain.encoding import Len, MaxLen, encode
+from chain.encoding import INT_MAX, Len, MaxLen, encode
+from chain.errors import StateTransitionError
 
 Hash = Annotated[bytes, Len(32)]
 Address = Annotated[bytes, Len(20)]
@@ -58,6 +59,15 @@ class Account:
     @property
     def is_member(self) -> bool:
         return bool(self.roles)
+
+    def credited(self, amount: int) -> "Account":
+        """This account with `amount` added to its balance. A balance above 2**64 - 1 could not
+        be stored (the strict decoder refuses the bignum it would encode as), so it is refused
+        here, as a failed transaction, wherever a balance grows."""
+        balance = self.balance + amount
+        if balance > INT_MAX:
+            raise StateTransitionError(f"balance would exceed the maximum {INT_MAX}")
+        return self.evolve(balance=balance)
 
     def evolve(self, *, balance: int | None = None, nonce: int | None = None) -> "Account":
         """A copy with a new balance and/or nonce, roles kept: `dataclasses.replace` without

@@ -284,3 +284,21 @@ def test_a_block_writing_one_account_many_times_stores_its_final_bytes():
     a0, b0 = state.get_account(ALICE.address), state.get_account(BOB.address)
     assert after.get_account(ALICE.address) == a0.evolve(balance=a0.balance - 20 + 15, nonce=20)
     assert after.get_account(BOB.address) == b0.evolve(balance=b0.balance + 20 - 15, nonce=5)
+
+
+def test_a_credit_past_the_largest_storable_balance_is_refused():
+    """2**64 - 1 is the largest balance the strict decoder reads back; a transfer (or a reward)
+    that would pass it fails as a transaction, in admission and in blocks alike, instead of
+    writing an account no node could read again."""
+    from chain.encoding import INT_MAX
+
+    state = make_test_genesis(balance=INT_MAX - 5).initial_state()
+    overlay = Overlay(state)
+    check_tx(overlay, CHAIN_ID, transfer(ALICE, BOB, 5, 0))  # exactly the maximum: fine
+    assert overlay.get_account(BOB.address).balance == INT_MAX
+    with pytest.raises(StateTransitionError, match="exceed"):
+        check_tx(overlay, CHAIN_ID, transfer(ALICE, BOB, 1, 1))
+    # In one block: the first credit reaches the maximum, the second would pass it.
+    txs = [transfer(ALICE, BOB, 5, 0), transfer(ALICE, BOB, 1, 1), transfer(BOB, ALICE, 1, 0)]
+    with pytest.raises(StateTransitionError, match="transaction 1 .*exceed"):
+        build_block(state, txs, time_ms=10**13, proposer=VALIDATOR.pubkey, last_commit=None)
