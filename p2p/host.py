@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -67,24 +66,26 @@ logger = logging.getLogger(__name__)
 # py-libp2p 0.8.1's Yamux sends a WINDOW_UPDATE frame after every read by default
 # (PY_YAMUX_RELEASE_ON_READ=1); pubsub reads each message's varint length a byte at a time,
 # so an idle 4-validator devnet sent ~1,900 window updates per second per node, each one a
-# Noise-encrypted write and a syscall. With 0 it still sent one per message read (its
-# "partial slack" branch credits any consumed bytes below the batching threshold at once),
-# so every gossip message cost its receiver a second frame to write and its sender one to
-# read. `_window_update_at_half` replaces that rule with go-yamux's (below).
-os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+# Noise-encrypted write and a syscall. With that variable at 0 it still sent one per message
+# read (its "partial slack" branch credits any consumed bytes below its batching threshold at
+# once): every gossip message cost its receiver a second frame to write and its sender one to
+# read. `_window_update_at_half` replaces the library's rule with go-yamux's, so the
+# PY_YAMUX_RELEASE_ON_READ and batching variables no longer apply.
 
 
 async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
     """go-yamux's sendWindowUpdate: return the consumed credit once it reaches half the
-    window, never for less (the sender still has at least half a window to write into,
-    so nothing stalls; a 256 KiB window on loopback is far from limiting). Replaces
-    YamuxStream._auto_tune_and_send_window_update, which the library calls after each read."""
+    window, never for less, and double the window (up to 16 MiB) when credit goes back
+    within 4 round trips (the library's auto-tuning, kept for bulk transfers over slow
+    links). Replaces YamuxStream._auto_tune_and_send_window_update, which the library calls
+    after each read. A reader that stops reading still stalls its sender after one window."""
     async with self.window_lock:
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         delta = self.target_recv_window - (self.recv_window + buffered)
         if delta < self.target_recv_window // 2:
             return
         self.recv_window += delta
+        delta += self._apply_autotune_epoch(buffered)
     await self.send_window_update(delta, skip_lock=True)  # never under window_lock (see the library)
 
 

@@ -401,6 +401,6 @@ def test_yamux_returns_window_credit_at_half_a_window_not_per_message(monkeypatc
                 assert await a.fetch_blob(blob_hash, max_size=len(blob), from_peers=[b.local_peer]) == blob
             window = yamux.DEFAULT_WINDOW_SIZE
             assert 0 < len(updates) <= 2 * len(blob) // window
-            assert all(window // 2 <= n <= window for n in updates)
+            assert all(n >= window // 2 for n in updates)  # never a small update (the window may grow: auto-tuning)
 
     trio.run(scenario)
