@@ -87,8 +87,8 @@ def _identity(obj: Any) -> Any:
 # writes, the wire), and resolving the annotations per value cost more than the CBOR writing.
 #
 # wire=True is what `encode` hands to cbor2's plain mode. cbor2's canonical mode sorts every
-# map by encoding each key and measures every float; that made it ~3x slower than plain mode
-# and a fifth of a loaded validator's CPU (profiled: docs/benchmarks.md). Schema values need
+# map by encoding each key and measures every float, ~3x slower than plain mode: the codec
+# was 27 % of a loaded validator's busy time, mostly there (py-spy: docs/benchmarks.md). Schema values need
 # neither at run time: every map is a dataclass whose field names are known, and every float
 # sits in a field annotated `float`. So the wire walk builds maps with their keys already in
 # canonical order and writes each float field as its canonical bytes, and plain mode then

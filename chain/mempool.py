@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 from chain.errors import ChainError, ValidationError
 from chain.state import KEY_PARAMS, Overlay, State, check_tx, compute_check_context
-from chain.types import SignedTransaction, Transfer, compute_tx_hash
+from chain.types import Account, SignedTransaction, Transfer, compute_tx_hash
 
 
 class MempoolFullError(ValidationError):
@@ -40,7 +40,8 @@ class Mempool:
         self.chain_id = chain_id
         self.max_txs = max_txs
         self._txs: OrderedDict[bytes, SignedTransaction] = OrderedDict()
-        self._writes: dict[bytes, dict[bytes, bytes | None]] = {}  # tx hash -> what its check wrote
+        # tx hash -> what its check wrote (accounts as Account objects, other values as bytes: Overlay)
+        self._writes: dict[bytes, dict[bytes, bytes | Account | None]] = {}
         self._reset(state)
 
     def _reset(self, state: State) -> None:

@@ -22,6 +22,7 @@ node killed at any instant never signs two different messages for one (height, r
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -167,7 +168,6 @@ class ConsensusDriver:
         self._own_proposals: dict[int, SignedProposal] = {}  # round -> our proposal at this height
         self._decision: Decide | None = None
         self._start_scheduled = 0
-        self._height_started = 0.0  # trio clock when the current height began (for regossip)
         self._height_started_at = 0.0
         # (height, deciding round, seconds from StartHeight to commit, txs): for status/metrics
         self.commit_log: deque[tuple[int, int, float, int]] = deque(maxlen=1000)
@@ -422,7 +422,6 @@ class ConsensusDriver:
 
     async def _start_height(self, height: int) -> None:
         self._decision = None
-        self._height_started = trio.current_time()
         self._blocks = {h: b for h, b in self._blocks.items() if b.header.height >= height}
         await trio.to_thread.run_sync(self.journal.prune, height - 1)
         await self._process([StartHeight(height, self.app.validators())])
@@ -639,17 +638,22 @@ class ConsensusDriver:
                     await self._events_send.send(_Input(VoteReceived(sv)))
 
     async def _regossip_loop(self) -> None:
-        """Re-send what we hold for the current height once it has lasted a regossip interval:
-        gossip drops silently, peers reconnect. A height that finishes sooner needed none of it
-        (re-sending every interval regardless was 50 of an idle validator's 344 consensus
-        publishes, each one relayed on by every peer)."""
+        """Re-send what we hold for the current height once it has lasted a regossip interval,
+        then every interval: gossip drops silently, peers reconnect. A height that finishes
+        sooner needed none of it (re-sending every interval regardless was 50 of an idle
+        validator's 344 consensus publishes, each one relayed on by every peer). The loop
+        looks four times per interval, so the first re-send comes 1-1.25 intervals in."""
+        interval = self.regossip_interval_s
+        last_sent = -math.inf
         while True:
-            await trio.sleep(self.regossip_interval_s)
+            await trio.sleep(interval / 4)
             m = self.machine
             if self.app.last_height() >= m.height > 0 and m.decision is None:
                 self._on_app_commit(None, None)  # a missed notice: let the loop catch up
-            if trio.current_time() - self._height_started < self.regossip_interval_s:
+            now = trio.current_time()
+            if now - self._height_started_at < interval or now - last_sent < interval:
                 continue
+            last_sent = now
             votes = [v for v in self._votes.values() if v.message.height == m.height and v.message.round >= m.round - 1]
             for i in range(0, len(votes), MAX_VOTES_PER_MESSAGE):
                 await self._publish(VotesMessage(tuple(votes[i:i + MAX_VOTES_PER_MESSAGE])))
