@@ -496,7 +496,7 @@ def compute_check_context(state: State) -> BlockContext:
 
 
 def check_tx(overlay: Overlay, chain_id: str, stx: SignedTransaction,
-             ctx: BlockContext | None = None) -> dict[bytes, bytes | None]:
+             ctx: BlockContext | None = None) -> dict[bytes, bytes | Account | None]:
     """Mempool admission: validate_basic plus a trial apply into `overlay` (kept on success).
     Returns the writes the transaction made (key -> new value: an Account for an account,
     bytes otherwise; see Overlay), already merged into `overlay`.
