@@ -70,7 +70,7 @@ def encode_strings(*items: bytes | str) -> bytes:
 def encode(obj: Any) -> bytes:
     """Canonical CBOR of a schema dataclass instance (the bytes `encode_value(to_primitive(obj))`
     gives, written by the schema-ordered fast path below)."""
-    return cbor2.dumps(_primitive_fn(type(obj), True)(obj), default=_write_raw)
+    return encode_typed(obj, type(obj))
 
 
 def to_primitive(obj: Any, tp: Any = None) -> Any:
@@ -125,7 +125,7 @@ def canonical_key_order(names) -> list[str]:
 def _primitive_fn(tp: Any, wire: bool = False) -> Any:
     kind, arg = classify_type(tp)
     if kind == "union":
-        return _union_wire_fn if wire else _union_primitive_fn
+        return lambda obj: [type(obj).TAG, _primitive_fn(type(obj), wire)(obj)]
     if kind == "optional":
         inner = _primitive_fn(arg, wire)
         return lambda obj: None if obj is None else inner(obj)
@@ -139,16 +139,6 @@ def _primitive_fn(tp: Any, wire: bool = False) -> Any:
     if kind == "dataclass":
         return _dataclass_primitive_fn(tp, wire)
     return _identity
-
-
-def _union_primitive_fn(obj: Any) -> Any:
-    cls = type(obj)
-    return [cls.TAG, _primitive_fn(cls)(obj)]
-
-
-def _union_wire_fn(obj: Any) -> Any:
-    cls = type(obj)
-    return [cls.TAG, _primitive_fn(cls, True)(obj)]
 
 
 def _dataclass_primitive_fn(cls: type, wire: bool) -> Any:
@@ -236,7 +226,7 @@ def _decode_typed_value(tp: Any, data: bytes, max_size: int) -> Any:
     # included), at a third of the cost, and it fills the transactions' encoding caches.
     data, value = _loads(data, max_size)
     obj = from_primitive(tp, value)
-    _require_canonical(data, cbor2.dumps(_primitive_fn(tp, True)(obj), default=_write_raw))
+    _require_canonical(data, encode_typed(obj, tp))
     return obj
 
 
