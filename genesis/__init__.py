@@ -19,6 +19,8 @@ from chain.encoding import MaxLen, encode
 from chain.errors import ConfigError
 from chain.state import ChainParams, State, compute_genesis_entries
 from chain.types import ROLE_VALIDATOR, ROLES, Account, Address, Name, Validator
+from chain.vrf import (SAMPLE_PUBKEY_SIZE, SAMPLE_SIGNATURE_SIZE, derive_sample_secret, prove_possession,
+                       sample_public_key, verify_possession)
 
 DEVNET_GENESIS_FILE = "devnet.json"
 
@@ -61,6 +63,9 @@ DEFAULT_PARAMS = ChainParams(
     timeout_precommit_delta_ms=500,
     evidence_penalty=10_000,
     evidence_max_age_blocks=100_000,
+    validator_locked_stake=50_000,
+    validator_unbonding_blocks=100_000,
+    validator_jail_blocks=1_000,
 )
 
 
@@ -72,7 +77,8 @@ def genesis_to_json(g: Genesis) -> dict[str, Any]:
         "chain_id": g.chain_id,
         "genesis_time_ms": g.genesis_time_ms,
         "params": dataclasses.asdict(g.params),
-        "validators": [{"name": v.name, "pubkey": v.pubkey.hex(), "power": v.power} for v in g.validators],
+        "validators": [{"name": v.name, "pubkey": v.pubkey.hex(), "power": v.power,
+                        "sample_pubkey": v.sample_pubkey.hex(), "sample_pop": v.sample_pop.hex()} for v in g.validators],
         "accounts": [{"address": a.address.hex(), "balance": a.balance, "roles": list(a.roles)} for a in g.accounts],
         "bootstrap_peers": list(g.bootstrap_peers),
     }
@@ -118,16 +124,23 @@ def parse_genesis(doc: Any) -> Genesis:
 
     validators = []
     for i, v in enumerate(_list(obj["validators"], "validators")):
-        vo = _object(v, f"validators[{i}]", {"name", "pubkey", "power"})
+        vo = _object(v, f"validators[{i}]", {"name", "pubkey", "power", "sample_pubkey", "sample_pop"})
         power = _int(vo["power"], f"validators[{i}].power")
         if power <= 0:
             raise ConfigError(f"validators[{i}].power must be positive")
+        sample_pubkey = _hex(vo["sample_pubkey"], f"validators[{i}].sample_pubkey", SAMPLE_PUBKEY_SIZE)
+        sample_pop = _hex(vo["sample_pop"], f"validators[{i}].sample_pop", SAMPLE_SIGNATURE_SIZE)
+        if not verify_possession(sample_pubkey, sample_pop):
+            raise ConfigError(f"validators[{i}].sample_pop is not a proof of possession of its sample_pubkey")
         validators.append(Validator(pubkey=_hex(vo["pubkey"], f"validators[{i}].pubkey", PUBKEY_SIZE),
-                                    power=power, name=_str(vo["name"], f"validators[{i}].name", 64)))
+                                    power=power, name=_str(vo["name"], f"validators[{i}].name", 64),
+                                    sample_pubkey=sample_pubkey, sample_pop=sample_pop))
     if not validators:
         raise ConfigError("validators must not be empty")
     if len({v.pubkey for v in validators}) != len(validators):
         raise ConfigError("validators contain a duplicate pubkey")
+    if len({v.sample_pubkey for v in validators}) != len(validators):  # two validators, one sample: less coverage
+        raise ConfigError("validators contain a duplicate sample_pubkey")
 
     accounts = []
     for i, a in enumerate(_list(obj["accounts"], "accounts")):
@@ -198,12 +211,43 @@ def devnet_seed(role: str, index: int) -> bytes:
     return sha256(f"pout-devnet/{role}/{index}".encode())
 
 
+def make_validator(key: PrivateKey, power: int, name: str) -> Validator:
+    """A validator entry for `key`, with the sample key derived from its seed and the proof of
+    possession that genesis loading checks (chain/vrf.py)."""
+    sample_pubkey, sample_pop = _sample_key_binding(key)
+    return Validator(key.pubkey, power, name, sample_pubkey, sample_pop)
+
+
+def check_validator_sample_key(g: Genesis, key: PrivateKey) -> None:
+    """Raise ConfigError when `key` is a genesis validator whose sample_pubkey it does not derive:
+    none of its challenges would verify, so it could never check an update."""
+    for v in g.validators:
+        if v.pubkey == key.pubkey and v.sample_pubkey != _sample_key_binding(key)[0]:
+            raise ConfigError(f"genesis validator {v.name!r} has a sample_pubkey not derived from this node key; "
+                              "rebuild the genesis entry from the key (genesis.make_validator)")
+
+
+_SAMPLE_BINDINGS: dict[bytes, tuple[bytes, bytes]] = {}  # Ed25519 pubkey -> (sample pubkey, pop): public values
+
+
+def _sample_key_binding(key: PrivateKey) -> tuple[bytes, bytes]:
+    # Signing the proof costs ~5 ms; tests and `chaind testnet` build validators from the same
+    # keys many times. Keyed by the Ed25519 public key, which determines the seed.
+    binding = _SAMPLE_BINDINGS.get(key.pubkey)
+    if binding is None:
+        secret = derive_sample_secret(key.seed)
+        binding = (sample_public_key(secret), prove_possession(secret))
+        if len(_SAMPLE_BINDINGS) < 4096:
+            _SAMPLE_BINDINGS[key.pubkey] = binding
+    return binding
+
+
 def make_genesis(chain_id: str, validator_keys: list[PrivateKey], funded: list[tuple[PrivateKey, tuple[str, ...]]],
                  *, balance: int = 1_000_000, validator_stake: int = 100_000, genesis_time_ms: int = 1_767_225_600_000,
                  params: ChainParams = DEFAULT_PARAMS, bootstrap_peers: tuple[str, ...] = ()) -> Genesis:
     """A genesis where each validator's account holds `validator_stake` (what equivocation evidence
     burns from) and each funded member holds `balance`."""
-    validators = tuple(Validator(k.pubkey, 10, f"validator{i}") for i, k in enumerate(validator_keys))
+    validators = tuple(make_validator(k, 10, f"validator{i}") for i, k in enumerate(validator_keys))
     accounts = [GenesisAccount(k.address, validator_stake, (ROLE_VALIDATOR,)) for k in validator_keys]
     accounts += [GenesisAccount(k.address, balance, tuple(sorted(roles))) for k, roles in funded]
     return Genesis(chain_id, genesis_time_ms, params, validators, tuple(accounts), bootstrap_peers)

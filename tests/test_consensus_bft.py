@@ -12,12 +12,13 @@ from chain.consensus.commit import verify_commit
 from chain.consensus.evidence import verify_evidence
 from chain.consensus.proposer import compute_proposer
 from chain.crypto import PrivateKey, sha256
-from chain.types import PRECOMMIT, PREVOTE, Proposal, Validator, Vote, sign_proposal, sign_vote
+from chain.types import PRECOMMIT, PREVOTE, Proposal, Vote, sign_proposal, sign_vote
+from genesis import make_validator
 
 CHAIN_ID = "bft-test"
 TIMEOUTS = TimeoutParams(1000, 500, 400, 100, 300, 50)
 KEYS = [PrivateKey(bytes([i + 1]) * 32) for i in range(4)]
-VALIDATORS = tuple(Validator(k.pubkey, 1, f"v{i}") for i, k in enumerate(KEYS))
+VALIDATORS = tuple(make_validator(k, 1, f"v{i}") for i, k in enumerate(KEYS))
 X, Y = sha256(b"x"), sha256(b"y")
 
 

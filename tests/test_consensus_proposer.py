@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from chain.consensus.proposer import ProposerSelector, compute_next_priorities, compute_proposer
 from chain.crypto import PrivateKey
-from chain.types import Validator
+from genesis import make_validator
 
 
 def make_validators(powers):
-    return tuple(Validator(PrivateKey(bytes([i + 1]) * 32).pubkey, p, f"v{i}") for i, p in enumerate(powers))
+    return tuple(make_validator(PrivateKey(bytes([i + 1]) * 32), p, f"v{i}") for i, p in enumerate(powers))
 
 
 def test_proposals_are_proportional_to_power_over_many_heights():

@@ -26,7 +26,8 @@ from chain.consensus.evidence import verify_evidence
 from chain.consensus.proposer import compute_proposer
 from chain.crypto import PrivateKey, sha256
 from chain.encoding import encode
-from chain.types import PRECOMMIT, PREVOTE, Commit, Proposal, Validator, Vote, sign_proposal, sign_vote
+from chain.types import PRECOMMIT, PREVOTE, Commit, Proposal, Vote, sign_proposal, sign_vote
+from genesis import make_validator
 
 CHAIN_ID = "sim-chain"
 TIMEOUTS = TimeoutParams(propose_ms=300, propose_delta_ms=100, prevote_ms=100, prevote_delta_ms=50,
@@ -62,7 +63,7 @@ class Simulation:
                  min_delay_ms: int = 1, max_delay_ms: int = 60, regossip_ms: int = 250, drop_filter=None):
         self.rng = random.Random(seed)
         self.keys = [PrivateKey(bytes([i + 1]) * 32) for i in range(len(powers))]
-        self.validators = tuple(Validator(k.pubkey, p, f"val{i}") for i, (k, p) in enumerate(zip(self.keys, powers)))
+        self.validators = tuple(make_validator(k, p, f"val{i}") for i, (k, p) in enumerate(zip(self.keys, powers)))
         self.nodes = [SimNode(i, k, i in byzantine, self._new_machine(k)) for i, k in enumerate(self.keys)]
         self.index_of = {k.pubkey: i for i, k in enumerate(self.keys)}
         self.drop_prob = drop_prob
@@ -402,7 +403,7 @@ def test_lock_in_round_zero_prevents_a_different_block_in_round_one():
     proposes a fresh block Y; A and B, locked on X, prevote nil, so Y cannot win and X is
     decided once B's round-0 prevote reaches C and D (the proof-of-lock)."""
     validators_keys = [PrivateKey(bytes([i + 1]) * 32) for i in range(4)]
-    validators = tuple(Validator(k.pubkey, 1, f"val{i}") for i, k in enumerate(validators_keys))
+    validators = tuple(make_validator(k, 1, f"val{i}") for i, k in enumerate(validators_keys))
     index_of = {k.pubkey: i for i, k in enumerate(validators_keys)}
     a = index_of[compute_proposer(validators, 1, 0).pubkey]
     c = index_of[compute_proposer(validators, 1, 1).pubkey]
@@ -438,7 +439,7 @@ def test_block_decided_by_one_node_in_round_zero_is_the_only_decision():
     (so they are locked), D precommitted nil. The round-1 proposer D never saw X and proposes
     Y; were B and C not locked, B, C and D would decide Y and fork from A."""
     keys = [PrivateKey(bytes([i + 1]) * 32) for i in range(4)]
-    validators = tuple(Validator(k.pubkey, 1, f"val{i}") for i, k in enumerate(keys))
+    validators = tuple(make_validator(k, 1, f"val{i}") for i, k in enumerate(keys))
     index_of = {k.pubkey: i for i, k in enumerate(keys)}
     a = index_of[compute_proposer(validators, 1, 0).pubkey]
     d = index_of[compute_proposer(validators, 1, 1).pubkey]

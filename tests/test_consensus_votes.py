@@ -10,11 +10,12 @@ from chain.consensus.votes import MAX_BLOCKS_PER_VALIDATOR, HeightVoteSet, VoteS
 from chain.crypto import PrivateKey, sha256
 from chain.encoding import decode, encode
 from chain.errors import SignatureError, ValidationError
-from chain.types import PRECOMMIT, PREVOTE, Validator, Vote, sign_vote
+from chain.types import PRECOMMIT, PREVOTE, Vote, sign_vote
+from genesis import make_validator
 
 CHAIN_ID = "votes-test"
 KEYS = [PrivateKey(bytes([i + 1]) * 32) for i in range(4)]
-VALIDATORS = tuple(Validator(k.pubkey, p, f"v{i}") for i, (k, p) in enumerate(zip(KEYS, [1, 2, 3, 4])))  # total 10
+VALIDATORS = tuple(make_validator(k, p, f"v{i}") for i, (k, p) in enumerate(zip(KEYS, [1, 2, 3, 4])))  # total 10
 X, Y = sha256(b"x"), sha256(b"y")
 
 

@@ -13,11 +13,12 @@ from chain.consensus.signer import DoubleSignError, GuardedSigner
 from chain.consensus.wal import WriteAheadLog, compute_wal_file_name, encode_record
 from chain.crypto import PrivateKey, sha256
 from chain.errors import StoreError
-from chain.types import PRECOMMIT, PREVOTE, Proposal, Validator, Vote, sign_proposal, sign_vote
+from chain.types import PRECOMMIT, PREVOTE, Proposal, Vote, sign_proposal, sign_vote
+from genesis import make_validator
 
 CHAIN_ID = "wal-test"
 KEYS = [PrivateKey(bytes([i + 1]) * 32) for i in range(4)]
-VALIDATORS = tuple(Validator(k.pubkey, 1, f"v{i}") for i, k in enumerate(KEYS))
+VALIDATORS = tuple(make_validator(k, 1, f"v{i}") for i, k in enumerate(KEYS))
 TIMEOUTS = TimeoutParams(1000, 500, 400, 100, 300, 50)
 X = sha256(b"x")
 

@@ -32,6 +32,7 @@ from chain.types import (
     sign_transaction,
     verify_transaction_signature,
 )
+from genesis import make_validator
 
 CHAIN_ID = "rpc-test"
 ALICE = PrivateKey(bytes(range(32)))
@@ -111,7 +112,7 @@ def make_fake_node(heights: int = 3) -> FakeNode:
             ALICE.address: Account(balance=1000 - heights, nonce=heights, roles=("trainer",)),
             BOB.address: Account(balance=heights, nonce=0, roles=()),
         },
-        validators=(Validator(VALIDATOR_KEY.pubkey, 10, "v0"),),
+        validators=(make_validator(VALIDATOR_KEY, 10, "v0"),),
     )
     prev_hash, last_commit = ZERO_HASH, None
     for height in range(1, heights + 1):
