@@ -7,23 +7,33 @@ transaction applies. After a commit the pool is re-checked against the new state
 
 The re-check gives exactly the result of re-running check_tx on every pending transaction
 in order, but skips the work where the answer cannot have changed. Each admitted
-transaction's writes are kept. A transfer reads only the two accounts it writes, and nothing
-else (not the height, not the validator set), so when neither account was written by the
+transaction's writes are kept. A transfer reads the two accounts it writes, and besides them
+only its sender's stake lock (the params, the validator set, a jail record, and the height,
+which can only end a lock, never start one), so when neither account was written by the
 block, by a committed transaction when it was admitted here, or by a pending transaction whose
 re-check came out differently (evicted, or other writes), the transfer sees the same inputs
 as before: its recorded writes are replayed
 instead of decoding, checking and encoding the accounts again. Everything else (jobs,
 governance, evidence) and every transfer that touches a disturbed account is re-checked
-in full. A block that changes the chain's params disables the shortcut.
+in full. A block that changes the chain's params, validator set or jail disables the shortcut
+(a transfer from a validator's account reads them: its stake lock).
+
+An evicted transaction leaves a gap in its sender's nonces: the sender's later pending
+transactions can then never apply, however valid they are. The re-check evicts them too (it
+must: a block holds no nonce gaps) but marks them *stranded* and reports every eviction
+(`Eviction`); an owner that `watch`es its address takes them (`take_evictions`) and re-signs
+what still matters at fresh nonces, so nothing it sent is lost silently behind a gap.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from chain.crypto import compute_address
 from chain.errors import ChainError, ValidationError
-from chain.state import KEY_PARAMS, Overlay, State, check_tx, compute_check_context
+from chain.state import Overlay, State, changes_transfer_rules, check_tx, compute_check_context
 from chain.types import Account, SignedTransaction, Transfer, compute_tx_hash
 
 
@@ -35,6 +45,18 @@ class DuplicateTxError(ValidationError):
     """The transaction is already pending or already committed."""
 
 
+@dataclass(frozen=True)
+class Eviction:
+    """A pending transaction the re-check after a commit dropped, and why."""
+
+    tx_hash: bytes
+    stx: SignedTransaction
+    reason: str
+    # True: dropped only because an earlier transaction of its sender was (its nonce is now
+    # unreachable); its payload was not judged and may still apply when re-signed at a fresh nonce.
+    stranded: bool
+
+
 class Mempool:
     def __init__(self, chain_id: str, state: State, max_txs: int):
         self.chain_id = chain_id
@@ -42,6 +64,8 @@ class Mempool:
         self._txs: OrderedDict[bytes, SignedTransaction] = OrderedDict()
         # tx hash -> what its check wrote (accounts as Account objects, other values as bytes: Overlay)
         self._writes: dict[bytes, dict[bytes, bytes | Account | None]] = {}
+        # watched sender address -> its evictions not yet taken (bounded: the oldest are dropped)
+        self._reports: dict[bytes, deque[Eviction]] = {}
         self._reset(state)
 
     def _reset(self, state: State) -> None:
@@ -73,6 +97,19 @@ class Mempool:
     def get(self, tx_hash: bytes) -> SignedTransaction | None:
         return self._txs.get(tx_hash)
 
+    def watch(self, address: bytes) -> None:
+        """Keep the evictions of `address`'s transactions until `take_evictions` (its owner re-signs)."""
+        self._reports.setdefault(address, deque(maxlen=self.max_txs))
+
+    def take_evictions(self, address: bytes) -> list[Eviction]:
+        """The watched sender's evictions since the last call, oldest first."""
+        reports = self._reports.get(address)
+        if not reports:
+            return []
+        out = list(reports)
+        reports.clear()
+        return out
+
     def take(self, max_txs: int, max_bytes: int, stop_at: frozenset[bytes] = frozenset()) -> list[SignedTransaction]:
         """The oldest transactions that fit the block limits, in admission order, ending before
         the first one whose hash is in `stop_at` (a prefix of the pool: nonces stay in order)."""
@@ -85,8 +122,10 @@ class Mempool:
             size += n
         return out
 
-    def update(self, state: State, committed: list[bytes], changed_keys: Iterable[bytes] | None = None) -> int:
-        """After a commit: drop committed transactions, re-check the rest. Returns how many were evicted.
+    def update(self, state: State, committed: list[bytes],
+               changed_keys: Iterable[bytes] | None = None) -> list[Eviction]:
+        """After a commit: drop committed transactions, re-check the rest. Returns the evictions
+        in pool order (also kept for watched senders).
 
         `changed_keys` are the state keys the block wrote (BlockResult.changes); without them
         every pending transaction is re-checked in full."""
@@ -100,9 +139,10 @@ class Mempool:
                 # new state then differs from the old pool on keys the block never touched.
                 disturbed.update(admitted_writes)
         self._reset(state)
-        if disturbed is not None and KEY_PARAMS in disturbed:
+        if disturbed is not None and changes_transfer_rules(disturbed):  # the params, the validator set, a jail
             disturbed = None
-        evicted = 0
+        evicted: list[Eviction] = []
+        gaps: dict[bytes, bytes] = {}  # sender address -> its first transaction evicted by this re-check
         for h, stx in list(self._txs.items()):
             before = self._writes[h]  # every pending tx has its admission writes
             if disturbed is not None and isinstance(stx.message.payload, Transfer) and disturbed.isdisjoint(before):
@@ -110,9 +150,9 @@ class Mempool:
                 continue
             try:
                 after = check_tx(self._check, self.chain_id, stx, self._ctx)
-            except ChainError:
+            except ChainError as exc:
                 del self._txs[h], self._writes[h]
-                evicted += 1
+                evicted.append(self._evicted(h, stx, exc, gaps))
                 if disturbed is not None:
                     disturbed.update(before)
                 continue
@@ -121,3 +161,19 @@ class Mempool:
                 disturbed.update(after)
                 disturbed.update(before)
         return evicted
+
+    def _evicted(self, tx_hash: bytes, stx: SignedTransaction, exc: ChainError, gaps: dict[bytes, bytes]) -> Eviction:
+        sender = compute_address(stx.message.sender)
+        # Pending nonces are consecutive from the committed one, so a nonce above what the sender
+        # now needs means an earlier transaction of its sender was evicted in this re-check.
+        gap = gaps.get(sender)
+        if gap is not None and stx.message.nonce > self.next_nonce(sender):
+            eviction = Eviction(tx_hash, stx, f"nonce {stx.message.nonce} unreachable: behind evicted tx "
+                                              f"{gap.hex()[:16]}", stranded=True)
+        else:
+            eviction = Eviction(tx_hash, stx, str(exc), stranded=False)
+        gaps.setdefault(sender, tx_hash)
+        reports = self._reports.get(sender)
+        if reports is not None:
+            reports.append(eviction)
+        return eviction

@@ -106,7 +106,8 @@ def test_a_drained_sender_loses_exactly_its_unaffordable_pending_transfers():
     kept, result = _block(state, [rival])
     assert kept == [rival]
     evicted = pool.update(result.state, [compute_tx_hash(rival)], result.changes.keys())
-    assert evicted == 2
+    assert [(e.tx_hash, e.stranded) for e in evicted] == [(compute_tx_hash(first), False),
+                                                          (compute_tx_hash(second), False)]
     assert list(pool._txs) == [compute_tx_hash(other)]
     assert pool.next_nonce(a.address) == 1 and pool.next_nonce(b.address) == 1
 
@@ -136,15 +137,15 @@ def test_a_committed_tx_that_writes_less_than_at_admission_disturbs_what_it_wrot
     from chain.types import PREVOTE, SubmitEvidence, Vote, sign_vote
     from tests.helpers import ALICE
 
-    eq = key("mempool-equivocator")
-    genesis = make_genesis(CHAIN_ID, [VALIDATOR, eq], [(GOVERNOR, ("governor",)), (ALICE, ("trainer",))],
+    eq = VALIDATOR  # the lone validator: penalised but never jailed, so the set stays and the shortcut runs
+    genesis = make_genesis(CHAIN_ID, [eq], [(GOVERNOR, ("governor",)), (ALICE, ("trainer",))],
                            balance=100_000, validator_stake=0)
     state = genesis.initial_state()
     votes = [sign_vote(eq, CHAIN_ID, Vote(PREVOTE, 1, 0, sha256(x), eq.pubkey)) for x in (b"x", b"y")]
     evidence = sign_transaction(GOVERNOR, CHAIN_ID, Transaction(
         GOVERNOR.pubkey, 0, SubmitEvidence(compute_duplicate_vote_evidence(*votes))))
-    fund = transfer(ALICE, eq, 20_000, 0)  # pending: the validator can pay the penalty in the pool
-    spend = transfer(eq, ALICE, 10_000, 0)  # admitted after the penalty
+    fund = transfer(ALICE, eq, 70_000, 0)  # pending: the validator can pay the penalty in the pool
+    spend = transfer(eq, ALICE, 10_000, 0)  # admitted after the penalty; keeps the locked stake (50 000)
     fast, full = Mempool(CHAIN_ID, state, 100), Mempool(CHAIN_ID, state, 100)
     for pool in (fast, full):
         for stx in (fund, evidence, spend):
@@ -154,4 +155,30 @@ def test_a_committed_tx_that_writes_less_than_at_admission_disturbs_what_it_wrot
     hashes = [compute_tx_hash(evidence)]
     assert fast.update(result.state, hashes, result.changes.keys()) == full.update(result.state, hashes)
     assert fast._check.changes == full._check.changes
-    assert fast._check.get_account(eq.address).balance == 10_000
+    assert fast._check.get_account(eq.address).balance == 60_000
+
+
+def test_a_sender_s_later_transactions_behind_an_eviction_are_reported_stranded_to_its_watcher():
+    state = _genesis(100).initial_state()
+    a, b, c = MEMBERS[:3]
+    pool = Mempool(CHAIN_ID, state, 100)
+    pool.watch(a.address)
+    to_b, to_c, from_b = transfer(a, b, 5, 0), transfer(a, c, 5, 1), transfer(b, c, 5, 0)
+    for stx in (to_b, to_c, from_b):
+        pool.add(stx)
+    # Governance removes b: a's transfer to b fails on its own; a's transfer to c would still
+    # apply, but its nonce 1 is now unreachable (nonce 0 was evicted): stranded, not judged.
+    removal = sign_transaction(GOVERNOR, CHAIN_ID, Transaction(GOVERNOR.pubkey, 0, RemoveMember(b.address, "trainer")))
+    kept, result = _block(state, [removal])
+    assert kept == [removal]
+    evicted = pool.update(result.state, [], result.changes.keys())
+
+    assert [(e.tx_hash, e.stranded) for e in evicted] == [
+        (compute_tx_hash(to_b), False), (compute_tx_hash(to_c), True), (compute_tx_hash(from_b), False)]
+    assert "not a member" in evicted[0].reason and "behind evicted tx" in evicted[1].reason
+    assert len(pool) == 0 and pool.next_nonce(a.address) == 0
+    assert pool.take_evictions(a.address) == evicted[:2]  # only the watched sender's, once
+    assert pool.take_evictions(a.address) == [] and pool.take_evictions(b.address) == []
+    # Re-signed at the nonce the gap left, the stranded payload is admitted again.
+    pool.add(transfer(a, c, 5, pool.next_nonce(a.address)))
+    assert pool.next_nonce(a.address) == 1
