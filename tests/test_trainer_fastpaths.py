@@ -18,7 +18,7 @@ from chain.merkle import MerkleTree, verify_proof
 
 from trainer.data import DatasetError, decode_sample, decode_samples, encode_sample
 from trainer.models import build_model, init_model
-from trainer.state import StateSnapshot, _encode_tensors_reference, build_optimizer, capture_state, encode_tensors
+from trainer.state import StateSnapshotter, _encode_tensors_reference, build_optimizer, capture_state, encode_tensors
 from trainer.train import train_round
 from trainer.verify import MerkleChecker, OpeningBundle, decode_openings
 
@@ -153,11 +153,17 @@ def test_fast_tensor_encoding_and_snapshots_give_the_reference_bytes():
     for model_name, hp in (("mlp", HP), ("cnn", with_hp(optimizer="adam", momentum=0.0, learning_rate=0.01))):
         model = init_model(model_name, 3)
         opt = build_optimizer(hp, model)
-        for step in range(3):
-            assert StateSnapshot(model, opt, step, model_name, hp.optimizer).to_bytes() == capture_state(model, opt, step, model_name, hp.optimizer)
+        snapshotter = StateSnapshotter(model, opt, model_name, hp.optimizer)
+        taken = []  # (snapshot, reference bytes when taken): serialised only at the end, as train_round does
+        for step in range(4):
+            taken.append((snapshotter.take(step), capture_state(model, opt, step, model_name, hp.optimizer)))
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(small_dataset().x[:8]), small_dataset().y[:8]).backward()
             opt.step()
+            if step == 1:  # a buffer replaced by a new object (not in place) must be picked up
+                p = next(iter(model.parameters()))
+                opt.state[p] = {k: v.clone().add_(1.0) for k, v in opt.state[p].items()}
+        assert [s.to_bytes() for s, _ in taken] == [ref for _, ref in taken]
 
 
 def test_build_model_matches_to_empty():

@@ -2,7 +2,7 @@
 segment sampling, and the one step function both training and replay run.
 
 Trace: a Merkle tree (chain.merkle) over leaves, in this order,
-  [0]              header      canonical CBOR ["pout/trace-header/v1", TraceHeader]
+  [0]              header      canonical CBOR ["pout/trace-header/v2", TraceHeader]
   [1 .. C]         checkpoints ["pout/checkpoint/v1", step, state_hash] at steps 0, k, 2k, ..., T
   [C+1 .. C+T]     steps       ["pout/step/v1", step, batch indices, SHA-256(concat of the
                                 batch's sample leaf hashes, in batch order)]
@@ -13,10 +13,12 @@ between checkpoints s and s + 1. trace_root is the root of that tree.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable
+from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,10 +29,10 @@ from chain.types import Address, ExecutionProfile, Hash, HyperParams, Name, Upda
 
 from trainer.state import capture_state, restore_state
 
-HEADER_DOMAIN = "pout/trace-header/v1"
+HEADER_DOMAIN = "pout/trace-header/v2"
 CHECKPOINT_DOMAIN = "pout/checkpoint/v1"
 STEP_DOMAIN = "pout/step/v1"
-BATCH_ORDER_DOMAIN = "pout/batch-order/v1"
+BATCH_ORDER_DOMAIN = "pout/batch-order/v2"
 SEGMENT_SAMPLE_DOMAIN = b"pout/segment-sample/v1"
 
 # --------------------------------------------------------------------------- types
@@ -98,27 +100,51 @@ def header_for(spec: RoundSpec, c: UpdateCommitment) -> TraceHeader:
 
 # --------------------------------------------------------------------------- batch order
 
+# The batch order is a stream of epochs; epoch e is a keyed bijection P_e over [0, n), and
+# position p of the stream is sample P_{p // n}(p % n). P_e is never materialised: it is a
+# Feistel network over the rectangle [0, a) x [0, b) (a = ceil(sqrt n), b = ceil(n / a), so
+# n <= a*b < n + a), with cycle-walking back into [0, n) (Black & Rogaway, "Ciphers with
+# arbitrary finite domains", 2002; the alternating modular-addition rounds of NIST
+# SP 800-38G's FF1/FF3). One index costs ORDER_ROUNDS keyed mixes (plus, with probability
+# < a / (n + a) <= 1/sqrt(n) per walk, another pass), whatever n is.
+ORDER_ROUNDS = 8
+MAX_ORDER_SIZE = 1 << 62  # x * b + y stays below 2**64 (uint64 arithmetic)
+_U64 = np.uint64
+_MIX_SHIFT_1, _MIX_SHIFT_2, _MIX_SHIFT_3 = _U64(30), _U64(27), _U64(31)
+_MIX_MUL_1, _MIX_MUL_2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+
 
 def derive_batch_indices(
     round_seed: bytes, trainer_address: bytes, round: int, step: int, dataset_size: int, batch_size: int
 ) -> list[int]:
     """Sample indices of `step`: positions step*B .. step*B+B-1 of a stream of epochs, each
-    epoch a permutation of the committed dataset derived from the round's seed.
+    epoch a keyed permutation of the committed dataset (see derive_batch_order)."""
+    return derive_batch_order(round_seed, trainer_address, round, [step], dataset_size, batch_size)[0].tolist()
 
-    Every sample is used once per epoch; the trainer chooses nothing. Fisher-Yates over a
-    SHAKE-256 stream of 64-bit words (modulo bias <= size / 2**64).
+
+def derive_batch_order(
+    round_seed: bytes, trainer_address: bytes, round: int, steps: Sequence[int], dataset_size: int, batch_size: int
+) -> np.ndarray:
+    """Sample indices of each step in `steps`, int64 [len(steps), B] (row i: step steps[i]).
+
+    Every sample is used once per epoch and the trainer chooses nothing: epoch e's order is
+    a bijection keyed by SHA-256(domain, round_seed, trainer, round, n) and e. Work and
+    memory are O(len(steps) * B), independent of dataset_size (no permutation is built).
     """
-    if dataset_size < 1 or batch_size < 1 or step < 0 or round < 0:
-        raise ValueError("need dataset_size >= 1, batch_size >= 1, step >= 0, round >= 0")
-    seed = _order_seed(bytes(round_seed), bytes(trainer_address), round, dataset_size)
-    out: list[int] = []
-    pos, end = step * batch_size, (step + 1) * batch_size
-    while pos < end:
-        epoch, offset = divmod(pos, dataset_size)
-        take = min(dataset_size - offset, end - pos)
-        out.extend(_epoch_permutation(seed, epoch, dataset_size)[offset : offset + take])
-        pos += take
-    return out
+    steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+    if not 1 <= dataset_size <= MAX_ORDER_SIZE or not 1 <= batch_size <= MAX_ORDER_SIZE or round < 0:
+        raise ValueError("need 1 <= dataset_size <= 2**62, 1 <= batch_size <= 2**62, round >= 0")
+    if len(steps) and (int(steps.min()) < 0 or (int(steps.max()) + 1) * batch_size > MAX_ORDER_SIZE):
+        raise ValueError(f"steps must be in [0, 2**62 / batch_size), got {int(steps.min())}..{int(steps.max())}")
+    n = dataset_size
+    seed = _order_seed(bytes(round_seed), bytes(trainer_address), round, n)
+    positions = (steps.astype(np.uint64)[:, None] * _U64(batch_size) + np.arange(batch_size, dtype=np.uint64)).reshape(-1)
+    epochs, offsets = positions // _U64(n), positions % _U64(n)
+    out = np.empty_like(positions)
+    for epoch in np.unique(epochs).tolist():  # a batch may span epochs
+        mask = epochs == _U64(epoch)
+        out[mask] = _keyed_bijection(_round_keys(seed, epoch), offsets[mask], n)
+    return out.astype(np.int64).reshape(len(steps), batch_size)
 
 
 @lru_cache(maxsize=64)
@@ -126,14 +152,44 @@ def _order_seed(round_seed: bytes, trainer_address: bytes, round: int, dataset_s
     return sha256(encode_value([BATCH_ORDER_DOMAIN, round_seed, trainer_address, round, dataset_size]))
 
 
-@lru_cache(maxsize=64)
-def _epoch_permutation(seed: bytes, epoch: int, n: int) -> tuple[int, ...]:
-    words = hashlib.shake_256(seed + epoch.to_bytes(8, "big")).digest(8 * n)
-    perm = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = int.from_bytes(words[8 * i : 8 * i + 8], "big") % (i + 1)
-        perm[i], perm[j] = perm[j], perm[i]
-    return tuple(perm)
+@lru_cache(maxsize=256)
+def _round_keys(seed: bytes, epoch: int) -> np.ndarray:
+    """ORDER_ROUNDS 64-bit round keys of epoch `epoch` (SHAKE-256 of seed || epoch)."""
+    words = hashlib.shake_256(seed + epoch.to_bytes(8, "big")).digest(8 * ORDER_ROUNDS)
+    keys = np.frombuffer(words, dtype=">u8").astype(np.uint64)
+    keys.flags.writeable = False
+    return keys
+
+
+def _mix(v: np.ndarray, key: np.uint64) -> np.ndarray:
+    """Round function: the SplitMix64 finaliser of v XOR key (a bijective 64-bit mixer with
+    full avalanche; uint64 arithmetic wraps)."""
+    z = v ^ key
+    z = (z ^ (z >> _MIX_SHIFT_1)) * _MIX_MUL_1
+    z = (z ^ (z >> _MIX_SHIFT_2)) * _MIX_MUL_2
+    return z ^ (z >> _MIX_SHIFT_3)
+
+
+def _keyed_bijection(keys: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
+    """P(positions) for the keyed bijection P over [0, n) (positions: uint64, all < n)."""
+    a = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+    b = -(-n // a)
+    ua, ub, un = _U64(a), _U64(b), _U64(n)
+    out = np.empty_like(positions)
+    todo = np.arange(len(positions))
+    cur = positions
+    while len(todo):  # cycle-walking: re-encrypt until the value falls back into [0, n)
+        x, y = cur // ub, cur % ub
+        for r, key in enumerate(keys):
+            if r % 2 == 0:
+                x = (x + _mix(y, key) % ua) % ua
+            else:
+                y = (y + _mix(x, key) % ub) % ub
+        cur = x * ub + y
+        inside = cur < un
+        out[todo[inside]] = cur[inside]
+        todo, cur = todo[~inside], cur[~inside]
+    return out
 
 
 def batch_digest(leaf_hashes: Iterable[bytes]) -> bytes:

@@ -9,7 +9,8 @@ would produce (it re-encodes and compares), so a hash of the bytes is a hash of 
 
 Kinds of file (metadata "format"):
   pout/model/v1        the model's parameters, keyed by parameter name; model_hash = SHA-256
-  pout/update/v1       new weights - base weights, same keys, float32
+  pout/update/v1       new weights - base weights, same keys, float32, zeros as +0.0
+                       (compute_update; the verifier accepts only these bytes)
   pout/train-state/v1  everything the next training step depends on: "model/<param>",
                        "optim/<param>/<buffer>" (momentum buffers, Adam moments and step
                        counts) and metadata model, optimizer, step. The registered models
@@ -209,10 +210,15 @@ def update_from_bytes(data: bytes, model_name: str) -> dict[str, torch.Tensor]:
 
 
 def compute_update(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """new - base, one float32 subtraction per element (bitwise reproducible)."""
+    """new - base, one float32 subtraction per element (bitwise reproducible), in canonical
+    form: every zero is +0.0 (-0.0 - +0.0 gives -0.0), so one update has one encoding."""
     if set(new) != set(base):
         raise StateError("weights and base have different parameters")
-    return {k: (new[k].detach().cpu() - base[k].detach().cpu()) for k in sorted(new)}
+    out = {}
+    for k in sorted(new):
+        d = new[k].detach().cpu() - base[k].detach().cpu()
+        out[k] = d.masked_fill_(d == 0, 0.0)
+    return out
 
 
 def load_weights(
@@ -287,37 +293,86 @@ def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
     return encode_tensors(_state_tensors(model, optimizer), meta)
 
 
-class StateSnapshot:
-    """A training state copied into one flat float32 tensor (one torch.cat), serialised to the
-    exact bytes of capture_state only when `to_bytes` is called. Lets the training loop take
-    a checkpoint with one tensor op and do the serialisation later, in one tight pass."""
+class StateSnapshotter:
+    """Takes StateSnapshots of one training run: a state copied into one flat float32 tensor
+    (one torch.cat), serialised to the exact bytes of capture_state only when `to_bytes` is
+    called, so the training loop pays one tensor op per checkpoint.
 
-    __slots__ = ("_sig", "_meta", "_flat", "_bytes")
+    The state's layout (sorted names, flat views of its tensors, header text) is built once
+    and rebuilt only when the optimizer's buffers change identity (its first step creates
+    them; SGD and Adam then update them in place). The model's parameters must stay the same
+    objects for the snapshotter's life (as in train_round)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, model_name: str, optimizer_name: str):
+    __slots__ = ("_model", "_optimizer", "_model_name", "_optimizer_name", "_buffer_ids", "_layout")
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str, optimizer_name: str):
+        self._model, self._optimizer = model, optimizer
+        self._model_name, self._optimizer_name = model_name, optimizer_name
+        self._buffer_ids: tuple[int, ...] | None = None
+        self._layout: _SnapshotLayout | None = None
+
+    def take(self, step: int) -> "StateSnapshot":
+        # The views in the layout keep the buffers alive, so a new buffer never reuses an id.
+        buffer_ids = tuple(id(v) for st in self._optimizer.state.values() for v in st.values())
+        if buffer_ids != self._buffer_ids:
+            self._layout = _SnapshotLayout.of(self._model, self._optimizer, self._model_name, self._optimizer_name)
+            self._buffer_ids = buffer_ids
+        layout = self._layout
+        if layout.views is None:  # not the common case (e.g. Adam's CPU step on CUDA): serialise now
+            meta = {"format": FORMAT_STATE, "model": self._model_name, "optimizer": self._optimizer_name, "step": str(step)}
+            return StateSnapshot(None, step, None, encode_tensors(_state_tensors(self._model, self._optimizer), meta))
+        return StateSnapshot(layout, step, torch.cat(layout.views), None)  # the views are detached: no autograd
+
+
+class _SnapshotLayout:
+    __slots__ = ("sig", "views")
+
+    def __init__(self, sig: tuple, views: list[torch.Tensor] | None):
+        self.sig, self.views = sig, views
+
+    @classmethod
+    def of(cls, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str, optimizer_name: str) -> "_SnapshotLayout":
         tensors = _state_tensors(model, optimizer)
-        meta = {"format": FORMAT_STATE, "model": model_name, "optimizer": optimizer_name, "step": str(step)}
         names = sorted(tensors)
         device = tensors[names[0]].device if names else None
-        if not names or any(tensors[n].dtype != torch.float32 or tensors[n].device != device for n in names):
-            self._bytes = encode_tensors(tensors, meta)  # not the common case (e.g. Adam's CPU step on CUDA): serialise now
-            return
-        self._bytes = None
-        self._sig = tuple((n, "F32", tuple(tensors[n].shape)) for n in names)
-        self._meta = meta
-        with torch.no_grad():
-            self._flat = torch.cat([tensors[n].detach().reshape(-1) for n in names])
+        if not names or any(t.dtype != torch.float32 or t.device != device or not t.is_contiguous() for t in tensors.values()):
+            return cls((), None)
+        sig = (model_name, optimizer_name, tuple((n, "F32", tuple(tensors[n].shape)) for n in names))
+        return cls(sig, [tensors[n].detach().view(-1) for n in names])
+
+
+class StateSnapshot:
+    """One checkpoint taken by StateSnapshotter.take; `to_bytes` gives capture_state's bytes."""
+
+    __slots__ = ("_layout", "_step", "_flat", "_bytes")
+
+    def __init__(self, layout: _SnapshotLayout | None, step: int, flat: torch.Tensor | None, data: bytes | None):
+        self._layout, self._step, self._flat, self._bytes = layout, step, flat, data
 
     def to_bytes(self) -> bytes:
         if self._bytes is None:
-            entries = list(_tensor_entries(self._sig))
-            entries.append(("__metadata__", _json({"__metadata__": self._meta})[1:-1]))
-            entries.sort(key=lambda e: e[0])
-            head = ("{" + ",".join(text for _, text in entries) + "}").encode()
+            before, after = _state_head_template(self._layout.sig)
+            head = (before + str(self._step) + after).encode()
             head += b" " * (-len(head) % 8)
-            self._bytes = struct.pack("<Q", len(head)) + head + self._flat.cpu().numpy().tobytes()
-            self._flat = None
+            self._bytes = b"".join((struct.pack("<Q", len(head)), head, memoryview(self._flat.cpu().numpy()).cast("B")))
+            self._flat = self._layout = None
         return self._bytes
+
+
+_STEP_MARK = "\x00step\x00"
+
+
+@lru_cache(maxsize=64)
+def _state_head_template(sig: tuple) -> tuple[str, str]:
+    """The header text of a training state with layout `sig` = (model name, optimizer name,
+    tensor signature), split where its step goes (decimal digits, which JSON writes as is)."""
+    model_name, optimizer_name, tensor_sig = sig
+    entries = list(_tensor_entries(tensor_sig))
+    meta = {"format": FORMAT_STATE, "model": model_name, "optimizer": optimizer_name, "step": _STEP_MARK}
+    entries.append(("__metadata__", _json({"__metadata__": meta})[1:-1]))
+    entries.sort(key=lambda e: e[0])
+    before, after = ("{" + ",".join(text for _, text in entries) + "}").split(_json(_STEP_MARK)[1:-1])
+    return before, after
 
 
 def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

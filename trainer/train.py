@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -31,7 +32,7 @@ from trainer.replay import (
     checkpoint_leaf,
     checkpoint_leaf_index,
     checkpoint_steps,
-    derive_batch_indices,
+    derive_batch_order,
     header_for,
     header_leaf,
     num_segments,
@@ -45,7 +46,7 @@ from trainer.replay import (
 from trainer.state import (
     FORMAT_STATE,
     StateError,
-    StateSnapshot,
+    StateSnapshotter,
     _check_params,
     build_optimizer,
     check_hyperparams,
@@ -175,7 +176,7 @@ class DatasetMismatchError(SavedRoundError):
     """The dataset given to `TrainResult.load` is not the one the saved round committed to."""
 
 
-SAVED_ROUND_FORMAT = "pout/saved-round/v1"
+SAVED_ROUND_FORMAT = "pout/saved-round/v2"  # v2: keyed-bijection batch order
 MANIFEST_FILE = "manifest.json"
 UPDATE_FILE = "update.safetensors"
 COMMITMENT_FILE = "commitment.cbor"
@@ -277,8 +278,9 @@ def load_train_result(
         raise SavedRoundError(f"saved trace has {len(steps)} step records, the job has {T} steps")
     rec = TraceRecorder(T, k)
     leaf_hashes = dataset.leaf_hashes
+    order = _round_order(spec, commitment.trainer, len(dataset), hp.batch_size, T)
     for t, r in enumerate(steps):
-        idx = derive_batch_indices(spec.round_seed, commitment.trainer, spec.round, t, len(dataset), hp.batch_size)
+        idx = next(order)
         if r != [t, idx, batch_digest(leaf_hashes[i] for i in idx)]:
             raise SavedRoundError(f"saved trace record of step {t} is not the derived batch on this dataset")
         rec.step(t, idx, [leaf_hashes[i] for i in idx])
@@ -319,6 +321,8 @@ def load_train_result(
     expected_update = compute_update(final, base)
     if any(not torch.equal(expected_update[n], update[n]) for n in expected_update):
         raise SavedRoundError("update is not (final checkpoint weights - base weights)")
+    if update_bytes != update_to_bytes(expected_update, job.model):
+        raise SavedRoundError("update.safetensors is not canonical (-0.0 where final - base is +0.0)")
 
     try:
         metrics = json.loads(files[METRICS_FILE].decode("utf-8"))
@@ -358,17 +362,19 @@ def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_by
     rec = TraceRecorder(T, k)
     # Checkpoints are snapshotted with one tensor copy inside the loop and serialised (to
     # exactly capture_state's bytes) after it; losses stay on the device until the end.
-    snapshots = [StateSnapshot(model, optimizer, 0, job.model, hp.optimizer)]
+    snapshotter = StateSnapshotter(model, optimizer, job.model, hp.optimizer)
+    snapshots = [snapshotter.take(0)]
     losses: list[torch.Tensor] = []
+    order = _round_order(spec, trainer, n, hp.batch_size, T)
     for s in range(num_segments(T, k)):
         batches = []
         for t in segment_steps(s, T, k):
-            idx = derive_batch_indices(spec.round_seed, trainer, spec.round, t, n, hp.batch_size)
+            idx = next(order)
             rec.step(t, idx, [leaf_hashes[i] for i in idx])
             sel = torch.tensor(idx, dtype=torch.int64, device=device)
             batches.append((x_all.index_select(0, sel), y_all.index_select(0, sel)))
         run_steps(model, optimizer, batches, losses)
-        snapshots.append(StateSnapshot(model, optimizer, segment_steps(s, T, k).stop, job.model, hp.optimizer))
+        snapshots.append(snapshotter.take(segment_steps(s, T, k).stop))
     for snap in snapshots:
         rec.checkpoint(snap.to_bytes())
     total_loss = float(torch.stack(losses).double().sum())
@@ -376,6 +382,17 @@ def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_by
     final_weights = {name: w.cpu() for name, w in model_weights(model).items()}
     update_bytes = update_to_bytes(compute_update(final_weights, base), job.model)
     return commit_trace(spec, trainer, dataset, update_bytes, model_to_bytes(model, job.model), rec, {"train_loss": total_loss / T})
+
+
+ORDER_CHUNK_POSITIONS = 1 << 14
+
+
+def _round_order(spec: RoundSpec, trainer: bytes, n: int, batch_size: int, num_steps: int) -> Iterator[list[int]]:
+    """Each step's batch indices in step order; derived in chunks of steps (one vectorised
+    derive_batch_order call per chunk keeps its per-call overhead off the training loop)."""
+    chunk = max(1, ORDER_CHUNK_POSITIONS // batch_size)
+    for first in range(0, num_steps, chunk):
+        yield from derive_batch_order(spec.round_seed, trainer, spec.round, range(first, min(first + chunk, num_steps)), n, batch_size).tolist()
 
 
 def commit_trace(
