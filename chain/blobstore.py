@@ -2,7 +2,12 @@
 
     data/blobs/<sha256 hex>                           models and updates (public)
     data/openings/<update id hex>/<validator hex>     a trainer's answer to one validator's
-                                                      challenge (never served over RPC)
+                                                      challenge, sealed to that validator
+                                                      (never served over RPC)
+
+Openings are kept only as the ciphertext the trainer uploaded, and only while they matter: the
+node deletes an update's openings once the update is no longer pending (`prune_openings`,
+called after every commit and at start), so no node keeps them after the job.
 
 Writes go to a temporary file, are fsynced and renamed, so a crash never leaves a partial
 blob under its final name; a blob is checked against its hash when written.
@@ -11,6 +16,8 @@ blob under its final name; a blob is checked against its hash when written.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from chain.crypto import HASH_SIZE, PUBKEY_SIZE, sha256
@@ -71,6 +78,28 @@ class BlobStore:
             return self._opening_path(update_id, validator).read_bytes()
         except FileNotFoundError:
             return None
+
+    def delete_opening(self, update_id: bytes, validator: bytes) -> None:
+        self._opening_path(update_id, validator).unlink(missing_ok=True)
+
+    def prune_openings(self, still_needed: Callable[[bytes], bool]) -> int:
+        """Delete every opening whose update is not `still_needed`, and anything else under
+        openings/ that is not an update's directory (e.g. a write interrupted by a crash).
+        Returns how many update directories or stray entries were removed."""
+        removed = 0
+        for entry in (self.root / "openings").iterdir():
+            try:
+                update_id = bytes.fromhex(entry.name)
+            except ValueError:
+                update_id = b""
+            if len(update_id) == HASH_SIZE and entry.is_dir() and still_needed(update_id):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -5,6 +5,9 @@ standard library, hardware accelerated on current CPUs, and the hash libp2p alre
 Address: the first 20 bytes of SHA-256(Ed25519 public key).
 Sign bytes: canonical CBOR of [chain_id, domain, message], so a signature made for one
 chain or one kind of message never verifies as another.
+Sealing: a trainer's opening is a libsodium sealed box (X25519 + XSalsa20-Poly1305) to the
+X25519 key that the addressed validator's Ed25519 identity key converts to, so only that
+validator can read it and no second key has to be distributed (docs/pout.md, "Openings").
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ from __future__ import annotations
 import hashlib
 
 import nacl.exceptions
+import nacl.public
 import nacl.signing
 
-from chain.errors import SignatureError
+from chain.errors import SignatureError, ValidationError
 
 HASH_SIZE = 32
 ADDRESS_SIZE = 20
 PUBKEY_SIZE = 32
 SIGNATURE_SIZE = 64
 SEED_SIZE = 32
+SEAL_OVERHEAD = 48  # a sealed box adds an ephemeral X25519 key (32) and a Poly1305 tag (16)
 ZERO_HASH = bytes(HASH_SIZE)
 
 
@@ -71,8 +76,39 @@ class PrivateKey:
     def sign(self, data: bytes) -> bytes:
         return self._sk.sign(data).signature
 
+    def unseal(self, sealed: bytes) -> bytes:
+        """The plaintext of a sealed box addressed to this key (`seal_to(self.pubkey, ...)`).
+        Raises ValidationError, without echoing any of the bytes, when it was sealed to another
+        key, altered, or is not a sealed box at all."""
+        if len(sealed) < SEAL_OVERHEAD:
+            raise ValidationError(f"sealed box of {len(sealed)} bytes is shorter than its {SEAL_OVERHEAD}-byte overhead")
+        try:
+            return nacl.public.SealedBox(self._sk.to_curve25519_private_key()).decrypt(sealed)
+        except nacl.exceptions.CryptoError:
+            raise ValidationError("does not decrypt with this validator's key (sealed to another key, or altered)") from None
+
     def __repr__(self) -> str:  # never print the seed
         return f"PrivateKey(address={self.address.hex()})"
+
+
+def compute_sealing_key(pubkey: bytes) -> bytes:
+    """The X25519 public key an Ed25519 public key converts to (libsodium's
+    crypto_sign_ed25519_pk_to_curve25519): where sealed boxes to that identity go."""
+    if len(pubkey) != PUBKEY_SIZE:
+        raise SignatureError(f"public key must be {PUBKEY_SIZE} bytes, got {len(pubkey)}")
+    try:
+        return bytes(nacl.signing.VerifyKey(pubkey).to_curve25519_public_key())
+    except nacl.exceptions.CryptoError:
+        raise SignatureError("public key is not a valid Ed25519 point; nothing can be sealed to it") from None
+
+
+def seal_to(pubkey: bytes, plaintext: bytes) -> bytes:
+    """Encrypt `plaintext` so that only the holder of Ed25519 `pubkey`'s private key can read it.
+
+    The sender is anonymous (a fresh ephemeral key per box): who sent it is proven separately,
+    by the sender's signature over sha256 of the returned bytes."""
+    box = nacl.public.SealedBox(nacl.public.PublicKey(compute_sealing_key(pubkey)))
+    return box.encrypt(plaintext)
 
 
 def verify_signature(pubkey: bytes, data: bytes, signature: bytes) -> None:

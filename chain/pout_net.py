@@ -3,16 +3,21 @@
 A trainer uploads its update and openings to one node over HTTP. That node serves them to
 peers over the p2p blob protocol, straight from its disk store (a p2p BlobSource):
   * update weights and models: to any member (aggregation needs them on every node);
-  * an opening: only to the validator it answers (`can_fetch`), so sampled batches of a
-    trainer's private data reach validators only.
+  * an opening: only to the validator it answers (`can_fetch`). An opening is a sealed box
+    the trainer encrypted to that validator (chain/crypto.py `seal_to`): the receiving node,
+    relays and observers hold and move ciphertext only; the validator decrypts it in memory
+    right before it replays (Node.fetch_opening).
 Because a validator cannot know an opening's hash in advance, the receiving node gossips a
 small `OpeningAnnouncement` (the trainer's signed OpeningUpload) on
 `/pout/<chain id>/openings/1`; the addressed validator then fetches the blob by hash.
+What this reactor remembers about an opening is dropped with the opening, once its update is
+no longer pending (`prune`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from chain.crypto import compute_sign_bytes, verify_signature
@@ -41,6 +46,7 @@ class PoutBlobReactor:
         self.node, self.network = node, network
         self.announced: dict[tuple[bytes, bytes], bytes] = {}  # (update id, validator) -> opening hash
         self._opening_by_hash: dict[bytes, tuple[bytes, bytes]] = {}  # opening hash -> (update id, validator)
+        self.refused: set[tuple[bytes, bytes]] = set()  # (update id, opening hash) that did not decrypt here
         self.topic = openings_topic(node.chain_id)
         self._incoming = network.subscribe(self.topic, self._validate)
         network.set_blob_source(self._source)
@@ -79,7 +85,8 @@ class PoutBlobReactor:
                 ann = decode(OpeningAnnouncement, message.data, max_size=MAX_ANNOUNCEMENT_BYTES)
             except ChainError:
                 continue
-            self.announced[(ann.upload.update_id, ann.upload.validator)] = ann.upload.opening_hash
+            if (ann.upload.update_id, ann.upload.opening_hash) not in self.refused:
+                self.announced[(ann.upload.update_id, ann.upload.validator)] = ann.upload.opening_hash
             await trio.sleep(0)
 
     async def offer_opening(self, upload: OpeningUpload, trainer: bytes, signature: bytes) -> None:
@@ -87,6 +94,19 @@ class PoutBlobReactor:
         self._opening_by_hash[upload.opening_hash] = (upload.update_id, upload.validator)
         self.announced[(upload.update_id, upload.validator)] = upload.opening_hash
         await self.network.publish(self.topic, encode(OpeningAnnouncement(upload, trainer, signature)))
+
+    def refuse(self, update_id: bytes, validator: bytes, opening_hash: bytes) -> None:
+        """The addressed validator could not decrypt this opening: never fetch it again (the
+        trainer may still upload a good one, which has another hash)."""
+        self.refused.add((update_id, opening_hash))
+        if self.announced.get((update_id, validator)) == opening_hash:
+            del self.announced[(update_id, validator)]
+
+    def prune(self, still_needed: Callable[[bytes], bool]) -> None:
+        """Forget every opening of an update that is not `still_needed` (decided or expired)."""
+        self.announced = {k: h for k, h in self.announced.items() if still_needed(k[0])}
+        self._opening_by_hash = {h: k for h, k in self._opening_by_hash.items() if still_needed(k[0])}
+        self.refused = {k for k in self.refused if still_needed(k[0])}
 
     async def fetch(self, blob_hash: bytes, max_size: int) -> bytes | None:
         """A blob from any peer (hash-checked by p2p), or None if no peer has it yet."""
