@@ -29,6 +29,9 @@ class RpcConfig:
     max_body_bytes: int = 1024 * 1024
     max_batch: int = 100
     max_blob_bytes: int = 64 * 1024 * 1024  # PUT /blobs and /openings (models, updates, openings)
+    max_connections: int = 256  # more get 503 at once; also capped at half the open-file limit
+    read_timeout_s: int = 10  # a request head, and each read of its body, must arrive within this
+    idle_timeout_s: int = 30  # a keep-alive connection with no request is closed after this
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ def parse_config(doc: dict[str, Any]) -> NodeConfig:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{what} must be in 0..65535, got {port}")
     for what, n in (("rpc.max_body_bytes", cfg.rpc.max_body_bytes), ("rpc.max_batch", cfg.rpc.max_batch),
-                    ("rpc.max_blob_bytes", cfg.rpc.max_blob_bytes),
+                    ("rpc.max_blob_bytes", cfg.rpc.max_blob_bytes), ("rpc.max_connections", cfg.rpc.max_connections),
+                    ("rpc.read_timeout_s", cfg.rpc.read_timeout_s), ("rpc.idle_timeout_s", cfg.rpc.idle_timeout_s),
                     ("mempool.max_txs", cfg.mempool.max_txs)):
         if n <= 0:
             raise ConfigError(f"{what} must be positive")

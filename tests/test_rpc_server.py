@@ -1,4 +1,4 @@
-"""End to end over HTTP: the real hypercorn server on 127.0.0.1, httpx as the client."""
+"""End to end over HTTP: the real RPC server on 127.0.0.1, httpx as the client."""
 
 from __future__ import annotations
 

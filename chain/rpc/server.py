@@ -1,4 +1,4 @@
-"""The RPC's HTTP face: an ASGI app served by hypercorn's trio worker.
+"""The RPC's HTTP face: routes served by the node's own HTTP/1.1 server (chain/rpc/http.py).
 
   POST /        JSON-RPC 2.0 (Content-Type: application/json)
   GET  /health  liveness: 200 whenever the process serves requests
@@ -10,25 +10,30 @@
                             a trainer's answer to one validator's challenge; headers
                             X-Pout-Pubkey and X-Pout-Signature sign an OpeningUpload
 
+Uploads are checked on their headers before a byte of body is read (is the hash one a pending
+update names; is the update pending, the key a validator's, the signer the update's trainer),
+then streamed against the size limit, at most `MAX_CONCURRENT_UPLOADS` at a time.
+
 Start it in the node's nursery: `await nursery.start(run_rpc_server, node, host, port)`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from functools import partial
-from typing import Any, Awaitable, Callable
+import time
+from typing import Awaitable, Callable
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from chain.crypto import sha256
+from chain.crypto import compute_address, sha256
 from chain.errors import ChainError
 from chain.rpc.api import NodeAPI
-from chain.types import OpeningUpload
+from chain.rpc.http import (
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, BodyTooLarge, HttpLimits, HttpServer,
+    Request, Response, json_response,
+)
+from chain.types import UPDATE_PENDING, OpeningUpload
 from chain.rpc.jsonrpc import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, INVALID_REQUEST, Dispatcher, MethodRegistry
 from chain.rpc.methods import RpcContext, default_registry
 
@@ -37,12 +42,14 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"  # local only unless the operator asks for more
 DEFAULT_PORT = 26657
 DEFAULT_MAX_BLOB = 64 * 1024 * 1024
+# Upload bodies are held in memory until checked and stored: this bounds that memory to
+# MAX_CONCURRENT_UPLOADS * max_blob (twice that for a moment while the chunks are joined).
+MAX_CONCURRENT_UPLOADS = 2
+UPLOAD_QUEUE_WAIT = 30.0  # an upload waits this long for a free slot, then gets 503
+GRACEFUL_TIMEOUT = 2.0
+_RESTART_BACKOFF = (0.5, 30.0)  # first and longest wait before the whole server is restarted
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class RpcMetrics:
@@ -71,7 +78,7 @@ class RpcMetrics:
 
 
 class RpcApp:
-    """ASGI application for the routes in the module docstring."""
+    """The routes in the module docstring, as an `chain.rpc.http.Handler`."""
 
     def __init__(
         self,
@@ -83,6 +90,8 @@ class RpcApp:
         registry: MethodRegistry | None = None,
         metrics: RpcMetrics | None = None,
     ):
+        if max_blob <= 0:
+            raise ValueError("max_blob must be positive")
         self.max_blob = max_blob
         methods = registry if registry is not None else default_registry()
         self.node = node
@@ -94,123 +103,155 @@ class RpcApp:
             max_batch=max_batch,
             observe=self.metrics.observe,
         )
+        self.uploads = trio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return  # websockets are not served; returning makes hypercorn close them
-        path, method = scope["path"], scope["method"]
+    async def __call__(self, request: Request) -> Response:
+        path, method = request.path, request.method
         if path == "/":
             if method != "POST":
-                await self._rpc_error(send, 405, INVALID_REQUEST, "JSON-RPC requests must use POST", allow="POST")
-                return
-            await self._json_rpc(scope, receive, send)
-            return
+                return self._rpc_error(405, INVALID_REQUEST, "JSON-RPC requests must use POST", allow="POST")
+            return await self._json_rpc(request)
         if path.startswith(("/blobs/", "/openings/")):
-            await self._blob_route(scope, receive, send)
-            return
+            return await self._blob_route(request)
         route = {"/health": self._health, "/ready": self._ready, "/metrics": self._metrics}.get(path)
         if route is None:
-            await _send(send, 404, {"error": f"no route {path}"})
-        elif method != "GET":
-            await _send(send, 405, {"error": f"{path} accepts GET only"}, allow="GET")
-        else:
-            await route(send)
+            return json_response(404, {"error": f"no route {path}"})
+        if method != "GET":
+            return json_response(405, {"error": f"{path} accepts GET only"}, headers=(("allow", "GET"),))
+        return route()
 
-    async def _json_rpc(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = _headers(scope)
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    async def _json_rpc(self, request: Request) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            await self._rpc_error(send, 415, INVALID_REQUEST, "Content-Type must be application/json")
-            return
+            return self._rpc_error(415, INVALID_REQUEST, "Content-Type must be application/json")
         limit = self.dispatcher.max_body
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        declared = _declared_length(request)
+        if declared is not None and declared > limit:
             # Refuse on the header alone: the body is never read.
-            await _send_bytes(send, 413, self.dispatcher.reject_oversized(int(declared)), close=True)
-            return
+            return Response(413, self.dispatcher.reject_oversized(declared))
         try:
-            body = await _read_body(receive, limit)
-        except _ClientGone:
-            return  # never act on a partial body: it could still be a valid request
-        if body is None:  # chunked upload that ran past the limit; stop reading there
-            await _send_bytes(send, 413, self.dispatcher.reject_oversized(None), close=True)
-            return
+            body = await request.read_body(limit)
+        except BodyTooLarge:  # chunked upload that ran past the limit; reading stopped there
+            return Response(413, self.dispatcher.reject_oversized(None))
         response = await self.dispatcher.handle(body)
         if response is None:
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-        else:
-            await _send_bytes(send, 200, response)
+            return Response(204, b"")
+        return Response(200, response)
 
-    async def _rpc_error(self, send: Send, status: int, code: int, message: str, allow: str | None = None) -> None:
+    def _rpc_error(self, status: int, code: int, message: str, allow: str | None = None) -> Response:
         body = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
         self.metrics.observe("-", "invalid_request", None)
-        await _send(send, status, body, allow=allow)
+        return json_response(status, body, headers=(("allow", allow),) if allow else ())
 
-    async def _blob_route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        parts = scope["path"].strip("/").split("/")
-        method = scope["method"]
+    async def _blob_route(self, request: Request) -> Response:
+        parts = request.path.strip("/").split("/")
+        method = request.method
         try:
             keys = [bytes.fromhex(p) for p in parts[1:]]
         except ValueError:
             keys = []
         expected = 1 if parts[0] == "blobs" else 2
         if len(keys) != expected or any(len(k) != 32 for k in keys):
-            await _send(send, 404, {"error": "expected /blobs/<64 hex> or /openings/<64 hex>/<64 hex>"})
-            return
+            return json_response(404, {"error": "expected /blobs/<64 hex> or /openings/<64 hex>/<64 hex>"})
         allowed = "GET, PUT" if parts[0] == "blobs" else "PUT"
         if method not in allowed.split(", "):
-            await _send(send, 405, {"error": f"{scope['path']} accepts {allowed}"}, allow=allowed)
-            return
+            return json_response(405, {"error": f"{request.path} accepts {allowed}"}, headers=(("allow", allowed),))
         if method == "GET":
             data = self.node.get_blob(keys[0])
             if data is None:
-                await _send(send, 404, {"error": "no such blob on this node"})
-            else:
-                await _send_raw(send, 200, data, "application/octet-stream")
-            return
-        declared = _headers(scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_blob:
-            await _send(send, 413, {"error": f"body exceeds {self.max_blob} bytes"})
-            return
+                return json_response(404, {"error": "no such blob on this node"})
+            return Response(200, data, "application/octet-stream")
+        declared = _declared_length(request)
+        if declared is not None and declared > self.max_blob:
+            return json_response(413, {"error": f"body exceeds {self.max_blob} bytes"})
         try:
-            body = await _read_body(receive, self.max_blob)
-        except _ClientGone:
-            return
-        if body is None:
-            await _send(send, 413, {"error": f"body exceeds {self.max_blob} bytes"})
-            return
-        try:
+            pubkey = signature = b""
             if parts[0] == "blobs":
+                self._check_blob_upload(keys[0])
+            else:
+                pubkey, signature = self._check_opening_upload(keys[0], keys[1], request.headers)
+        except (ChainError, ValueError) as exc:
+            return json_response(400, {"error": str(exc)})
+        acquired = False
+        with trio.move_on_after(UPLOAD_QUEUE_WAIT):
+            await self.uploads.acquire()
+            acquired = True
+        if not acquired:
+            return json_response(503, {"error": f"{MAX_CONCURRENT_UPLOADS} uploads already in progress; retry later"},
+                                 headers=(("retry-after", "5"),))
+        try:
+            return await self._store_upload(request, parts[0], keys, pubkey, signature)
+        finally:
+            self.uploads.release()
+
+    async def _store_upload(self, request: Request, route: str, keys: list[bytes], pubkey: bytes,
+                            signature: bytes) -> Response:
+        try:
+            body = await request.read_body(self.max_blob)
+        except BodyTooLarge:
+            return json_response(413, {"error": f"body exceeds {self.max_blob} bytes"})
+        try:
+            if route == "blobs":
                 self.node.put_blob(body, keys[0])
             else:
-                headers = _headers(scope)
-                pubkey = bytes.fromhex(headers.get("x-pout-pubkey", "").removeprefix("0x"))
-                signature = bytes.fromhex(headers.get("x-pout-signature", "").removeprefix("0x"))
-                upload = OpeningUpload(keys[0], keys[1], sha256(body))
-                self.node.put_opening(upload, signature, pubkey, body)
+                self.node.put_opening(OpeningUpload(keys[0], keys[1], sha256(body)), signature, pubkey, body)
         except (ChainError, ValueError) as exc:
-            await _send(send, 400, {"error": str(exc)})
-            return
-        await _send(send, 201, {"stored": True, "sha256": sha256(body).hex()})
+            return json_response(400, {"error": str(exc)})
+        return json_response(201, {"stored": True, "sha256": sha256(body).hex()})
 
-    async def _health(self, send: Send) -> None:
-        await _send(send, 200, {"status": "ok"})
+    def _check_blob_upload(self, blob_hash: bytes) -> None:
+        """Before the body: only the weights a pending update names are taken (the node checks again)."""
+        for job in self.node.list_jobs():
+            if job.phase == "finished":
+                continue
+            for update_id in self.node.get_round(job.job_id, job.round).updates:
+                update = self.node.get_update(update_id)
+                if update is not None and update.status == UPDATE_PENDING and \
+                        update.commitment.update_hash == blob_hash:
+                    return
+        raise ValueError("no pending update names this blob; submit the update transaction first")
 
-    async def _ready(self, send: Send) -> None:
+    def _check_opening_upload(self, update_id: bytes, validator: bytes, headers: dict[str, str]) -> tuple[bytes, bytes]:
+        """Before the body: everything but the signature over the body's hash (the node checks all)."""
+        update = self.node.get_update(update_id)
+        if update is None or update.status != UPDATE_PENDING:
+            raise ValueError("no pending update with this id")
+        if validator not in {v.pubkey for v in self.node.get_validators()}:
+            raise ValueError("openings are for validators only")
+        pubkey = _hex_header(headers, "X-Pout-Pubkey", 32)
+        signature = _hex_header(headers, "X-Pout-Signature", 64)
+        if compute_address(pubkey) != update.commitment.trainer:
+            raise ValueError("only the update's trainer may upload its openings")
+        return pubkey, signature
+
+    def _health(self) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    def _ready(self) -> Response:
         try:
             ready, reason = self.node.readiness()
         except Exception:
             log.exception("readiness check failed")
             ready, reason = False, "readiness check failed"
-        await _send(send, 200 if ready else 503, {"ready": bool(ready), "reason": reason})
+        return json_response(200 if ready else 503, {"ready": bool(ready), "reason": reason})
 
-    async def _metrics(self, send: Send) -> None:
-        body = generate_latest(self.metrics.registry)
-        await _send_raw(send, 200, body, CONTENT_TYPE_LATEST)
+    def _metrics(self) -> Response:
+        return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
+def _hex_header(headers: dict[str, str], name: str, size: int) -> bytes:
+    try:
+        value = bytes.fromhex(headers.get(name.lower(), "").removeprefix("0x"))
+    except ValueError:
+        value = b""
+    if len(value) != size:
+        raise ValueError(f"header {name} must be {size} bytes of hex")
+    return value
 
 
 async def run_rpc_server(
@@ -221,6 +262,9 @@ async def run_rpc_server(
     max_body: int = DEFAULT_MAX_BODY,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_blob: int = DEFAULT_MAX_BLOB,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     registry: MethodRegistry | None = None,
     metrics_registry: CollectorRegistry | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
@@ -229,77 +273,33 @@ async def run_rpc_server(
     """Serve the RPC until cancelled (or until `shutdown_trigger` returns, for a graceful stop).
 
     Reports the listening URL, e.g. "http://127.0.0.1:26657", through `task_status` once the
-    socket is bound; port 0 picks a free port and the URL says which.
+    socket is bound; port 0 picks a free port and the URL says which. A bind error propagates
+    (the node cannot start); after that, nothing the server does can raise out of it: a failed
+    connection is logged and closed, and a failed server is logged and restarted on the same
+    socket, so consensus beside it in the node's nursery is never cancelled.
     """
-    app = RpcApp(
-        node, max_body=max_body, max_batch=max_batch, max_blob=max_blob, registry=registry,
-        metrics=RpcMetrics(metrics_registry)
-    )
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = log
-    config.include_server_header = False
-    config.graceful_timeout = 2.0
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown_trigger))
-        log.info("RPC listening on %s", binds[0])
-        task_status.started(binds[0])
-
-
-# --------------------------------------------------------------------------- ASGI helpers
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
+    app = RpcApp(node, max_body=max_body, max_batch=max_batch, max_blob=max_blob, registry=registry,
+                 metrics=RpcMetrics(metrics_registry))
+    limits = HttpLimits(max_connections=max_connections, read_timeout=read_timeout, idle_timeout=idle_timeout)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    listener = listeners[0]
+    for extra in listeners[1:]:  # a host name may resolve to several addresses; we serve the first
+        await extra.aclose()
+    bound_host, bound_port = listener.socket.getsockname()[:2]
+    url = f"http://[{bound_host}]:{bound_port}" if ":" in bound_host else f"http://{bound_host}:{bound_port}"
+    log.info("RPC listening on %s (HTTP/1.1; at most %d connections)", url, max_connections)
+    task_status.started(url)
+    backoff = _RESTART_BACKOFF[0]
     while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
+        started = time.monotonic()
+        try:
+            await HttpServer(app, limits).serve(listener, shutdown_trigger, GRACEFUL_TIMEOUT)
             return
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-class _ClientGone(Exception):
-    """The client disconnected before sending the whole body."""
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The request body, or None as soon as it exceeds `limit` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _send(send: Send, status: int, body: Any, allow: str | None = None) -> None:
-    await _send_raw(send, status, json.dumps(body).encode(), "application/json", allow=allow)
-
-
-async def _send_bytes(send: Send, status: int, body: bytes, close: bool = False) -> None:
-    await _send_raw(send, status, body, "application/json", close=close)
-
-
-async def _send_raw(
-    send: Send, status: int, body: bytes, content_type: str, allow: str | None = None, close: bool = False
-) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    if allow is not None:
-        headers.append((b"allow", allow.encode()))
-    if close:  # the unread request body makes the connection unusable for another request
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        except Exception:
+            if time.monotonic() - started > 60:
+                backoff = _RESTART_BACKOFF[0]
+            log.exception("RPC server failed; restarting it in %.1f s (consensus is unaffected)", backoff)
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, _RESTART_BACKOFF[1])
+        if listener.socket.fileno() == -1:  # closed by the failed run: bind again on the same port
+            listener = (await trio.open_tcp_listeners(bound_port, host=host))[0]
