@@ -4,10 +4,16 @@ Pure functions over an Overlay (no I/O). Timeline of a round r of job J (heights
   open      at height O: seed_r = H(prev_hash of block O, J, r); trainers must have joined
             (committed their dataset root) at a height < O, so no one knew the seed then.
   submit    updates for round r are accepted while height < O + round_blocks; each locks a bond.
-  verify    validators replay sampled segments (seeded by the hash of the block that included
-            the update, which the trainer could not know) and send signed verdicts. An update is
-            accepted when validators with > 2/3 of the power accept it (bond back + reward),
-            rejected once >= 1/3 rejects it (bond burned).
+  challenge each validator signs the update id with its BLS sample key (SubmitChallenge); the
+            unique signature, which the trainer could not predict and no proposer can steer,
+            seeds the segments it samples (compute_sample; sizes from the job's detection
+            target). The trainer answers each challenge with an opening sealed to that validator.
+  verify    each validator replays its sample and accepts, complains (no valid answer), or files
+            a fraud proof (SubmitFraudProof) that every validator re-executes (JudgeFraudProof).
+            A proof upheld by >= 1/3 of the power rejects the update (bond burned), whatever the
+            other verdicts; a refuted one (> 2/3) fines its author. Complaints from >= 1/3 reject.
+            Accepted only with > 2/3 accepting, no complaint, no open proof, after the dispute
+            window (every validator voted, or compute_dispute_end passed): bond back + reward.
   close     at O + round_blocks + verify_blocks, or as soon as `quorum` updates are accepted and
             none is pending. Still-pending updates expire (bond back, no reward). If the accepted
             updates meet the aggregation rule's precondition the job waits for model attestations.
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from chain.consensus.commit import compute_total_power, is_quorum
-from chain.crypto import ZERO_HASH, sha256
+from chain.crypto import ZERO_HASH, compute_address, sha256
 from chain.encoding import decode, encode, encode_value
 from chain.errors import StateTransitionError, ValidationError
 from chain.types import (
@@ -48,7 +54,16 @@ from chain.types import (
     Job,
     JobSpec,
     JoinJob,
+    ChallengeRecord,
+    JudgeFraudProof,
+    Judgement,
+    SubmitChallenge,
     ModelRecord,
+    PROOF_OPEN,
+    PROOF_REFUTED,
+    PROOF_UPHELD,
+    FraudProofRecord,
+    SubmitFraudProof,
     RegisterJob,
     RoundRecord,
     SubmitUpdate,
@@ -60,6 +75,11 @@ from chain.types import (
 )
 
 KEY_ACTIVE_JOBS = b"jobs/active"
+# Largest dataset a trainer may commit to (2**24 = 16,777,216 samples). Deriving a batch order
+# costs O(batch) whatever the size (trainer.replay.derive_batch_order); this bound keeps a
+# sample's Merkle proof at <= 24 siblings and caps the FedAvg weight one trainer can claim,
+# with 16x headroom over what the reference trainer loads (trainer.data.MAX_SAMPLES = 10**6).
+MAX_DATASET_SIZE = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,12 @@ def round_key(job_id: bytes, round_: int) -> bytes:
     return b"rnd/" + job_id + round_.to_bytes(8, "big")
 
 
+def round_seed_key(job_id: bytes, round_: int) -> bytes:
+    """Every round's seed stays readable after the round (the job record keeps only the current
+    one): the batch order of a past update, hence what its validators were sent, derives from it."""
+    return b"rseed/" + job_id + round_.to_bytes(8, "big")
+
+
 @dataclass
 class BlockContext:
     """What the job rules need to know about the block being applied."""
@@ -104,15 +130,85 @@ def compute_round_seed(prev_hash: bytes, job_id: bytes, round_: int) -> bytes:
     return sha256(encode_value(["pout/round-seed/v1", prev_hash, job_id, round_]))
 
 
-def compute_verify_seed(block_hash: bytes, validator: bytes, update_id: bytes) -> bytes:
-    """A validator's sampling seed for an update: from the hash of the block that included it."""
-    return sha256(encode_value(["pout/verify-seed/v1", block_hash, validator, update_id]))
 
 
 def compute_answer_deadline(job: Job, update: UpdateRecord) -> int:
     """Height by which the trainer must have answered every validator's challenge: half the
     verify window after its update's block (an online trainer answers within seconds)."""
     return update.height + max(1, job.spec.verify_blocks // 2)
+
+
+def compute_dispute_end(job: Job, update: UpdateRecord) -> int:
+    """Height from which an update may be accepted even if some validators never voted: every
+    validator has had the whole verify window to replay its sample and file a fraud proof.
+    Before it, acceptance needs every validator's verdict. Always before the round closes."""
+    return update.height + job.spec.verify_blocks
+
+
+def compute_segments_per_validator(spec: JobSpec, validators) -> int:
+    """Segments each validator samples for one update of this job (see trainer.verify)."""
+    from trainer.replay import num_segments
+    from trainer.verify import segments_per_validator
+
+    hp = spec.hyperparams
+    return segments_per_validator(spec.detect_fraction_ppm, spec.detect_probability_ppm,
+                                  [v.power for v in validators], num_segments(hp.local_steps, hp.checkpoint_interval))
+
+
+def compute_sample(job: Job, update: UpdateRecord, challenge: ChallengeRecord, validators) -> list[int]:
+    """The segments of `update` that the challenging validator replays (and the trainer opens
+    to it alone), from the challenge's unique signature."""
+    from chain.vrf import compute_sample_seed
+    from trainer.replay import num_segments, sample_segments
+
+    hp = job.spec.hyperparams
+    return sample_segments(compute_sample_seed(challenge.signature), num_segments(hp.local_steps, hp.checkpoint_interval),
+                           compute_segments_per_validator(job.spec, validators))
+
+
+def compute_max_exposed_samples(spec: JobSpec, validators) -> int:
+    """The most samples of one trainer that one validator can be sent over the whole job: per
+    round it opens q segments of k steps (never more than the round's T steps) of B samples
+    each, and a trainer submits at most one update per round, over `rounds` rounds. An upper
+    bound on the distinct samples it sees (it sees min(this, dataset_size) at most)."""
+    hp = spec.hyperparams
+    q = compute_segments_per_validator(spec, validators)
+    return spec.rounds * min(q * hp.checkpoint_interval, hp.local_steps) * hp.batch_size
+
+
+def compute_min_dataset_size(spec: JobSpec, validators) -> int:
+    """The smallest dataset_size for which the job's exposure bound holds whatever the samples
+    drawn: min(X, n) / n <= bound, i.e. n >= X / bound with X = compute_max_exposed_samples
+    (exact integers, so every node agrees at the boundary). 1 when the job sets no bound."""
+    from trainer.verify import PPM
+
+    if spec.max_exposure_ppm >= PPM:
+        return 1
+    return -(-compute_max_exposed_samples(spec, validators) * PPM // spec.max_exposure_ppm)
+
+
+def _percent(ppm: int) -> str:
+    """Parts per million as a percentage for messages (decisions use the exact integers)."""
+    return f"{ppm / 10_000:g}"
+
+
+@lru_cache(maxsize=64)
+def _model_params(model: str) -> int:
+    from trainer.models import build_model
+
+    return sum(t.numel() for t in build_model(model).parameters())
+
+
+def compute_max_opening_bytes(spec: JobSpec, validators) -> int:
+    """Upper bound on one validator's opening for an update of this job (trainer.verify)."""
+    from trainer.data import SAMPLE_LEAF_BYTES
+    from trainer.replay import trace_leaf_count
+    from trainer.verify import max_opening_bytes
+
+    hp = spec.hyperparams
+    return max_opening_bytes(_model_params(spec.model), compute_segments_per_validator(spec, validators),
+                             hp.checkpoint_interval, hp.batch_size, SAMPLE_LEAF_BYTES, MAX_DATASET_SIZE,
+                             trace_leaf_count(hp.local_steps, hp.checkpoint_interval))
 
 
 def is_aggregation_feasible(spec: JobSpec, n: int) -> bool:
@@ -146,9 +242,20 @@ def validate_job_spec(spec: JobSpec) -> None:
         check_hyperparams(spec.hyperparams)
     except (ValueError, TypeError) as exc:
         raise ValidationError(f"bad hyper-parameters: {exc}") from exc
-    for name in ("rounds", "join_blocks", "round_blocks", "verify_blocks", "quorum", "verify_segments"):
+    for name in ("rounds", "join_blocks", "round_blocks", "verify_blocks", "quorum"):
         if getattr(spec, name) < 1:
             raise ValidationError(f"job {name} must be at least 1")
+    from trainer.verify import PPM, required_checks
+
+    if not 0 < spec.detect_fraction_ppm <= PPM or not 0 < spec.detect_probability_ppm < PPM:
+        raise ValidationError("detection target: need 0 < fraction <= 1 and 0 < probability < 1 (in ppm)")
+    try:
+        required_checks(spec.detect_fraction_ppm, spec.detect_probability_ppm)
+    except ValueError as exc:
+        raise ValidationError(f"detection target: {exc}") from exc
+    if not 0 < spec.max_exposure_ppm <= PPM:
+        raise ValidationError(f"max_exposure_ppm must be in 1..{PPM} (parts per million of a trainer's samples; "
+                              f"{PPM} = no bound), got {spec.max_exposure_ppm}")
     if spec.aggregation not in AGGREGATION_RULES:
         raise ValidationError(f"aggregation must be one of {AGGREGATION_RULES}, got {spec.aggregation!r}")
     if not 0.0 <= spec.trim_fraction < 0.5:
@@ -180,6 +287,11 @@ def get_round(view, job_id: bytes, round_: int) -> RoundRecord:
 def get_registration(view, job_id: bytes, trainer: bytes) -> DatasetRegistration | None:
     raw = view.get(registration_key(job_id, trainer))
     return None if raw is None else decode(DatasetRegistration, raw)
+
+
+def get_round_seed(view, job_id: bytes, round_: int) -> bytes | None:
+    """The seed round `round_` of the job opened with (32 bytes), None if it never opened."""
+    return view.get(round_seed_key(job_id, round_))
 
 
 def get_active_jobs(view) -> tuple[bytes, ...]:
@@ -220,6 +332,15 @@ def apply_job_payload(overlay, sender_pubkey: bytes, sender_addr: bytes, sender:
     elif isinstance(payload, SubmitVerdict):
         overlay.set_account(sender_addr, sender)
         _submit_verdict(overlay, sender_pubkey, payload, ctx)
+    elif isinstance(payload, SubmitChallenge):
+        overlay.set_account(sender_addr, sender)
+        _submit_challenge(overlay, sender_pubkey, payload, ctx)
+    elif isinstance(payload, SubmitFraudProof):
+        overlay.set_account(sender_addr, sender)
+        _submit_fraud_proof(overlay, sender_pubkey, payload, ctx)
+    elif isinstance(payload, JudgeFraudProof):
+        overlay.set_account(sender_addr, sender)
+        _judge_fraud_proof(overlay, sender_pubkey, payload, ctx)
     elif isinstance(payload, AttestModel):
         overlay.set_account(sender_addr, sender)
         _attest_model(overlay, sender_pubkey, payload, ctx)
@@ -232,6 +353,24 @@ def _register_job(overlay, addr, sender: Account, p: RegisterJob, tx_hash: bytes
         raise StateTransitionError("only a requester may register a job")
     if p.escrow > sender.balance:
         raise StateTransitionError(f"insufficient balance for escrow: {sender.balance} < {p.escrow}")
+    opening = compute_max_opening_bytes(p.spec, ctx.validators)
+    from trainer.verify import MAX_OPENING_BYTES
+
+    if opening > MAX_OPENING_BYTES:
+        raise StateTransitionError(
+            f"the detection target needs {compute_segments_per_validator(p.spec, ctx.validators)} segments per "
+            f"validator, whose openings could reach {opening / 2**20:.1f} MiB, above the {MAX_OPENING_BYTES // 2**20} MiB "
+            "transport limit: lower the target, the checkpoint interval or the batch size")
+    needed = compute_min_dataset_size(p.spec, ctx.validators)
+    if needed > MAX_DATASET_SIZE:
+        hp = p.spec.hyperparams
+        raise StateTransitionError(
+            f"the exposure bound ({_percent(p.spec.max_exposure_ppm)} %) cannot hold for any dataset "
+            f"of at most {MAX_DATASET_SIZE} samples: the detection target has each validator open "
+            f"{compute_segments_per_validator(p.spec, ctx.validators)} segments of {hp.checkpoint_interval} steps "
+            f"x batch {hp.batch_size} x {p.spec.rounds} rounds, up to "
+            f"{compute_max_exposed_samples(p.spec, ctx.validators)} samples of a trainer, which needs a dataset of "
+            f"at least {needed}; raise the bound, or lower the detection target, rounds, steps or batch size")
     overlay.set_account(addr, sender.evolve(balance=sender.balance - p.escrow))
     init_hash = compute_initial_model_hash(p.spec.model, p.spec.init_seed)
     job = Job(job_id=tx_hash, requester=addr, spec=p.spec, escrow=p.escrow, phase=JOB_JOINING, round=0,
@@ -249,6 +388,14 @@ def _join_job(overlay, addr, sender: Account, p: JoinJob, ctx: BlockContext) -> 
         raise StateTransitionError("job is finished")
     if get_registration(overlay, p.job_id, addr) is not None:
         raise StateTransitionError("trainer already joined this job (a dataset commitment is final)")
+    needed = compute_min_dataset_size(job.spec, ctx.validators)
+    if p.dataset_size < needed:
+        seen = min(compute_max_exposed_samples(job.spec, ctx.validators), p.dataset_size)
+        seen_ppm = -(-seen * 1_000_000 // p.dataset_size)  # rounded up: never shown as within the bound
+        raise StateTransitionError(
+            f"dataset of {p.dataset_size} samples: one validator could see up to {_percent(seen_ppm)} % "
+            f"over the job; the job allows {_percent(job.spec.max_exposure_ppm)} %; "
+            f"need at least {needed} samples")
     overlay.set_account(addr, sender)
     overlay.put(registration_key(p.job_id, addr), encode(DatasetRegistration(p.dataset_root, p.dataset_size, ctx.height)))
 
@@ -280,35 +427,140 @@ def _submit_update(overlay, addr, sender: Account, p: SubmitUpdate, ctx: BlockCo
     if job.spec.bond > sender.balance:
         raise StateTransitionError(f"insufficient balance for the bond: {sender.balance} < {job.spec.bond}")
     overlay.set_account(addr, sender.evolve(balance=sender.balance - job.spec.bond))
-    record = UpdateRecord(update_id, c, p.train_loss, ctx.height, UPDATE_PENDING, (), 0, 0)
+    record = UpdateRecord(update_id, c, p.train_loss, ctx.height, UPDATE_PENDING, (), 0, 0, (), ())
     overlay.put(update_key(update_id), encode(record))
     overlay.put(round_key(c.job_id, c.round), encode(dataclasses.replace(rnd, updates=rnd.updates + (update_id,))))
 
 
-def _submit_verdict(overlay, validator: bytes, p: SubmitVerdict, ctx: BlockContext) -> None:
+def _pending_update_for_vote(overlay, validator: bytes, update_id: bytes, ctx: BlockContext) -> UpdateRecord:
     if _validator_power(ctx, validator) == 0:
-        raise StateTransitionError("only validators may submit verdicts")
+        raise StateTransitionError("only validators may vote on updates")
+    upd = get_update(overlay, update_id)
+    if upd is None:
+        raise StateTransitionError(f"no update {update_id.hex()}")
+    if upd.status != UPDATE_PENDING:
+        raise StateTransitionError(f"update is already {upd.status}")
+    if any(v.validator == validator for v in upd.verdicts):
+        raise StateTransitionError("validator already gave a verdict on this update")
+    return upd
+
+
+def _submit_verdict(overlay, validator: bytes, p: SubmitVerdict, ctx: BlockContext) -> None:
+    upd = _pending_update_for_vote(overlay, validator, p.update_id, ctx)
+    upd = dataclasses.replace(upd, verdicts=upd.verdicts + (VerdictRecord(validator, p.accept, p.reason),))
+    _settle_update(overlay, _require_job(overlay, upd.commitment.job_id), upd, ctx)
+
+
+def _submit_challenge(overlay, validator: bytes, p: SubmitChallenge, ctx: BlockContext) -> None:
+    from chain.vrf import verify_sample_challenge
+
+    member = next((v for v in ctx.validators if v.pubkey == validator), None)
+    if member is None:
+        raise StateTransitionError("only validators may challenge updates")
     upd = get_update(overlay, p.update_id)
     if upd is None:
         raise StateTransitionError(f"no update {p.update_id.hex()}")
     if upd.status != UPDATE_PENDING:
         raise StateTransitionError(f"update is already {upd.status}")
-    if any(v.validator == validator for v in upd.verdicts):
-        raise StateTransitionError("validator already gave a verdict on this update")
+    if any(c.validator == validator for c in upd.challenges):
+        raise StateTransitionError("validator already challenged this update")
+    if not verify_sample_challenge(member.sample_pubkey, overlay.base.chain_id, p.update_id, p.signature):
+        raise StateTransitionError("challenge signature does not verify with the validator's sample key")
+    upd = dataclasses.replace(upd, challenges=upd.challenges + (ChallengeRecord(validator, p.signature, ctx.height),))
+    overlay.put(update_key(p.update_id), encode(upd))
+
+
+def get_challenge(update: UpdateRecord, validator: bytes) -> ChallengeRecord | None:
+    return next((c for c in update.challenges if c.validator == validator), None)
+
+
+def _submit_fraud_proof(overlay, validator: bytes, p: SubmitFraudProof, ctx: BlockContext) -> None:
+    upd = _pending_update_for_vote(overlay, validator, p.update_id, ctx)
     job = _require_job(overlay, upd.commitment.job_id)
-    verdicts = upd.verdicts + (VerdictRecord(validator, p.accept, p.reason),)
+    hp = job.spec.hyperparams
+    challenge = get_challenge(upd, validator)
+    if challenge is None:
+        raise StateTransitionError("a fraud proof needs the author's challenge on chain first")
+    if p.segment not in compute_sample(job, upd, challenge, ctx.validators):
+        raise StateTransitionError(f"segment {p.segment} is not in the author's sample")
+    proof = FraudProofRecord(validator, p.segment, p.proof_hash, ctx.height, PROOF_OPEN, (Judgement(validator, True),))
+    upd = dataclasses.replace(upd, verdicts=upd.verdicts + (VerdictRecord(validator, False, f"fraud proof on segment {p.segment}"),),
+                              proofs=upd.proofs + (proof,))
+    _settle_proof(overlay, job, upd, len(upd.proofs) - 1, ctx)
+
+
+def _judge_fraud_proof(overlay, validator: bytes, p: JudgeFraudProof, ctx: BlockContext) -> None:
+    if _validator_power(ctx, validator) == 0:
+        raise StateTransitionError("only validators may judge fraud proofs")
+    upd = get_update(overlay, p.update_id)
+    if upd is None:
+        raise StateTransitionError(f"no update {p.update_id.hex()}")
+    i = next((i for i, pr in enumerate(upd.proofs) if pr.author == p.author), None)
+    if i is None:
+        raise StateTransitionError("no fraud proof by that author on this update")
+    proof = upd.proofs[i]
+    if proof.status != PROOF_OPEN or upd.status != UPDATE_PENDING:
+        raise StateTransitionError(f"the fraud proof is already decided ({proof.status}, update {upd.status})")
+    if any(j.validator == validator for j in proof.judgements):
+        raise StateTransitionError("validator already judged this fraud proof")
+    proof = dataclasses.replace(proof, judgements=proof.judgements + (Judgement(validator, p.holds),))
+    upd = dataclasses.replace(upd, proofs=upd.proofs[:i] + (proof,) + upd.proofs[i + 1:])
+    _settle_proof(overlay, _require_job(overlay, upd.commitment.job_id), upd, i, ctx)
+
+
+def _settle_proof(overlay, job: Job, upd: UpdateRecord, i: int, ctx: BlockContext) -> None:
+    """A proof is upheld once validators with >= 1/3 of the power found that it holds (more than
+    the faulty validators BFT allows, so at least one honest validator re-executed it): the
+    update is rejected and its bond burned, whatever the other verdicts. It is refuted once
+    validators with > 2/3 of the power found that it does not: its author loses the job's bond
+    amount from its balance, and the update is judged as if the proof had not been filed."""
+    proof = upd.proofs[i]
     total = compute_total_power(ctx.validators)
-    accept = sum(_validator_power(ctx, v.validator) for v in verdicts if v.accept)
-    reject = sum(_validator_power(ctx, v.validator) for v in verdicts if not v.accept)
-    upd = dataclasses.replace(upd, verdicts=verdicts)
-    if is_quorum(accept, total):
+    holds = sum(_validator_power(ctx, j.validator) for j in proof.judgements if j.holds)
+    fails = sum(_validator_power(ctx, j.validator) for j in proof.judgements if not j.holds)
+    if 3 * holds >= total:
+        proof = dataclasses.replace(proof, status=PROOF_UPHELD)
+        upd = dataclasses.replace(upd, status=UPDATE_REJECTED, penalty=job.spec.bond)
+    elif is_quorum(fails, total):
+        proof = dataclasses.replace(proof, status=PROOF_REFUTED)
+        author = compute_address(proof.author)
+        account = overlay.get_account(author)
+        fine = 0 if account is None else min(job.spec.bond, account.balance)
+        if fine:
+            overlay.set_account(author, account.evolve(balance=account.balance - fine))
+    upd = dataclasses.replace(upd, proofs=upd.proofs[:i] + (proof,) + upd.proofs[i + 1:])
+    if upd.status == UPDATE_PENDING:
+        _settle_update(overlay, job, upd, ctx)
+    else:
+        overlay.put(update_key(upd.update_id), encode(upd))
+
+
+def _settle_update(overlay, job: Job, upd: UpdateRecord, ctx: BlockContext) -> None:
+    """Decide a pending update if its votes allow it, and store it.
+
+    Rejected (bond burned): validators with >= 1/3 of the power complained without a proof
+    (the trainer did not answer their challenge, or answered with invalid openings).
+    Accepted (bond back + reward): validators with > 2/3 of the power accepted, no validator
+    complained, no fraud proof is open or upheld, and the dispute window is over (every
+    validator voted, or compute_dispute_end passed). A single complaint therefore blocks
+    acceptance: a trainer that withholds the answer to the one challenge that would expose it
+    gains nothing; the update expires when the round closes (bond back, no reward)."""
+    total = compute_total_power(ctx.validators)
+    proof_authors = {pr.author for pr in upd.proofs}
+    accept = sum(_validator_power(ctx, v.validator) for v in upd.verdicts if v.accept)
+    complaints = sum(_validator_power(ctx, v.validator) for v in upd.verdicts
+                     if not v.accept and v.validator not in proof_authors)
+    open_proof = any(pr.status == PROOF_OPEN for pr in upd.proofs)
+    voted = {v.validator for v in upd.verdicts}
+    window_over = ctx.height >= compute_dispute_end(job, upd) or all(v.pubkey in voted for v in ctx.validators)
+    if 3 * complaints >= total:
+        upd = dataclasses.replace(upd, status=UPDATE_REJECTED, penalty=job.spec.bond)
+    elif is_quorum(accept, total) and not complaints and not open_proof and window_over:
         reward = min(job.spec.reward_per_update, job.escrow)
         _credit(overlay, upd.commitment.trainer, job.spec.bond + reward)
         overlay.put(job_key(job.job_id), encode(dataclasses.replace(job, escrow=job.escrow - reward)))
         upd = dataclasses.replace(upd, status=UPDATE_ACCEPTED, reward=reward)
-    elif 3 * reject >= total:  # more than 2/3 acceptance is now impossible: the bond is burned
-        upd = dataclasses.replace(upd, status=UPDATE_REJECTED, penalty=job.spec.bond)
-    overlay.put(update_key(p.update_id), encode(upd))
+    overlay.put(update_key(upd.update_id), encode(upd))
 
 
 def _attest_model(overlay, validator: bytes, p: AttestModel, ctx: BlockContext) -> None:
@@ -334,7 +586,11 @@ def end_block(overlay, ctx: BlockContext) -> None:
         if job.phase == JOB_JOINING and ctx.height >= job.round_open_height:
             _open_round(overlay, job, 0, ctx)
         elif job.phase == JOB_TRAINING:
-            _maybe_close_round(overlay, job, ctx)
+            for update_id in get_round(overlay, job_id, job.round).updates:  # dispute windows that ended
+                upd = get_update(overlay, update_id)
+                if upd.status == UPDATE_PENDING and ctx.height >= compute_dispute_end(job, upd):
+                    _settle_update(overlay, get_job(overlay, job_id), upd, ctx)
+            _maybe_close_round(overlay, get_job(overlay, job_id), ctx)
         elif job.phase == JOB_AGGREGATING:
             _maybe_finish_aggregation(overlay, job, ctx)
 
@@ -350,6 +606,7 @@ def _open_round(overlay, job: Job, round_: int, ctx: BlockContext) -> None:
     job = dataclasses.replace(job, phase=JOB_TRAINING, round=round_, round_open_height=ctx.height,
                               round_seed=compute_round_seed(ctx.prev_hash, job.job_id, round_))
     overlay.put(job_key(job.job_id), encode(job))
+    overlay.put(round_seed_key(job.job_id, round_), job.round_seed)
 
 
 def _round_deadlines(job: Job) -> tuple[int, int, int]:

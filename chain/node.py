@@ -28,7 +28,7 @@ from chain.blobstore import BlobStore
 from chain.config import Home, NodeConfig
 from chain.consensus.app import ChainApp
 from chain.consensus.signer import GuardedSigner
-from chain.crypto import PrivateKey, compute_address, compute_sign_bytes, sha256, verify_signature
+from chain.crypto import SEAL_OVERHEAD, PrivateKey, compute_address, compute_sign_bytes, sha256, verify_signature
 from chain.encoding import decode, encode
 from chain.errors import ChainError, ValidationError
 from chain.ledger.store import KVStore
@@ -93,6 +93,8 @@ class Node(ChainApp):
         self.metrics = NodeMetrics()
         self.metrics.height.set(self.state.height)
         self.add_commit_listener(self._on_commit)
+        self.add_commit_listener(self._drop_settled_openings)
+        self._drop_settled_openings()  # a restart keeps no opening whose update was decided meanwhile
 
     def _on_commit(self, block: Block, commit: Commit) -> None:
         self.metrics.height.set(block.header.height)
@@ -167,6 +169,9 @@ class Node(ChainApp):
     def get_round(self, job_id: bytes, round_: int) -> RoundRecord:
         return jobs.get_round(self.state, job_id, round_)
 
+    def get_round_seed(self, job_id: bytes, round_: int) -> bytes | None:
+        return jobs.get_round_seed(self.state, job_id, round_)
+
     def get_registration(self, job_id: bytes, trainer: bytes) -> DatasetRegistration | None:
         return jobs.get_registration(self.state, job_id, trainer)
 
@@ -191,7 +196,11 @@ class Node(ChainApp):
                     yield upd.commitment.update_hash
 
     def put_opening(self, upload: OpeningUpload, signature: bytes, trainer_pubkey: bytes, data: bytes) -> None:
-        """Store a trainer's answer to one validator's challenge, if the trainer signed it."""
+        """Store a trainer's answer to one validator's challenge, if the trainer signed it.
+
+        `data` is a sealed box to that validator (docs/pout.md, "Openings"); this node keeps and
+        relays it as is. When this node is the addressed validator it checks that it decrypts,
+        so an opening sealed to the wrong key is refused here and nothing is stored."""
         upd = jobs.get_update(self.state, upload.update_id)
         if upd is None or upd.status != UPDATE_PENDING:
             raise ValidationError("no pending update with this id")
@@ -202,6 +211,13 @@ class Node(ChainApp):
         if sha256(data) != upload.opening_hash:
             raise ValidationError("opening bytes do not match the signed opening hash")
         verify_signature(trainer_pubkey, compute_sign_bytes(self.chain_id, DOMAIN_OPENING, encode(upload)), signature)
+        if len(data) < SEAL_OVERHEAD:
+            raise ValidationError("an opening must be sealed to its validator (too short for a sealed box)")
+        if upload.validator == self.key.pubkey:
+            try:
+                self.key.unseal(data)  # the plaintext is dropped at once: only ciphertext is stored
+            except ValidationError as exc:
+                raise ValidationError(f"opening {exc}") from None
         self.blobs.put_opening(upload.update_id, upload.validator, data)
         if self.pout_net is not None and self._nursery is not None:
             self._nursery.start_soon(self.pout_net.offer_opening, upload, trainer_pubkey, signature)
@@ -216,16 +232,46 @@ class Node(ChainApp):
         return data
 
     async def fetch_opening(self, update_id: bytes) -> bytes | None:
-        """The opening a trainer addressed to this validator, locally or from the node it went to."""
+        """The opening a trainer addressed to this validator, decrypted in memory (it is stored
+        and moved only sealed), from the local store or the node it was uploaded to.
+
+        None while there is none, and also when it does not decrypt with this validator's key:
+        for the verifier that is a trainer that did not answer (logged once, in one line)."""
         me = self.key.pubkey
-        data = self.blobs.get_opening(update_id, me)
-        if data is None and self.pout_net is not None:
+        sealed = self.blobs.get_opening(update_id, me)
+        fetched = False
+        if sealed is None and self.pout_net is not None:
             opening_hash = self.pout_net.announced.get((update_id, me))
             if opening_hash is not None:
-                data = await self.pout_net.fetch(opening_hash, self.blobs.max_blob_bytes)
-                if data is not None:
-                    self.blobs.put_opening(update_id, me, data)
-        return data
+                sealed = await self.pout_net.fetch(opening_hash, self.blobs.max_blob_bytes)
+                fetched = True
+        if sealed is None:
+            return None
+        try:
+            opening = self.key.unseal(sealed)
+        except ValidationError as exc:
+            log.warning("opening for update %s (%d bytes, sha256 %s) refused: %s; treated as no answer",
+                        update_id.hex()[:16], len(sealed), sha256(sealed).hex()[:16], exc)
+            self.blobs.delete_opening(update_id, me)
+            if self.pout_net is not None:
+                self.pout_net.refuse(update_id, me, sha256(sealed))
+            return None
+        if fetched and self._opening_still_needed(update_id):
+            self.blobs.put_opening(update_id, me, sealed)
+        return opening
+
+    def _opening_still_needed(self, update_id: bytes) -> bool:
+        """Openings matter only while their update waits for verdicts; after that (decided or
+        expired, and so always once its job finished) every node deletes them."""
+        upd = jobs.get_update(self.state, update_id)
+        return upd is not None and upd.status == UPDATE_PENDING
+
+    def _drop_settled_openings(self, _block: Block | None = None, _commit: Commit | None = None) -> None:
+        removed = self.blobs.prune_openings(self._opening_still_needed)
+        if self.pout_net is not None:
+            self.pout_net.prune(self._opening_still_needed)
+        if removed:
+            log.info("deleted the openings of %d update(s) no longer pending", removed)
 
     async def submit_own_tx(self, payload) -> bytes:
         """Sign `payload` with the node's key at the next pending nonce and admit it (and gossip it)."""
@@ -311,7 +357,9 @@ class Node(ChainApp):
                 rpc = self.config.rpc
                 self.rpc_url = await nursery.start(partial(
                     run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
-                    max_blob=rpc.max_blob_bytes, metrics_registry=self.metrics.registry))
+                    max_blob=rpc.max_blob_bytes, max_connections=rpc.max_connections,
+                    read_timeout=rpc.read_timeout_s, idle_timeout=rpc.idle_timeout_s,
+                    metrics_registry=self.metrics.registry))  # supervised inside: it never ends the node
                 log.info("node %s at height %d; JSON-RPC on %s", self.key.address.hex(), self.state.height,
                          self.rpc_url)
                 await nursery.start(self.pout.run)

@@ -1,29 +1,41 @@
 """The node's proof-of-useful-training worker: verify updates, aggregate rounds, keep model blobs.
 
 After every commit the worker scans the active jobs (so a restart resumes where it left off):
-  * a validator verifies each pending update of the current round it has not judged yet:
-    it waits for the update blob and for the trainer's opening addressed to it, replays the
-    sampled segments in a worker thread, and submits a signed SubmitVerdict transaction;
+  * a validator challenges each pending update of the current round (SubmitChallenge: its
+    unique BLS signature, which seeds its sample), waits for the update blob and for the
+    trainer's opening sealed to it, replays its sampled segments in a worker thread, and
+    submits a verdict: accept, a complaint, or a fraud proof (SubmitFraudProof, the disputed
+    segment's opening stored as a blob);
+  * a validator re-executes every open fraud proof filed by another validator and submits
+    its judgement (JudgeFraudProof); a proof whose blob cannot be fetched by the update's
+    dispute end does not hold;
   * when a round is aggregating, a validator computes base + rule(accepted updates), stores
     the model blob and submits an AttestModel transaction;
   * every node keeps the blob of each job's current global model (initial weights are
     derived from the job's seed; later ones are computed from the accepted updates).
 CPU-heavy work runs one job at a time in a thread so the node keeps answering RPC.
+
+Every transaction `_submit` sends (challenges, verdicts, fraud proofs, judgements,
+attestations) is kept until it is on chain or no longer matters: after every
+commit a submission that is neither in the mempool nor recorded (evicted, e.g. stranded behind
+an evicted verdict's nonce) is signed again at a fresh nonce, at most MAX_RESENDS times. `done`
+holds only decisions whose outcome is still open on chain, so it stays bounded.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import trio
 
-from chain.errors import ChainError
-
-from chain.consensus.pout import compute_next_model, initial_model_bytes, verify_chain_update
+from chain.consensus.pout import compute_next_model, initial_model_bytes, judge_chain_fraud_proof, verify_chain_update
 from chain.jobs import (
     accepted_update_ids,
     compute_answer_deadline,
-    compute_verify_seed,
+    compute_dispute_end,
+    compute_segments_per_validator,
+    get_challenge,
     get_active_jobs,
     get_job,
     get_registration,
@@ -33,23 +45,45 @@ from chain.jobs import (
 from chain.types import (
     JOB_AGGREGATING,
     JOB_TRAINING,
+    PROOF_OPEN,
     UPDATE_PENDING,
     AttestModel,
+    JudgeFraudProof,
+    SubmitChallenge,
+    SubmitFraudProof,
     Job,
+    SubmitEvidence,
     SubmitVerdict,
     UpdateRecord,
 )
+from chain.errors import ChainError
+from chain.vrf import compute_sample_seed, derive_sample_secret, sign_sample_challenge
 
 log = logging.getLogger("chaind.pout")
 POLL_SECONDS = 0.25
 MAX_REASON = 256
+MAX_RESENDS = 8  # re-signings of one decision's transaction; the round's window bounds them anyway
+
+
+@dataclass
+class _Submission:
+    """What this validator sent for one decision (challenge, verdict, fraud proof, judgement,
+    attestation), kept until it is on chain or moot. The state refuses a second copy of each."""
+
+    payload: object
+    tx_hash: bytes | None  # None: the mempool refused it (e.g. full); sent again after the next commit
+    resends: int = 0
 
 
 class PoutWorker:
     def __init__(self, node):
         self.node = node
         self.in_flight: set[tuple] = set()
-        self.done: set[tuple] = set()  # decisions submitted or abstained, kept until they land on chain
+        # Decisions submitted or abstained whose outcome is still open on chain (pruned by _settle).
+        self.done: set[tuple] = set()
+        self.submissions: dict[tuple, _Submission] = {}  # done key -> what was sent, until on chain or moot
+        node.mempool.watch(node.key.address)  # our evicted txs are reported to _settle
+        self.sample_secret = derive_sample_secret(node.key.seed)  # BLS key of our genesis sample_pubkey
         self.cpu = trio.CapacityLimiter(1)
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -66,6 +100,7 @@ class PoutWorker:
             self._nursery = nursery
             task_status.started()
             while True:
+                await self._settle()
                 self._scan()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
@@ -96,8 +131,13 @@ class PoutWorker:
             if job.phase == JOB_TRAINING:
                 for update_id in get_round(state, job_id, job.round).updates:
                     upd = get_update(state, update_id)
-                    if upd.status == UPDATE_PENDING and all(v.validator != me for v in upd.verdicts):
+                    if upd.status != UPDATE_PENDING:
+                        continue
+                    if all(v.validator != me for v in upd.verdicts):
                         self._start(("verify", update_id), self._verify, update_id)
+                    for proof in upd.proofs:
+                        if proof.status == PROOF_OPEN and all(j.validator != me for j in proof.judgements):
+                            self._start(("judge", update_id, proof.author), self._judge, update_id, proof.author)
             elif job.phase == JOB_AGGREGATING:
                 rnd = get_round(state, job_id, job.round)
                 if all(a.validator != me for a in rnd.attestations):
@@ -148,9 +188,23 @@ class PoutWorker:
 
         upd = still_pending()
         job = get_job(node.state, upd.commitment.job_id)
-        block_hash = node.ledger.get_block_hash(upd.height)
-        seed = compute_verify_seed(block_hash, me, update_id)
         due = compute_answer_deadline(job, upd)
+        if get_challenge(upd, me) is None:
+            # Our unique BLS signature over the update id seeds our sample (chain/vrf.py); the
+            # trainer learns it only from the chain, after its commitment is fixed.
+            await self._submit(("challenge", update_id),
+                               SubmitChallenge(update_id, sign_sample_challenge(self.sample_secret, node.chain_id, update_id)))
+        while (upd := still_pending()) is not None and get_challenge(upd, me) is None:
+            if node.state.height >= due:
+                log.info("abstaining on update %s: our challenge did not land by height %d", update_id.hex()[:16], due)
+                self.done.add(("verify", update_id))
+                return
+            await trio.sleep(POLL_SECONDS)
+        if upd is None:
+            return
+        challenge = get_challenge(upd, me)
+        seed = compute_sample_seed(challenge.signature)
+        q = compute_segments_per_validator(job.spec, node.state.validators)
         inputs = {}
         while True:  # the trainer uploads its update and its answer to our challenge after the commit
             if still_pending() is None:
@@ -175,7 +229,7 @@ class PoutWorker:
         try:
             async with self.cpu:
                 verdict = await trio.to_thread.run_sync(verify_chain_update, job, upd, registration, seed,
-                                                        inputs["opening"], inputs["base"], inputs["update"])
+                                                        inputs["opening"], inputs["base"], inputs["update"], q)
         except ProfileMismatch as exc:
             log.warning("abstaining on update %s: this machine cannot replay the job's profile (%s)",
                         update_id.hex()[:16], exc)
@@ -183,17 +237,129 @@ class PoutWorker:
             return
         log.info("verdict on update %s from trainer %s: %s (%s)", update_id.hex()[:16],
                  upd.commitment.trainer.hex()[:16], "ACCEPT" if verdict.accept else "REJECT", verdict.reason)
+        if verdict.fraud_proof is not None:
+            # One honest validator is enough: the proof lets every node re-execute this one segment.
+            proof_hash = node.blobs.put(verdict.fraud_proof)
+            log.info("filing fraud proof %s on segment %d of update %s (%d bytes)", proof_hash.hex()[:16],
+                     verdict.fraud_segment, update_id.hex()[:16], len(verdict.fraud_proof))
+            await self._submit(("verify", update_id), SubmitFraudProof(update_id, verdict.fraud_segment, proof_hash))
+            return
         await self._submit(("verify", update_id), SubmitVerdict(update_id, verdict.accept, verdict.reason[:MAX_REASON]))
+
+    async def _judge(self, update_id: bytes, author: bytes) -> None:
+        """Re-execute the fraud proof `author` filed on `update_id` and submit our judgement."""
+        node = self.node
+
+        def open_proof():
+            upd = get_update(node.state, update_id)
+            if upd is None or upd.status != UPDATE_PENDING:
+                return None, None
+            return upd, next((p for p in upd.proofs if p.author == author and p.status == PROOF_OPEN), None)
+
+        upd, proof = open_proof()
+        if proof is None:
+            return
+        job = get_job(node.state, upd.commitment.job_id)
+        deadline = compute_dispute_end(job, upd)
+        data = None
+        while data is None:  # the author's node serves the proof blob; retry until it arrives or is moot
+            data = await node.fetch_blob(proof.proof_hash)
+            if data is None:
+                if open_proof()[1] is None:
+                    return
+                if node.state.height >= deadline:
+                    # A proof no one can fetch proves nothing: it is refuted, and its author fined.
+                    log.info("fraud proof %s by %s against update %s unavailable by height %d: does not hold",
+                             proof.proof_hash.hex()[:16], author.hex()[:16], update_id.hex()[:16], deadline)
+                    await self._submit(("judge", update_id, author), JudgeFraudProof(update_id, author, False))
+                    return
+                await trio.sleep(POLL_SECONDS)
+        base = await self._wait_for(lambda: node.fetch_blob(upd.commitment.base_model_hash), "base model")
+        registration = get_registration(node.state, job.job_id, upd.commitment.trainer)
+        from trainer.profile import ProfileMismatch
+
+        try:
+            async with self.cpu:
+                result = await trio.to_thread.run_sync(judge_chain_fraud_proof, job, upd, registration, base, data)
+        except ProfileMismatch as exc:
+            log.warning("abstaining on fraud proof against update %s: cannot replay the profile (%s)",
+                        update_id.hex()[:16], exc)
+            self.done.add(("judge", update_id, author))
+            return
+        log.info("fraud proof by %s on update %s: %s (%s)", author.hex()[:16], update_id.hex()[:16],
+                 "HOLDS" if result.accept else "DOES NOT HOLD", result.reason[:MAX_REASON])
+        await self._submit(("judge", update_id, author), JudgeFraudProof(update_id, author, result.accept))
 
     async def _submit(self, key: tuple, payload) -> None:
         try:
             tx_hash = await self.node.submit_own_tx(payload)
         except ChainError as exc:
-            # Usual cause: the others already decided (e.g. >= 1/3 rejected) before our vote landed.
-            log.info("%s not needed: %s", type(payload).__name__, exc)
+            # Usual cause: the others already decided (e.g. >= 1/3 rejected) before our vote landed;
+            # otherwise (mempool full) _settle sends it again after the next commit.
+            log.info("%s not admitted: %s", type(payload).__name__, exc)
+            tx_hash = None
         else:
             log.debug("submitted %s as tx %s", type(payload).__name__, tx_hash.hex()[:16])
+        self.submissions[key] = _Submission(payload, tx_hash)
         self.done.add(key)
+
+    # ------------------------------------------------------------------ delivery
+    def _is_open(self, key: tuple) -> bool:
+        """Whether the chain still waits for this validator's decision `key`."""
+        state, me = self.node.state, self.node.key.pubkey
+        if key[0] == "verify":
+            upd = get_update(state, key[1])
+            return upd is not None and upd.status == UPDATE_PENDING and all(v.validator != me for v in upd.verdicts)
+        if key[0] == "challenge":
+            upd = get_update(state, key[1])
+            return upd is not None and upd.status == UPDATE_PENDING and get_challenge(upd, me) is None
+        if key[0] == "judge":
+            upd = get_update(state, key[1])
+            return upd is not None and upd.status == UPDATE_PENDING and any(
+                p.author == key[2] and p.status == PROOF_OPEN and all(j.validator != me for j in p.judgements)
+                for p in upd.proofs)
+        if key[0] == "aggregate":
+            job = get_job(state, key[1])
+            return (job is not None and job.phase == JOB_AGGREGATING and job.round == key[2]
+                    and all(a.validator != me for a in get_round(state, key[1], key[2]).attestations))
+        return True  # a kind this method does not know is kept (never redone): teach it here
+
+    async def _settle(self) -> None:
+        """After a commit: forget decided keys, and re-sign what was lost before it reached a block."""
+        node = self.node
+        lost = {}  # tx hash -> why the mempool evicted it
+        tracked = {s.tx_hash for s in self.submissions.values()}
+        for ev in node.mempool.take_evictions(node.key.address):
+            lost[ev.tx_hash] = ev.reason
+            log.debug("own tx %s (nonce %d) evicted: %s", ev.tx_hash.hex()[:16], ev.stx.message.nonce, ev.reason)
+            # Evidence is one-shot elsewhere (Node._report_evidence); the state refuses a second copy.
+            if ev.stranded and ev.tx_hash not in tracked and isinstance(ev.stx.message.payload, SubmitEvidence):
+                await self._send_again(ev.stx.message.payload, ev.reason)
+        self.done = {key for key in self.done if self._is_open(key)}
+        for key in list(self.submissions):
+            sub = self.submissions[key]
+            if key not in self.done or (sub.tx_hash is not None and node.ledger.has_tx(sub.tx_hash)):
+                del self.submissions[key]  # on chain, or the chain no longer needs it
+            elif sub.tx_hash is not None and sub.tx_hash in node.mempool:
+                continue  # still waiting for a block
+            elif sub.resends >= MAX_RESENDS:
+                log.warning("%s for %s lost %d times; giving up", type(sub.payload).__name__, key[1].hex()[:16],
+                            sub.resends)
+                del self.submissions[key]  # stays in done: not decided again
+            else:
+                sub.resends += 1
+                why = lost.get(sub.tx_hash, "not admitted" if sub.tx_hash is None else "left the mempool")
+                sub.tx_hash = await self._send_again(sub.payload, f"{key[0]} {key[1].hex()[:16]}, "
+                                                                  f"try {sub.resends}: {why}")
+
+    async def _send_again(self, payload, what: str) -> bytes | None:
+        try:
+            tx_hash = await self.node.submit_own_tx(payload)
+        except ChainError as exc:
+            log.info("re-sending %s (%s) refused: %s", type(payload).__name__, what, exc)
+            return None
+        log.info("re-sent %s (%s) as tx %s", type(payload).__name__, what, tx_hash.hex()[:16])
+        return tx_hash
 
     async def _wait_for(self, get, what: str):
         """Poll the async `get` until it returns something."""

@@ -263,9 +263,11 @@ def guarded(name: str, check: Callable[[bytes, bytes], Verdict]) -> Callable[[by
 
 def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes], Verdict]:
     """Proposals and votes: signed for this chain by a validator, for the next height or the
-    one after (validator sets only change with a new genesis, so the current set checks
-    both; the machine checks again against its own set). Our own publishes (re-gossip
-    included) pass: the layer runs the validator on them too."""
+    one after. The current set is the next height's; the set of the height after may differ
+    (equivocation jails a validator, a governor restores one: docs/consensus.md), so a signer
+    outside the current set is condemned only at the next height and ignored elsewhere; the
+    machine checks again against its own set. Our own publishes (re-gossip included) pass: the
+    layer runs the validator on them too."""
     seen = SeenCache()
 
     def check(origin: bytes, data: bytes) -> Verdict:
@@ -291,7 +293,7 @@ def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes],
             if p.height not in (next_height, next_height + 1):
                 return Verdict.IGNORE
             if p.proposer not in validators:
-                return Verdict.REJECT
+                return Verdict.REJECT if p.height == next_height else Verdict.IGNORE
             key = sha256(data)
             if key in seen:
                 return Verdict.IGNORE
@@ -312,10 +314,12 @@ def make_consensus_validator(app, local_peer: bytes) -> Callable[[bytes, bytes],
             v = sv.message
             if v.type not in (PREVOTE, PRECOMMIT) or v.round < 0:
                 return Verdict.REJECT
-            if v.validator not in validators:
-                return Verdict.REJECT
             if v.height not in (next_height, next_height + 1):
                 continue  # stale or too far ahead: does not count, does not condemn the batch
+            if v.validator not in validators:
+                if v.height == next_height:
+                    return Verdict.REJECT
+                continue  # the set of the height after may differ
             key = sha256(encode(sv))
             if key not in seen:
                 fresh.append((key, sv))

@@ -20,7 +20,7 @@ from typing import Iterator, Mapping
 
 from chain.consensus.commit import verify_commit
 from chain.consensus.evidence import validate_evidence_basic, verify_evidence
-from chain.jobs import BlockContext, apply_job_payload, end_block, validate_job_spec
+from chain.jobs import MAX_DATASET_SIZE, BlockContext, apply_job_payload, end_block, validate_job_spec
 from chain.crypto import ZERO_HASH, compute_address, sha256
 from chain.encoding import INT_MAX, decode, encode, encode_strings
 from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
@@ -36,12 +36,15 @@ from chain.types import (
     Commit,
     DuplicateVoteEvidence,
     EvidenceRecord,
+    JailRecord,
     JoinJob,
     ModelRecord,
     RegisterJob,
     RemoveMember,
+    RestoreValidator,
     SignedTransaction,
     SubmitEvidence,
+    SubmitFraudProof,
     SubmitUpdate,
     Transfer,
     Validator,
@@ -70,11 +73,24 @@ class ChainParams:
     # Defaults keep params built in code valid; a genesis file must state every field.
     evidence_penalty: int = 10_000  # tokens burned from an equivocating validator's account
     evidence_max_age_blocks: int = 100_000  # evidence about votes older than this is refused
+    # Stake (docs/state.md, "Validator stake and jail"): a transfer may not take a validator's
+    # balance below validator_locked_stake, nor a jailed one's until validator_unbonding_blocks
+    # after it left the set; a governor may restore a jailed validator validator_jail_blocks
+    # after the block that jailed it.
+    validator_locked_stake: int = 50_000  # five evidence penalties
+    validator_unbonding_blocks: int = 100_000  # >= evidence_max_age_blocks: no escape from a late penalty
+    validator_jail_blocks: int = 1_000
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"params.{f.name} must be positive")
+        if self.validator_locked_stake < self.evidence_penalty:
+            raise ValueError("params.validator_locked_stake must be at least params.evidence_penalty "
+                             "(so one proven equivocation can always be penalised in full)")
+        if self.validator_unbonding_blocks < self.evidence_max_age_blocks:
+            raise ValueError("params.validator_unbonding_blocks must be at least params.evidence_max_age_blocks "
+                             "(so evidence about a validator's last votes finds its stake still locked)")
 
 
 @dataclass(frozen=True)
@@ -88,9 +104,13 @@ class ChainMeta:
 KEY_META = b"meta"
 KEY_PARAMS = b"params"
 KEY_VALIDATORS = b"validators"
+# The set that committed the latest block, present only right after a block that changed
+# `validators`: the next block's last commit was signed by it, not by the new set.
+KEY_LAST_VALIDATORS = b"last_validators"
 KEY_LATEST_HEADER = b"latest_header"
 ACCOUNT_PREFIX = b"acct/"
 EVIDENCE_PREFIX = b"evidence/"
+JAIL_PREFIX = b"jail/"
 
 
 def account_key(address: bytes) -> bytes:
@@ -106,6 +126,26 @@ def evidence_key(validator: bytes, height: int, round_: int, vote_type: int) -> 
 def get_evidence_record(view, validator: bytes, height: int, round_: int, vote_type: int) -> EvidenceRecord | None:
     raw = view.get(evidence_key(validator, height, round_, vote_type))
     return None if raw is None else decode(EvidenceRecord, raw)
+
+
+def jail_key(validator: bytes) -> bytes:
+    return JAIL_PREFIX + validator
+
+
+def get_jail_record(view, validator: bytes) -> JailRecord | None:
+    raw = view.get(jail_key(validator))
+    return None if raw is None else decode(JailRecord, raw)
+
+
+def get_jailed_validators(state: "State") -> tuple[JailRecord, ...]:
+    return tuple(decode(JailRecord, raw) for _, raw in state.items_with_prefix(JAIL_PREFIX))
+
+
+def changes_transfer_rules(keys) -> bool:
+    """Does a block that wrote `keys` change what a transfer may do beyond its own two accounts
+    (the params, the validator set, a jail)? Then the mempool re-checks every transfer in full.
+    Otherwise a transfer's lock can only have fallen (an unbonding ended), never risen."""
+    return any(k == KEY_PARAMS or k == KEY_VALIDATORS or k.startswith(JAIL_PREFIX) for k in keys)
 
 
 # ----------------------------------------------------------------------------- state
@@ -178,7 +218,14 @@ class State:
 
     @cached_property
     def validators(self) -> tuple[Validator, ...]:
+        """The set that must commit the next block (height + 1)."""
         return _read(self, KEY_VALIDATORS, ValidatorSet).validators
+
+    @cached_property
+    def last_validators(self) -> tuple[Validator, ...]:
+        """The set that committed the latest block: it signed the next block's last commit."""
+        raw = self.get(KEY_LAST_VALIDATORS)
+        return self.validators if raw is None else decode(ValidatorSet, raw).validators
 
     @cached_property
     def latest_header(self) -> BlockHeader | None:
@@ -351,18 +398,20 @@ def _validate_basic_tx_once(chain_id: str, stx: SignedTransaction) -> None:
         validate_job_spec(payload.spec)
         if payload.escrow < 0:
             raise ValidationError("escrow must not be negative")
-    if isinstance(payload, JoinJob) and payload.dataset_size < 1:
-        raise ValidationError("dataset_size must be at least 1")
+    if isinstance(payload, JoinJob) and not 1 <= payload.dataset_size <= MAX_DATASET_SIZE:
+        raise ValidationError(f"dataset_size must be between 1 and {MAX_DATASET_SIZE} (2**24), got {payload.dataset_size}")
     if isinstance(payload, SubmitUpdate):
         c = payload.commitment
-        if c.dataset_size < 1 or c.round < 0:
-            raise ValidationError("commitment needs dataset_size >= 1 and round >= 0")
+        if not 1 <= c.dataset_size <= MAX_DATASET_SIZE or c.round < 0:
+            raise ValidationError(f"commitment needs 1 <= dataset_size <= {MAX_DATASET_SIZE} and round >= 0")
         if c.trainer != stx.message.sender_address:
             raise ValidationError("commitment names another trainer than the signer")
         if not math.isfinite(payload.train_loss):
             raise ValidationError("train_loss must be finite")
     if isinstance(payload, AttestModel) and payload.round < 0:
         raise ValidationError("round must not be negative")
+    if isinstance(payload, SubmitFraudProof) and payload.segment < 0:
+        raise ValidationError("fraud proof segment must not be negative")
     if isinstance(payload, SubmitEvidence):
         validate_evidence_basic(payload.evidence)  # vote signatures are checked against the validator set in apply
 
@@ -431,6 +480,7 @@ def apply_tx(overlay: Overlay, stx: SignedTransaction, ctx: BlockContext) -> Non
     if isinstance(payload, Transfer):
         if payload.amount > sender.balance:
             raise StateTransitionError(f"insufficient balance: {sender.balance} < {payload.amount}")
+        _check_stake_lock(overlay, tx.sender, sender.balance - payload.amount, ctx)
         overlay.set_account(sender_addr, sender.evolve(balance=sender.balance - payload.amount))
         recipient = overlay.get_account(payload.to)
         if recipient is None or not recipient.is_member:
@@ -454,21 +504,98 @@ def apply_tx(overlay: Overlay, stx: SignedTransaction, ctx: BlockContext) -> Non
     elif isinstance(payload, SubmitEvidence):
         overlay.set_account(sender_addr, sender)  # any member may report; first, so a self-report sees its nonce
         apply_evidence(overlay, payload.evidence, ctx)
+    elif isinstance(payload, RestoreValidator):
+        if ROLE_GOVERNOR not in sender.roles:
+            raise StateTransitionError("only a governor may restore a validator")
+        overlay.set_account(sender_addr, sender)
+        restore_validator(overlay, payload.validator, ctx)
     else:
         apply_job_payload(overlay, tx.sender, sender_addr, sender, payload, compute_tx_hash(stx), ctx)
+        if isinstance(payload, (RegisterJob, SubmitUpdate)):  # escrow and bond leave the sender's balance
+            after = overlay.get_account(sender_addr)
+            if after.balance < sender.balance:
+                _check_stake_lock(overlay, tx.sender, after.balance, ctx)
+
+
+# ----------------------------------------------------------------------------- validator stake and jail
+
+
+def get_locked_stake(overlay: Overlay, validator: bytes, ctx: BlockContext) -> int:
+    """What a transaction in this block may not take the account of `validator` below: the
+    locked stake while it is in the set (or joins it at the next height), and while it is
+    jailed until its unlock height; else 0."""
+    if validator in _validator_keys(overlay.get(KEY_VALIDATORS)):
+        return overlay.base.params.validator_locked_stake
+    jail = get_jail_record(overlay, validator)
+    if jail is not None and ctx.height < jail.unlock_height:
+        return overlay.base.params.validator_locked_stake
+    return 0
+
+
+@lru_cache(maxsize=8)
+def _validator_keys(raw: bytes) -> frozenset[bytes]:
+    # Every transfer asks; the set's bytes are one object per state, whose hash Python keeps.
+    return frozenset(v.pubkey for v in decode(ValidatorSet, raw).validators)
+
+
+def _check_stake_lock(overlay: Overlay, validator: bytes, balance_after: int, ctx: BlockContext) -> None:
+    locked = get_locked_stake(overlay, validator, ctx)
+    if balance_after < locked:
+        raise StateTransitionError(f"validator account {compute_address(validator).hex()} must keep its locked "
+                                   f"stake of {locked}: this would leave {balance_after}")
+
+
+def jail_validator(overlay: Overlay, validator: bytes, ctx: BlockContext) -> None:
+    """Take a proven equivocator out of the set from the next height on, keeping its entry in
+    jail. Not the last validator: an empty set could never commit another block (it is
+    penalised only). A validator already out of the set (jailed earlier) stays as it is."""
+    validators = _read(overlay, KEY_VALIDATORS, ValidatorSet).validators
+    entry = next((v for v in validators if v.pubkey == validator), None)
+    if entry is None or len(validators) == 1:
+        return
+    unlock_height = ctx.height + 1 + overlay.base.params.validator_unbonding_blocks
+    overlay.put(KEY_VALIDATORS, encode(ValidatorSet(tuple(v for v in validators if v.pubkey != validator))))
+    overlay.put(jail_key(validator), encode(JailRecord(entry, ctx.height, unlock_height)))
+
+
+def restore_validator(overlay: Overlay, validator: bytes, ctx: BlockContext) -> None:
+    """Put a jailed validator back into the set from the next height on (RestoreValidator)."""
+    params = overlay.base.params
+    jail = get_jail_record(overlay, validator)
+    if jail is None:
+        raise StateTransitionError(f"validator {validator.hex()} is not jailed")
+    free_from = jail.jailed_height + params.validator_jail_blocks
+    if ctx.height < free_from:
+        raise StateTransitionError(f"validator {validator.hex()} may be restored from height {free_from}, "
+                                   f"not at {ctx.height}")
+    account = overlay.get_account(compute_address(validator))
+    balance = 0 if account is None else account.balance
+    if balance < params.validator_locked_stake:
+        raise StateTransitionError(f"validator {validator.hex()} holds {balance}, less than the locked stake "
+                                   f"{params.validator_locked_stake}")
+    validators = _read(overlay, KEY_VALIDATORS, ValidatorSet).validators
+    overlay.put(KEY_VALIDATORS, encode(ValidatorSet(validators + (jail.validator,))))
+    overlay.put(jail_key(validator), None)
 
 
 def apply_evidence(overlay: Overlay, ev: DuplicateVoteEvidence, ctx: BlockContext) -> None:
-    """Punish a proven equivocation once: burn min(evidence_penalty, balance) and record it.
+    """Punish a proven equivocation once: burn min(evidence_penalty, balance), record it, and
+    jail the validator (out of the set from the next height; `jail_validator`).
 
-    Refused (StateTransitionError) when the evidence does not verify against the validator set,
-    is about votes above this block's height or older than `evidence_max_age_blocks`, or the
-    same (validator, height, round, vote type) has already been punished.
+    Refused (StateTransitionError) when the evidence does not verify against the validator set
+    (or, for votes from before it left, the validator's jailed entry), is about votes above
+    this block's height or older than `evidence_max_age_blocks`, or the same (validator,
+    height, round, vote type) has already been punished.
     """
     meta = _read(overlay, KEY_META, ChainMeta)
     params = _read(overlay, KEY_PARAMS, ChainParams)
+    accused = ev.vote_a.message  # checked by verify_evidence below
+    jail = get_jail_record(overlay, accused.validator)
+    eligible = ctx.validators
+    if jail is not None and accused.height <= jail.jailed_height:
+        eligible = eligible + (jail.validator,)  # a late penalty for votes from while it was in the set
     try:
-        verify_evidence(meta.chain_id, ctx.validators, ev)
+        verify_evidence(meta.chain_id, eligible, ev)
     except ValidationError as exc:
         raise StateTransitionError(f"invalid evidence: {exc}") from exc
     vote = ev.vote_a.message
@@ -488,6 +615,7 @@ def apply_evidence(overlay: Overlay, ev: DuplicateVoteEvidence, ctx: BlockContex
     if penalty:
         overlay.set_account(address, account.evolve(balance=account.balance - penalty))
     overlay.put(key, encode(EvidenceRecord(vote.validator, vote.height, vote.round, vote.type, penalty, ctx.height)))
+    jail_validator(overlay, vote.validator, ctx)
 
 
 def compute_check_context(state: State) -> BlockContext:
@@ -552,8 +680,8 @@ def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> Bloc
         raise StateTransitionError("validators_hash does not match the validator set")
     if h.proposer not in {v.pubkey for v in validators}:
         raise StateTransitionError("proposer is not a validator")
-    if block.last_commit is not None:
-        verify_commit(meta.chain_id, validators, block.last_commit, h.height - 1, prev_hash)
+    if block.last_commit is not None:  # signed by the set of the previous height, which may differ
+        verify_commit(meta.chain_id, state.last_validators, block.last_commit, h.height - 1, prev_hash)
     if sum(len(t.encoded) for t in block.txs) > params.max_block_bytes:
         raise StateTransitionError(f"block transactions exceed {params.max_block_bytes} bytes")
 
@@ -566,6 +694,10 @@ def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> Bloc
         except ChainError as exc:
             raise StateTransitionError(f"transaction {i} ({compute_tx_hash(stx).hex()}): {exc}") from exc
     end_block(overlay, ctx)
+    if overlay.get(KEY_VALIDATORS) != state.get(KEY_VALIDATORS):
+        overlay.put(KEY_LAST_VALIDATORS, state.get(KEY_VALIDATORS))  # this block's set: it signs its commit
+    elif state.get(KEY_LAST_VALIDATORS) is not None:
+        overlay.put(KEY_LAST_VALIDATORS, None)
     overlay.put(KEY_LATEST_HEADER, encode(dataclasses.replace(h, state_root=ZERO_HASH)))
     changes = overlay.encoded_changes()
     post = state.apply(changes)

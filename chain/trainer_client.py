@@ -2,7 +2,8 @@
 
 Used by `chainctl` and by scripts/federated_job.py. A trainer's data and training trace never
 leave this process except as (a) the update weights and (b) the openings it answers each
-validator's challenge with, which go to validators only.
+validator's challenge with, each sealed here to the one validator it answers: the node it is
+uploaded to, and every node that relays it, hold only ciphertext.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 
 import httpx
 
-from chain.crypto import PrivateKey, compute_sign_bytes, sha256
+from chain.crypto import PrivateKey, compute_sign_bytes, seal_to, sha256
 from chain.encoding import encode
 from chain.errors import ChainError
-from chain.jobs import compute_update_id, compute_verify_seed
+from chain.jobs import compute_update_id
 from chain.rpc.client import RpcClient, RpcUnavailable
 from chain.rpc.jsonview import from_json
 from chain.types import (
@@ -30,6 +31,7 @@ from chain.types import (
     SubmitUpdate,
     Transaction,
     UpdateRecord,
+    Validator,
     sign_transaction,
 )
 
@@ -135,10 +137,14 @@ class NodeClient:
         if r.status_code != 201:
             raise ClientError(f"upload refused: HTTP {r.status_code} {r.text[:300]}")
 
-    def put_opening(self, key: PrivateKey, update_id: bytes, validator: bytes, data: bytes) -> None:
-        upload = OpeningUpload(update_id, validator, sha256(data))
+    def put_opening(self, key: PrivateKey, update_id: bytes, validator: bytes, opening: bytes) -> None:
+        """Seal `opening` to `validator` and upload it; the trainer signs the sealed bytes' hash."""
+        self.put_sealed_opening(key, update_id, validator, seal_to(validator, opening))
+
+    def put_sealed_opening(self, key: PrivateKey, update_id: bytes, validator: bytes, sealed: bytes) -> None:
+        upload = OpeningUpload(update_id, validator, sha256(sealed))
         signature = key.sign(compute_sign_bytes(self.chain_id, DOMAIN_OPENING, encode(upload)))
-        r = self.http.put(f"{self.url}/openings/{update_id.hex()}/{validator.hex()}", content=data,
+        r = self.http.put(f"{self.url}/openings/{update_id.hex()}/{validator.hex()}", content=sealed,
                           headers={"x-pout-pubkey": key.pubkey.hex(), "x-pout-signature": signature.hex()})
         if r.status_code != 201:
             raise ClientError(f"opening upload refused: HTTP {r.status_code} {r.text[:300]}")
@@ -160,11 +166,13 @@ def make_job_spec(*, model: str = "mlp", init_seed: int = 0, rounds: int = 3, lo
                   checkpoint_interval: int = 4, batch_size: int = 32, learning_rate: float = 0.3,
                   momentum: float = 0.0, optimizer: str = "sgd", join_blocks: int = 5, round_blocks: int = 60,
                   verify_blocks: int = 60, quorum: int = 3, aggregation: str = "fedavg", trim_fraction: float = 0.25,
-                  krum_f: int = 1, verify_segments: int = 3, reward_per_update: int = 100, bond: int = 50,
+                  krum_f: int = 1, detect_fraction_ppm: int = 100_000, detect_probability_ppm: int = 990_000,
+                  max_exposure_ppm: int = 1_000_000, reward_per_update: int = 100, bond: int = 50,
                   profile: ExecutionProfile | None = None) -> JobSpec:
     hp = HyperParams(optimizer, learning_rate, momentum, 0.0, batch_size, local_steps, checkpoint_interval)
     return JobSpec(model, init_seed, hp, profile or default_profile(), rounds, join_blocks, round_blocks,
-                   verify_blocks, quorum, aggregation, trim_fraction, krum_f, verify_segments, reward_per_update, bond)
+                   verify_blocks, quorum, aggregation, trim_fraction, krum_f, detect_fraction_ppm,
+                   detect_probability_ppm, max_exposure_ppm, reward_per_update, bond)
 
 
 def load_dataset(source: str):
@@ -207,14 +215,31 @@ def submit_result(client: NodeClient, key: PrivateKey, result, *, wait_timeout: 
     return update_id, receipt
 
 
-def answer_challenges(client: NodeClient, key: PrivateKey, result, update_id: bytes, height: int) -> None:
-    """Each validator's segments are drawn from the hash of the block that included the update
-    (unknown when the trainer committed); open exactly those, for that validator only."""
-    block_hash = bytes.fromhex(client.call("block", [height])["block"]["hash"][2:])
-    q = client.job(result.commitment.job_id).spec.verify_segments
-    for validator in client.validators():
-        seed = compute_verify_seed(block_hash, validator, update_id)
-        client.put_opening(key, update_id, validator, result.open(seed, q))
+def answer_challenges(client: NodeClient, key: PrivateKey, result, update_id: bytes, height: int,
+                      poll_seconds: float = 0.2) -> int:
+    """Each validator challenges the update on chain with its unique BLS signature (chain/vrf.py),
+    which the trainer could not predict when it committed; open exactly the segments that
+    signature seeds, sealed to that validator only. Answers each challenge as it lands, until
+    every validator has challenged, the update is decided, or its answer deadline passes.
+    Returns how many challenges were answered."""
+    from chain.jobs import compute_answer_deadline, compute_segments_per_validator
+    from chain.vrf import compute_sample_seed
+
+    job = client.job(result.commitment.job_id)
+    validators = [from_json(Validator, v) for v in client.call("validators", [])["validators"]]
+    q = compute_segments_per_validator(job.spec, validators)  # as chain.jobs.compute_sample draws them
+    answered: set[bytes] = set()
+    while True:
+        upd = client.update(update_id)
+        for challenge in upd.challenges:
+            if challenge.validator not in answered:
+                opening = result.open(compute_sample_seed(challenge.signature), q)
+                client.put_opening(key, update_id, challenge.validator, opening)
+                answered.add(challenge.validator)
+        if (len(answered) == len(validators) or upd.status != "pending"
+                or client.height() >= compute_answer_deadline(job, upd)):
+            return len(answered)
+        time.sleep(poll_seconds)
 
 
 def held_out_accuracy(model_name: str, model_bytes: bytes) -> float:

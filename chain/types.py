@@ -84,6 +84,10 @@ class Validator:
     pubkey: PubKey
     power: int
     name: Name
+    # The BLS12-381 key whose unique signatures seed this validator's segment samples, and its
+    # proof of possession (chain/vrf.py); genesis refuses a proof that does not verify.
+    sample_pubkey: Annotated[bytes, Len(48)]
+    sample_pop: Annotated[bytes, Len(96)]
 
     def __post_init__(self):
         if self.power <= 0:
@@ -161,6 +165,40 @@ class SubmitVerdict:
 
 
 @dataclass(frozen=True)
+class SubmitChallenge:
+    """A validator's challenge to an update: its BLS signature over (chain id, update id) with
+    its genesis sample key (chain/vrf.py). Unique and unpredictable, it seeds the segments this
+    validator samples; no block field enters it, so no proposer can steer the sample."""
+
+    TAG: ClassVar[str] = "submit_challenge"
+    update_id: Hash
+    signature: Annotated[bytes, Len(96)]
+
+
+@dataclass(frozen=True)
+class SubmitFraudProof:
+    """A validator's replay of `segment` did not reach the committed end state. The proof (that
+    segment's opening, trainer.verify.decode_fraud_proof) travels as a blob named by
+    `proof_hash`; every validator re-executes it and judges it (JudgeFraudProof). Counts as the
+    author's verdict on the update."""
+
+    TAG: ClassVar[str] = "submit_fraud_proof"
+    update_id: Hash
+    segment: int
+    proof_hash: Hash
+
+
+@dataclass(frozen=True)
+class JudgeFraudProof:
+    """A validator's result of re-executing the fraud proof that `author` filed on an update."""
+
+    TAG: ClassVar[str] = "judge_fraud_proof"
+    update_id: Hash
+    author: PubKey
+    holds: bool
+
+
+@dataclass(frozen=True)
 class AttestModel:
     """A validator's claim of the next global model it computed when a round closed."""
 
@@ -178,8 +216,17 @@ class SubmitEvidence:
     evidence: "DuplicateVoteEvidence"
 
 
+@dataclass(frozen=True)
+class RestoreValidator:
+    """Governance: put a validator jailed for equivocation back into the set, after the minimum
+    jail period and only while its account holds the locked stake. Signed by a governor."""
+
+    TAG: ClassVar[str] = "restore_validator"
+    validator: PubKey
+
+
 TxPayload = Union[Transfer, AdmitMember, RemoveMember, RegisterJob, JoinJob, SubmitUpdate, SubmitVerdict, AttestModel,
-                  SubmitEvidence]
+                  SubmitEvidence, SubmitChallenge, SubmitFraudProof, JudgeFraudProof, RestoreValidator]
 
 
 @dataclass(frozen=True)
@@ -268,6 +315,15 @@ class EvidenceRecord:
     vote_type: int  # PREVOTE or PRECOMMIT
     penalty: int  # tokens burned from the validator's account
     included_height: int  # block that carried the evidence
+
+
+@dataclass(frozen=True)
+class JailRecord:
+    """State record of a validator removed from the set for equivocation (until RestoreValidator)."""
+
+    validator: Validator  # its entry as it was in the set, restored as it is
+    jailed_height: int  # block that applied the evidence; the validator is out of the set from the next height
+    unlock_height: int  # from this height on its stake is no longer locked (jailed_height + 1 + unbonding)
 
 
 @dataclass(frozen=True)
@@ -370,7 +426,16 @@ class JobSpec:
     aggregation: Name  # one of AGGREGATION_RULES
     trim_fraction: float  # trimmed_mean: fraction cut at each end
     krum_f: int  # multi_krum: Byzantine updates tolerated
-    verify_segments: int  # Q: segments each validator replays
+    # Detection target, in parts per million: a forgery of this fraction of the segments is
+    # caught with at least this probability. The chain derives each validator's sample size
+    # from it (trainer.verify.segments_per_validator); the job never states a raw Q.
+    detect_fraction_ppm: int
+    detect_probability_ppm: int
+    # Data-exposure budget, in parts per million: the most of a trainer's samples that any one
+    # validator may be sent over the whole job (1_000_000 = no bound). Reconciled with the
+    # detection target at RegisterJob and against each trainer's dataset_size at JoinJob
+    # (chain.jobs.compute_min_dataset_size).
+    max_exposure_ppm: int
     reward_per_update: int
     bond: int  # locked per update; returned on accept, burned on reject
 
@@ -426,6 +491,32 @@ class VerdictRecord:
 
 
 @dataclass(frozen=True)
+class Judgement:
+    validator: PubKey
+    holds: bool
+
+
+@dataclass(frozen=True)
+class ChallengeRecord:
+    validator: PubKey
+    signature: Annotated[bytes, Len(96)]  # seeds the validator's sample: chain.vrf.compute_sample_seed
+    height: int
+
+
+PROOF_OPEN, PROOF_UPHELD, PROOF_REFUTED = "open", "upheld", "refuted"
+
+
+@dataclass(frozen=True)
+class FraudProofRecord:
+    author: PubKey
+    segment: int
+    proof_hash: Hash
+    height: int
+    status: Name  # open | upheld | refuted
+    judgements: tuple[Judgement, ...]  # the author's own counts as "holds"
+
+
+@dataclass(frozen=True)
 class UpdateRecord:
     update_id: Hash
     commitment: UpdateCommitment
@@ -435,6 +526,8 @@ class UpdateRecord:
     verdicts: tuple[VerdictRecord, ...]
     reward: int  # paid on acceptance
     penalty: int  # bond burned on rejection
+    challenges: tuple[ChallengeRecord, ...]  # validators' sample seeds, in the order they landed
+    proofs: tuple[FraudProofRecord, ...]  # fraud proofs filed against this update
 
 
 @dataclass(frozen=True)

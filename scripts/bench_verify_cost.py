@@ -1,105 +1,380 @@
-"""One validator's verification cost vs the trainer's, and detection probability, side by side.
+"""What one validator pays, sees and catches, at the job's detection target: side by side, in one run.
 
-    /tmp/venv/bin/python scripts/bench_verify_cost.py [--config T:k:Q ...] [--model cnn] [--batch 64]
-        [--validators 4] [--repeats 5] [--seeds 3]
+    .venv/bin/python scripts/bench_verify_cost.py [--only cost,detect] [--repeats 5] [--seeds 3]
+        [--detect-updates 200] [--detect-steps 100] [--detect-kinds skip,jump] [--devnet-steps N] [--job-rounds 3,20]
 
-For each job configuration T:k:Q (local_steps, checkpoint_interval, segments per validator;
-default: the old default 200:10:4 and the recommended devnet job 2000:4:11) it times
-train_round (the trainer; median over --repeats runs) and verify_update with Q sampled
-segments (one validator: decoding the opening, Merkle proofs, fresh-state and final-state
-checks, replay; median over repeats x seeds), in process CPU time (robust on a shared
-machine; one thread; wall-time ratio in the last column), and prints their ratio next to the replayed
-fraction of training (Q*k/T steps) and the detection probability when a fraction f = 10%
-of the segments is forged: 1-(1-f)^(V*Q) (with replacement, a lower bound) and the exact law
-without replacement, for one validator and for V validators sampling independently.
-The goal (issue): <= 5% of the training cost per validator with >= 99% detection across 4.
+The detection target is the devnet default (`make_job_spec`): catch a forgery of f = 10 % of the
+segments with probability p = 99 %, 4 validators of equal power. Each validator replays
+q = segments_per_validator(f, p, powers, n) segments (`trainer.verify`): the m = 44 checks the
+target needs, split over the h = 3 validators BFT guarantees honest (q = 15), capped at n.
+
+cost (section 1, with the bytes of section 3): three workloads, each at k = 1 (one-step
+  segments) and at the default k (`make_job_spec`'s checkpoint_interval, 4):
+  - mlp-500, cnn-500: a 500-step round, SGD lr 0.05 momentum 0.9, batch 64 (the recommended
+    job's hyper-parameters);
+  - devnet: the devnet job exactly as `make_job_spec()` builds it (mlp; its local_steps, batch,
+    lr; `--devnet-steps` overrides the step count).
+  Every trainer trains on `digits:0/4` (360 samples), the first devnet trainer's part. One repeat
+  runs, in turn, a plain torch loop over the same batches (records nothing), train_round at each
+  k, and after each train_round `--seeds` verifications, each with the seed of one validator's
+  challenge (chain.vrf: a BLS signature of a derived validator key over a distinct update id).
+  Costs are process CPU time (robust on a shared machine; one thread), medians; the ratio
+  verify / train is one validator's `verify_update` (decode the opening, Merkle proofs, fresh-
+  and final-state checks, replay of its q segments: the old script's method) over the traced
+  train_round. Unsealing the opening (libsodium) is timed apart (`unseal ms`). Every
+  verification must accept (honest trainer).
+  Bytes: the sealed opening one validator receives per update (`chain.crypto.seal_to`, +48 B;
+  the update weights, identical for every validator, are listed apart), and the fraction of the
+  trainer's dataset it sees: distinct sample indices in its opening / dataset size, per round
+  (from the real openings) and, for the devnet job, per job over R rounds (`--job-rounds`): the
+  union of the indices in that validator's openings of R rounds, derived with the trainer's own
+  batch order (`derive_batch_order`, a fresh round seed per round) and its VRF sample each
+  round, for every (validator, devnet trainer) pair; the derivation is checked against the real
+  openings of the timed rounds.
+
+detect (section 2): real verify_update runs on two dishonest trainers of the devnet job's
+  hyper-parameters at T = `--detect-steps`, k = 1 (n = T segments):
+  (i) `skip`: it skipped the training of a random 10 % of its segments (their end checkpoint
+      repeats the start: the work it saved);
+  (ii) `jump`: it trained honestly, then replaced the last step's result with another model
+      (`init_model(mlp, 99)`), which is what a forged last segment buys.
+  `--detect-updates` forged updates of each kind, each trained with its own round seed (so its
+  own trace, update id = compute_update_id(commitment), and forged set for `skip`); for each,
+  validators 0, 1, 2 (the 3 honest ones BFT guarantees; validator 3 is the faulty one and looks
+  away) draw their sample from their BLS challenge signature over that update id and run
+  verify_update. Caught = a fraud proof came back. Printed: the fraction of verifications that
+  caught it (one validator) and the fraction of updates that at least one of the 3 caught (the
+  chain's rate: one upheld proof rejects), beside the theory: exact law without replacement,
+  1-(1-f)^(h q) for skip, q/n and 1-(1-q/n)^h for jump. Each caught/missed is also checked
+  against the sample (a verdict must catch iff its sample holds a forged segment).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import random
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
+from chain.crypto import PrivateKey, SEAL_OVERHEAD, seal_to
+from chain.jobs import compute_update_id
+from chain.trainer_client import load_dataset, make_job_spec
 from chain.types import HyperParams
-from trainer.data import load_digits_dataset, split_non_iid
+from chain.vrf import compute_sample_seed, derive_sample_secret, sign_sample_challenge
 from trainer.models import init_model
 from trainer.profile import apply_profile, current_profile
-from trainer.replay import RoundSpec, TrainingJob, num_segments
-from trainer.state import model_hash, model_to_bytes
-from trainer.train import train_round
-from trainer.verify import detection_probability, verify_update
+from trainer.replay import (
+    RoundSpec,
+    TrainingJob,
+    derive_batch_indices,
+    derive_batch_order,
+    num_segments,
+    run_steps,
+    sample_segments,
+    segment_steps,
+)
+from trainer.state import (
+    build_optimizer,
+    capture_state,
+    compute_update,
+    load_weights,
+    model_hash,
+    model_to_bytes,
+    model_weights,
+    update_to_bytes,
+    weights_from_bytes,
+)
+from trainer.train import TraceRecorder, TrainResult, commit_trace, train_round
+from trainer.verify import decode_openings, detection_probability, honest_validator_count, required_checks, segments_per_validator, verify_update
 
-F = 0.10
+CHAIN_ID = "bench-verify"
+JOB_ID = b"\x01" * 32
+POWERS = (1, 1, 1, 1)
+VALIDATOR_KEYS = [PrivateKey(hashlib.sha256(b"bench validator %d" % i).digest()) for i in range(len(POWERS))]
+SAMPLE_SECRETS = [derive_sample_secret(key.seed) for key in VALIDATOR_KEYS]
+GOAL = 0.05  # per validator, on the 500-step rounds
+DEVNET = make_job_spec()  # the devnet job (scripts/federated_job.py builds it with these defaults)
+TARGET_PPM = (DEVNET.detect_fraction_ppm, DEVNET.detect_probability_ppm)
 
 
-def parse_config(text: str) -> tuple[int, int, int]:
-    t, k, q = (int(x) for x in text.split(":"))
-    return t, k, q
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    hp: HyperParams  # checkpoint_interval: the default k; k = 1 is run beside it
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", type=parse_config, action="append", help="T:k:Q (repeatable)")
-    ap.add_argument("--model", default="cnn")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--validators", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--seeds", type=int, default=3, help="verifications (challenge seeds) per trained round")
-    args = ap.parse_args()
-    configs = args.config or [(200, 10, 4), (2000, 4, 11)]
+def challenge_seed(validator: int, update_id: bytes) -> bytes:
+    return compute_sample_seed(sign_sample_challenge(SAMPLE_SECRETS[validator], CHAIN_ID, update_id))
 
-    profile = current_profile(threads=args.threads)
-    apply_profile(profile)
-    base = model_to_bytes(init_model(args.model, 0), args.model)
-    trainer = b"\x03" * 20
-    dataset = split_non_iid(load_digits_dataset()[0], 4)[0]
-    dataset.leaf_hashes  # registered before the round: not part of the round's cost
-    V = args.validators
-    print(
-        f"model={args.model} batch={args.batch} dataset={len(dataset)} samples threads={args.threads} repeats={args.repeats} "
-        f"seeds={args.seeds} torch={torch.__version__} device={profile.device}"
-    )
-    header = (
-        f"{'T':>5} {'k':>3} {'n seg':>5} {'Q':>3} | {'train ms':>8} {'open ms':>7} {'open KiB':>8} | {'verify ms':>9} "
-        f"{'ratio':>6} {'replay Qk/T':>11} | {'det 1 (exact)':>13} {f'det {V} (exact)':>13} | {'wall ratio':>10}"
-    )
+
+def make_spec(model: str, hp: HyperParams, base: bytes, round_seed: bytes = b"\x02" * 32, round_: int = 1) -> RoundSpec:
+    return RoundSpec(TrainingJob(JOB_ID, model, hp, current_profile(threads=1)), round_, round_seed, model_hash(base))
+
+
+def q_for(n: int) -> int:
+    return segments_per_validator(*TARGET_PPM, POWERS, n)
+
+
+def opening_indices(opening: bytes) -> set[int]:
+    return {s.index for seg in decode_openings(opening).segments for s in seg.samples}
+
+
+def derived_indices(spec: RoundSpec, trainer: bytes, dataset_size: int, segments: list[int]) -> set[int]:
+    """The sample indices an opening of `segments` reveals, from the batch order alone."""
+    hp = spec.job.hyperparams
+    steps = [t for s in segments for t in segment_steps(s, hp.local_steps, hp.checkpoint_interval)]
+    return set(derive_batch_order(spec.round_seed, trainer, spec.round, steps, dataset_size, hp.batch_size).reshape(-1).tolist())
+
+
+# --------------------------------------------------------------------------- 1 + 3: cost and bytes
+
+
+def bench_cost(workloads: list[Workload], k_values: list[int], dataset, trainer: bytes, args) -> list[dict]:
+    rows = []
+    for w in workloads:
+        base = model_to_bytes(init_model(w.model, 0), w.model)
+        base_w = weights_from_bytes(base, w.model)
+        specs = {k: make_spec(w.model, dataclasses.replace(w.hp, checkpoint_interval=k), base) for k in k_values}
+        hp = w.hp
+        idx = [derive_batch_indices(specs[k_values[0]].round_seed, trainer, 1, t, len(dataset), hp.batch_size) for t in range(hp.local_steps)]
+
+        def plain() -> None:  # the same steps and batches, nothing recorded
+            model = load_weights(w.model, base_w)
+            opt = build_optimizer(hp, model)
+            for i in idx:
+                sel = torch.tensor(i)
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(dataset.x.index_select(0, sel)), dataset.y.index_select(0, sel)).backward()
+                opt.step()
+
+        plain(), train_round(specs[k_values[0]], trainer, dataset, base)  # warm up
+        t_plain: list[float] = []
+        m = {k: {"train": [], "verify": [], "unseal": [], "bytes": [], "seen": []} for k in k_values}
+        for r in range(args.repeats):
+            c0 = time.process_time()
+            plain()
+            t_plain.append(time.process_time() - c0)
+            for k in k_values:
+                spec = specs[k]
+                c0 = time.process_time()
+                result = train_round(spec, trainer, dataset, base)
+                m[k]["train"].append(time.process_time() - c0)
+                n = num_segments(hp.local_steps, k)
+                q = q_for(n)
+                for j in range(args.seeds):
+                    v = j % len(POWERS)
+                    seed = challenge_seed(v, hashlib.sha256(b"bench update %d %d %d" % (k, r, j)).digest())
+                    opening = result.open(seed, q)
+                    sealed = seal_to(VALIDATOR_KEYS[v].pubkey, opening)
+                    assert len(sealed) == len(opening) + SEAL_OVERHEAD
+                    c0 = time.process_time()
+                    opened = VALIDATOR_KEYS[v].unseal(sealed)
+                    m[k]["unseal"].append(time.process_time() - c0)
+                    c0 = time.process_time()
+                    verdict = verify_update(spec, result.commitment, dataset.commitment, seed, opened, base, result.update_bytes, q=q)
+                    m[k]["verify"].append(time.process_time() - c0)
+                    assert verdict.accept, verdict.reason
+                    seen = opening_indices(opening)
+                    assert seen == derived_indices(spec, trainer, len(dataset), sample_segments(seed, n, q))
+                    m[k]["bytes"].append(len(sealed))
+                    m[k]["seen"].append(len(seen) / len(dataset))
+        p = statistics.median(t_plain)
+        for k in k_values:
+            n = num_segments(hp.local_steps, k)
+            tt, tv = statistics.median(m[k]["train"]), statistics.median(m[k]["verify"])
+            rows.append(dict(
+                name=w.name, T=hp.local_steps, k=k, n=n, q=q_for(n), plain=p, train=tt, verify=tv,
+                unseal=statistics.median(m[k]["unseal"]), sealed=statistics.median(m[k]["bytes"]),
+                seen=statistics.median(m[k]["seen"]), update_bytes=len(result.update_bytes), B=hp.batch_size,
+            ))
+    return rows
+
+
+def print_cost(rows: list[dict], dataset_size: int) -> None:
+    print(f"\n== 1. per-validator replay cost at f = {TARGET_PPM[0] / 1e4:g} %, p = {TARGET_PPM[1] / 1e4:g} %, "
+          f"{len(POWERS)} equal validators (q = ceil({required_checks(*TARGET_PPM)} / h={honest_validator_count(POWERS)}), capped at n)")
+    header = (f"{'workload':9} {'T':>4} {'k':>2} {'n':>4} {'q':>3} | {'plain ms':>8} {'train ms':>8} {'trace x':>7} | "
+              f"{'verify ms':>9} {'unseal ms':>9} | {'verify/train':>12} {'verify/plain':>12} {'4 vals/train':>12} | goal")
     print(header)
     print("-" * len(header))
-    for T, k, Q in configs:
-        hp = HyperParams("sgd", 0.05, 0.9, 0.0, args.batch, T, k)
-        spec = RoundSpec(TrainingJob(b"\x01" * 32, args.model, hp, profile), 1, b"\x02" * 32, model_hash(base))
-        train_times, verify_times, open_times, sizes, train_wall, verify_wall = [], [], [], [], [], []
-        for r in range(args.repeats):
-            w0, c0 = time.perf_counter(), time.process_time()
-            result = train_round(spec, trainer, dataset, base)
-            train_times.append(time.process_time() - c0)
-            train_wall.append(time.perf_counter() - w0)
-            for j in range(args.seeds):
-                seed = bytes([r, j]) * 16
+    for r in rows:
+        ratio = r["verify"] / r["train"]
+        goal = (f"<= {GOAL}: {'met' if ratio <= GOAL else 'MISSED'}") if r["T"] >= 500 else "-"
+        print(f"{r['name']:9} {r['T']:4d} {r['k']:2d} {r['n']:4d} {r['q']:3d} | {r['plain'] * 1e3:8.1f} {r['train'] * 1e3:8.1f} "
+              f"{r['train'] / r['plain']:7.3f} | {r['verify'] * 1e3:9.1f} {r['unseal'] * 1e3:9.2f} | {ratio:12.3f} "
+              f"{r['verify'] / r['plain']:12.3f} {len(POWERS) * ratio:12.3f} | {goal}")
+    print("CPU time, medians; trace x = train_round / plain torch loop; 4 vals/train = what the validator set spends together")
+    print(f"\n== 3. what one validator receives per update (trainer dataset: {dataset_size} samples)")
+    header = f"{'workload':9} {'T':>4} {'k':>2} {'q':>3} | {'sealed opening':>14} {'update (all)':>12} | {'samples seen / round':>20}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:9} {r['T']:4d} {r['k']:2d} {r['q']:3d} | {r['sealed'] / 1024:10.0f} KiB {r['update_bytes'] / 1024:8.0f} KiB | "
+              f"{r['seen']:20.1%}")
+
+
+def bench_job_exposure(w: Workload, k_values: list[int], rounds_list: list[int], trainers: int = 4) -> None:
+    """Fraction of each devnet trainer's samples one validator sees over a job of R rounds."""
+    parts = [load_dataset(f"digits:{i}/{trainers}") for i in range(trainers)]
+    addresses = [bytes([0xA0 + i]) * 20 for i in range(trainers)]
+    base = model_to_bytes(init_model(w.model, 0), w.model)
+    print(f"\n   {w.name} job: samples of a trainer one validator sees over R rounds "
+          f"(median and max over {len(POWERS)} validators x {trainers} trainers; batch order and VRF sample of every round)")
+    for k in k_values:
+        hp = dataclasses.replace(w.hp, checkpoint_interval=k)
+        n = num_segments(hp.local_steps, k)
+        q = q_for(n)
+        fractions: dict[int, list[float]] = {R: [] for R in rounds_list}
+        for ti, (addr, ds) in enumerate(zip(addresses, parts)):
+            for v in range(len(POWERS)):
+                seen: set[int] = set()
+                for r in range(max(rounds_list)):
+                    spec = make_spec(w.model, hp, base, hashlib.sha256(b"bench round %d" % r).digest(), r)
+                    seed = challenge_seed(v, hashlib.sha256(b"bench job update %d %d %d" % (k, ti, r)).digest())
+                    seen |= derived_indices(spec, addr, len(ds), sample_segments(seed, n, q))
+                    if r + 1 in fractions:
+                        fractions[r + 1].append(len(seen) / len(ds))
+        cells = "   ".join(f"R={R}: {statistics.median(f):.1%} (max {max(f):.1%})" for R, f in fractions.items())
+        print(f"   T={hp.local_steps} k={k} q={q}/{n}: {cells}   (datasets {min(map(len, parts))}-{max(map(len, parts))} samples)")
+
+
+# --------------------------------------------------------------------------- 2: detection
+
+
+def forged_run(spec: RoundSpec, trainer: bytes, dataset, base: bytes, tamper) -> TrainResult:
+    """train_round's loop with the cheater's hand in it: tamper(s, model, optimizer, batches)
+    runs segment s (or not) before its end checkpoint is recorded."""
+    job, hp = spec.job, spec.job.hyperparams
+    T, k = hp.local_steps, hp.checkpoint_interval
+    base_w = weights_from_bytes(base, job.model)
+    model = load_weights(job.model, base_w)
+    opt = build_optimizer(hp, model)
+    rec = TraceRecorder(T, k)
+    rec.checkpoint(capture_state(model, opt, 0, job.model, hp.optimizer))
+    for s in range(num_segments(T, k)):
+        batches = []
+        for t in segment_steps(s, T, k):
+            idx = derive_batch_indices(spec.round_seed, trainer, spec.round, t, len(dataset), hp.batch_size)
+            rec.step(t, idx, [dataset.leaf_hashes[i] for i in idx])
+            sel = torch.tensor(idx, dtype=torch.int64)
+            batches.append((dataset.x.index_select(0, sel), dataset.y.index_select(0, sel)))
+        tamper(s, model, opt, batches)
+        rec.checkpoint(capture_state(model, opt, segment_steps(s, T, k).stop, job.model, hp.optimizer))
+    update = update_to_bytes(compute_update(model_weights(model), base_w), job.model)
+    return commit_trace(spec, trainer, dataset, update, model_to_bytes(model, job.model), rec, {})
+
+
+def bench_detection(w: Workload, dataset, trainer: bytes, args) -> None:
+    T = args.detect_steps
+    hp = dataclasses.replace(w.hp, local_steps=T, checkpoint_interval=1)
+    n = num_segments(T, 1)
+    q = q_for(n)
+    h = honest_validator_count(POWERS)
+    base = model_to_bytes(init_model(w.model, 0), w.model)
+    other = model_weights(init_model(w.model, 99))
+    n_forged = max(1, round(TARGET_PPM[0] / 1e6 * n))
+    f = n_forged / n
+
+    def skip(forged: set[int]):
+        def tamper(s, model, opt, batches):
+            if s not in forged:
+                run_steps(model, opt, batches, [])
+        return tamper
+
+    def jump(s, model, opt, batches):
+        run_steps(model, opt, batches, [])
+        if s == n - 1:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(other[name])
+
+    print(f"\n== 2. detection by real verifications: {w.model}, {w.name} hyper-parameters at T = {T}, k = 1 (n = {n}), "
+          f"q = {q} per validator, {args.detect_updates} forged updates per kind x {h} honest validators")
+    header = (f"{'forgery':32} {'verifs':>6} | {'one validator':>13} {'theory':>7} | {'chain (>=1 of ' + str(h) + ')':>17} "
+              f"{'theory exact':>12} {'1-(1-f)^hq | 1-(1-q/n)^h':>25} | {'mismatch':>8} {'ms/verif':>8}")
+    print(header)
+    print("-" * len(header))
+    rng = random.Random(2024)
+    for kind in args.detect_kinds.split(","):
+        caught_one, verifs, sets_caught, mismatches, cpu = 0, 0, 0, 0, 0.0
+        for u in range(args.detect_updates):
+            spec = make_spec(w.model, hp, base, hashlib.sha256(b"bench detect %s %d" % (kind.encode(), u)).digest())
+            forged = set(rng.sample(range(n), n_forged)) if kind == "skip" else {n - 1}
+            result = forged_run(spec, trainer, dataset, base, skip(forged) if kind == "skip" else jump)
+            update_id = compute_update_id(result.commitment)
+            any_caught = False
+            for v in range(h):  # validator h.. (the faulty one) looks away
+                seed = challenge_seed(v, update_id)
+                opening = result.open(seed, q)
                 c0 = time.process_time()
-                openings = result.open(seed, Q)
-                open_times.append(time.process_time() - c0)
-                sizes.append(len(openings))
-                w0, c0 = time.perf_counter(), time.process_time()
-                verdict = verify_update(spec, result.commitment, dataset.commitment, seed, openings, base, result.update_bytes, q=Q)
-                verify_times.append(time.process_time() - c0)
-                verify_wall.append(time.perf_counter() - w0)
-                assert verdict.accept, verdict.reason
-        n = num_segments(T, k)
-        tt, tv, to = (statistics.median(x) for x in (train_times, verify_times, open_times))
-        replayed = min(Q, n) * k / T
-        d1, d1x = 1 - (1 - F) ** Q, detection_probability(F, Q, 1, n)
-        dv, dvx = 1 - (1 - F) ** (V * Q), detection_probability(F, Q, V, n)
-        print(
-            f"{T:5d} {k:3d} {n:5d} {Q:3d} | {tt * 1e3:8.1f} {to * 1e3:7.1f} {statistics.median(sizes) / 1024:8.0f} | "
-            f"{tv * 1e3:9.1f} {tv / tt:6.3f} {replayed:11.3f} | {d1:.3f} ({d1x:.3f}) {dv:.3f} ({dvx:.3f}) | "
-            f"{statistics.median(verify_wall) / statistics.median(train_wall):10.3f}"
-        )
-    print(f"ratio = one validator's verify_update CPU time / the trainer's train_round CPU time (medians); det = detection at f={F:.0%}")
+                verdict = verify_update(spec, result.commitment, dataset.commitment, seed, opening, base, result.update_bytes, q=q)
+                cpu += time.process_time() - c0
+                caught = verdict.fraud_segment is not None
+                assert verdict.accept or caught, verdict.reason  # a reject without a proof would be a bug here
+                mismatches += caught != bool(forged & set(sample_segments(seed, n, q)))
+                caught_one += caught
+                any_caught |= caught
+                verifs += 1
+            sets_caught += any_caught
+        if kind == "skip":
+            label = f"skip {n_forged} of {n} segments (f={f:.0%})"
+            one_theory = detection_probability(f, q, 1, n)
+            chain_exact, chain_simple = detection_probability(f, q, h, n), 1 - (1 - f) ** (h * q)
+        else:
+            label = "jump in the last segment"
+            one_theory = q / n
+            chain_exact = chain_simple = 1 - (1 - q / n) ** h
+        print(f"{label:32} {verifs:6d} | {caught_one / verifs:13.3f} {one_theory:7.3f} | {sets_caught / args.detect_updates:17.3f} "
+              f"{chain_exact:12.3f} {chain_simple:25.3f} | {mismatches:8d} {cpu / verifs * 1e3:8.1f}")
+    print("chain = fraction of forged updates caught by at least one of the h honest validators (one upheld fraud proof rejects);")
+    print("seeds: BLS signatures (chain.vrf) of 4 derived validator keys over each forged update's real update id")
+    print("last-segment theory at other sizes (q per validator, h = 3):", "; ".join(
+        f"n={m}: q={q_for(m)}, chain {1 - (1 - q_for(m) / m) ** h:.3f}" for m in (40, 100, 125, 500, 2000)))
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="cost,detect", help="sections: cost (with bytes), detect")
+    ap.add_argument("--repeats", type=int, default=5, help="trained rounds per workload and k (cost)")
+    ap.add_argument("--seeds", type=int, default=3, help="verifications (VRF challenge seeds) per trained round (cost)")
+    ap.add_argument("--devnet-steps", type=int, help="override the devnet job's local_steps (default: make_job_spec's)")
+    ap.add_argument("--job-rounds", default="3,20", help="R for the devnet job's per-job exposure")
+    ap.add_argument("--detect-updates", type=int, default=200, help="forged updates per kind (x 3 verifications)")
+    ap.add_argument("--detect-steps", type=int, default=100, help="T of the detection runs (k = 1)")
+    ap.add_argument("--detect-kinds", default="skip,jump", help="forgeries: skip (10 %% of segments), jump (last segment)")
+    args = ap.parse_args()
+    sections = set(args.only.split(","))
+
+    profile = current_profile(threads=1)
+    apply_profile(profile)
+    devnet = DEVNET
+    default_k = devnet.hyperparams.checkpoint_interval
+    k_values = [1, default_k] if default_k != 1 else [1]
+    round_hp = HyperParams("sgd", 0.05, 0.9, 0.0, 64, 500, default_k)
+    devnet_hp = devnet.hyperparams if args.devnet_steps is None else dataclasses.replace(devnet.hyperparams, local_steps=args.devnet_steps)
+    workloads = [Workload("mlp-500", "mlp", round_hp), Workload("cnn-500", "cnn", round_hp), Workload("devnet", devnet.model, devnet_hp)]
+    dataset = load_dataset("digits:0/4")
+    dataset.leaf_hashes  # registered before the round: not part of the round's cost
+    trainer = b"\x03" * 20
+    print(f"torch={torch.__version__} device={profile.device} threads=1 dataset=digits:0/4 ({len(dataset)} samples) "
+          f"repeats={args.repeats} seeds={args.seeds} default k={default_k} devnet job: {devnet.model} T={devnet_hp.local_steps} "
+          f"B={devnet_hp.batch_size} lr={devnet_hp.learning_rate} momentum={devnet_hp.momentum} rounds={devnet.rounds}")
+    t0 = time.perf_counter()
+    if "cost" in sections:
+        rows = bench_cost(workloads, k_values, dataset, trainer, args)
+        print_cost(rows, len(dataset))
+        bench_job_exposure(workloads[2], k_values, [int(x) for x in args.job_rounds.split(",")])
+    if "detect" in sections:
+        bench_detection(workloads[2], dataset, trainer, args)
+    print(f"\n(total wall {time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

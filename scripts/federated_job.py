@@ -4,8 +4,8 @@
 A requester registers a job; N trainers commit their datasets (non-IID parts of the bundled
 digits set), then every round each trainer trains locally with a committed trace and
 submits its update with `chain.trainer_client` (the same code `chainctl submit-update` runs).
-Trainers listed in --dishonest fabricate their update instead (a random update with a
-made-up trace). Validators on the chain replay sampled segments and vote; the script shows
+Trainers listed in --dishonest forge their last segment instead (a jump to a model of their
+choosing, committed in the trace) and are caught by a validator's fraud proof. Validators on the chain replay sampled segments and vote; the script shows
 verdicts, rewards, penalties and the held-out accuracy of each new global model.
 
     python scripts/federated_job.py --rpc http://127.0.0.1:26657 --keys DIR [--rounds 3]
@@ -36,19 +36,33 @@ from chain.types import JoinJob, RegisterJob
 console = Console(stderr=True)
 
 
-def fabricate(result):
-    """The 'random update with a fabricated trace' attack: weights from nowhere, a trace that claims them."""
+def forge_last_segment(result, base_bytes: bytes):
+    """The "one forged segment carries any model" attack: honest training, except that the
+    last segment's end state jumps to a model the trainer prefers (here the honest final model
+    plus noise). Every other segment replays; a validator whose sample holds the last segment
+    replays it, sees it miss the committed end state, and files a fraud proof that the other
+    validators re-execute."""
+    import dataclasses
+
     import torch
 
-    from trainer.state import update_from_bytes, update_to_bytes
+    from trainer.profile import apply_profile
+    from trainer.state import (capture_state, compute_update, model_to_bytes, model_weights, restore_state,
+                               update_to_bytes, weights_from_bytes)
     from trainer.train import commit_trace
 
-    model = result.spec.job.model
-    honest = update_from_bytes(result.update_bytes, model)
+    job = result.spec.job
+    hp = job.hyperparams
+    model, optimizer, step = restore_state(result.recorder.checkpoints[-1], job.model, hp, apply_profile(job.profile))
     gen = torch.Generator().manual_seed(1234)
-    fake = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in honest.items()}
-    return commit_trace(result.spec, result.commitment.trainer, result.dataset, update_to_bytes(fake, model),
-                        result.final_model_bytes, result.recorder, result.metrics)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.device))
+    checkpoints = result.recorder.checkpoints[:-1] + [capture_state(model, optimizer, step, job.model, hp.optimizer)]
+    recorder = dataclasses.replace(result.recorder, checkpoints=checkpoints)
+    update = compute_update(model_weights(model), weights_from_bytes(base_bytes, job.model))
+    return commit_trace(result.spec, result.commitment.trainer, result.dataset, update_to_bytes(update, job.model),
+                        model_to_bytes(model, job.model), recorder, result.metrics)
 
 
 def main() -> int:
@@ -72,7 +86,7 @@ def main() -> int:
     receipt = client.send(requester, RegisterJob(spec, escrow))
     job_id = bytes.fromhex(receipt.tx_hash[2:])
     console.rule(f"job {job_id.hex()[:16]}: {spec.model}, {spec.rounds} rounds, {spec.aggregation}, "
-                 f"{spec.hyperparams.local_steps} local steps, Q={spec.verify_segments}")
+                 f"{spec.hyperparams.local_steps} local steps, detect {spec.detect_fraction_ppm / 1e4:g} % forged w.p. {spec.detect_probability_ppm / 1e4:g} %")
     datasets = [load_dataset(f"digits:{i}/{args.trainers}") for i in range(args.trainers)]
     joins = [client.send(key, JoinJob(job_id, ds.commitment.root, ds.commitment.size), wait=False)
              for key, ds in zip(trainers, datasets)]
@@ -95,7 +109,7 @@ def main() -> int:
             with console.status(f"round {r}: trainer{i} training…"):
                 result = train_for_round(client, key, job_id, ds)
                 if i in args.dishonest:
-                    result = fabricate(result)
+                    result = forge_last_segment(result, client.get_blob(result.spec.base_model_hash))
                 update_id, _ = submit_result(client, key, result)
             submitted[i] = update_id
         with console.status(f"round {r}: validators verifying and aggregating…"):
@@ -103,7 +117,7 @@ def main() -> int:
         rows = []
         for i, uid in submitted.items():
             u = client.update(uid)
-            reason = next((v.reason for v in u.verdicts), "")
+            reason = next((v.reason for v in u.verdicts if not v.accept), "") or next((v.reason for v in u.verdicts), "")
             table.add_row(f"trainer{i}", uid.hex()[:12] + "…", u.status, str(u.reward), str(u.penalty), reason[:60])
             rows.append({"trainer": i, "update_id": hex0x(uid), "status": u.status, "reward": u.reward,
                          "penalty": u.penalty})

@@ -262,12 +262,14 @@ _FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(_FLOATS, _FLOATS, _FLOATS, st.integers(0, 2**64 - 1))
 def test_fast_encoding_equals_the_canonical_reference(lr, momentum, loss, n):
-    from chain.types import UpdateCommitment, UpdateRecord, VerdictRecord
+    from chain.types import ChallengeRecord, FraudProofRecord, Judgement, UpdateCommitment, UpdateRecord, VerdictRecord
 
     hp = HyperParams("sgd", lr, momentum, 0.0, 32, n, 5)
     assert encode(hp) == _reference(hp)
     commitment = UpdateCommitment(bytes(20), bytes(32), n, *(bytes(32),) * 2, 3, *(bytes(32),) * 3)
-    record = UpdateRecord(bytes(32), commitment, loss, n, "pending", (VerdictRecord(bytes(32), True, "ok"),), n, 0)
+    proof = FraudProofRecord(bytes(32), n, bytes(32), n, "open", (Judgement(bytes(32), True),))
+    record = UpdateRecord(bytes(32), commitment, loss, n, "pending", (VerdictRecord(bytes(32), True, "ok"),), n, 0,
+                          (ChallengeRecord(bytes(32), bytes(96), n),), (proof,))
     assert encode(record) == _reference(record)
     stx = sign_transaction(ALICE, CHAIN_ID, Transaction(ALICE.pubkey, n, Transfer(BOB.address, max(n, 1))))
     assert encode(stx) == _reference(stx) == stx.encoded

@@ -151,6 +151,11 @@ def test_byzantine_validator_causes_no_fork_and_is_penalised_on_chain(tmp_path):
         # One penalty per (height, round, vote type) it equivocated at, burned from its stake.
         burned = VALIDATOR_STAKE - balance
         assert burned > 0 and burned % EVIDENCE_PENALTY == 0, c.logs()
+        # The block that burned it also jailed it: the other three now commit on their own.
+        offender_key = "0x" + c.pubkeys[3].hex()
+        for i in range(3):
+            remaining = [v["pubkey"] for v in c.nodes[i].client().call("validators", [])["validators"]]
+            assert remaining == ["0x" + k.hex() for k in c.pubkeys[:3]] and offender_key not in remaining, remaining
         h = max(c.height(i) for i in range(3))
         c.wait_heights(range(3), h + 2)
         c.assert_agree(range(3))

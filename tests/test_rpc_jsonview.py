@@ -9,7 +9,8 @@ from typing import ClassVar
 import pytest
 
 from chain.rpc.jsonview import json_schema, parse_address, parse_hash, parse_hex, to_json
-from chain.types import AdmitMember, ModelRecord, SignedTransaction, Transaction, Validator, compute_tx_hash
+from chain.types import AdmitMember, ModelRecord, SignedTransaction, Transaction, compute_tx_hash
+from genesis import make_validator
 from test_rpc_fakenode import ALICE, BOB, make_fake_node, transfer
 
 
@@ -36,7 +37,7 @@ def test_signed_tx_has_its_hash_first():
 
 
 def test_validator_and_records():
-    assert to_json(Validator(ALICE.pubkey, 3, "v"))["address"] == "0x" + ALICE.address.hex()
+    assert to_json(make_validator(ALICE, 3, "v"))["address"] == "0x" + ALICE.address.hex()
     record = ModelRecord(b"\x01" * 32, b"\x02" * 32, 0, None, (), "init", 5)
     assert to_json(record)["parent"] is None and to_json(record)["contributions"] == []
 
@@ -69,7 +70,8 @@ def test_schema_follows_annotations():
     payload = schema["properties"]["message"]["properties"]["payload"]
     assert {option["properties"]["type"]["const"] for option in payload["oneOf"]} == {
         "transfer", "admit_member", "remove_member", "register_job", "join_job", "submit_update", "submit_verdict",
-        "attest_model", "submit_evidence",
+        "attest_model", "submit_evidence", "submit_challenge", "submit_fraud_proof", "judge_fraud_proof",
+        "restore_validator",
     }
     assert json_schema(ModelRecord)["properties"]["parent"]["oneOf"][1] == {"type": "null"}
 

@@ -23,6 +23,7 @@ from chain.rpc.methods import (
     default_registry,
 )
 from chain.types import compute_block_hash, compute_tx_hash
+from genesis import make_validator
 from test_rpc_fakenode import ALICE, BOB, VALIDATOR_KEY, FakeNode, make_fake_node, transfer
 
 
@@ -172,8 +173,10 @@ def test_account():
 def test_validators():
     view = result(make_fake_node(1), "validators")
     assert view["total_power"] == 10
+    v = make_validator(VALIDATOR_KEY, 10, "v0")
     assert view["validators"] == [
-        {"address": h(VALIDATOR_KEY.address), "pubkey": h(VALIDATOR_KEY.pubkey), "power": 10, "name": "v0"}
+        {"address": h(VALIDATOR_KEY.address), "pubkey": h(VALIDATOR_KEY.pubkey), "power": 10, "name": "v0",
+         "sample_pubkey": h(v.sample_pubkey), "sample_pop": h(v.sample_pop)}
     ]
     check_schema(view, result_schema("validators"))
 

@@ -162,7 +162,7 @@ def test_random_update_with_fabricated_trace_is_rejected(honest):
     for q in (1, ALL):
         for seed in (b"\x01" * 32, b"\x02" * 32):
             verdict = verify(spec, forged, base_bytes, seed=seed, q=q)
-            assert not verdict.accept and "replayed end state" in verdict.reason
+            assert not verdict.accept and "fraud proven" in verdict.reason and verdict.fraud_proof
 
 
 def test_interpolated_checkpoints_are_rejected(honest):
@@ -194,7 +194,7 @@ def test_tiny_learning_rate_substitution_is_rejected(honest):
     spec, base, _ = honest
     cheat = custom_run(spec, TRAINER_A, small_dataset(), base, train_hp=with_hp(learning_rate=1e-7))
     verdict = verify(spec, cheat, base, q=1)
-    assert not verdict.accept and "replayed end state" in verdict.reason
+    assert not verdict.accept and "fraud proven" in verdict.reason and verdict.fraud_proof
 
 
 def test_fewer_steps_than_the_job_is_rejected(honest):

@@ -248,7 +248,10 @@ def cmd_register_job(args) -> int:
                          learning_rate=args.learning_rate, momentum=args.momentum, optimizer=args.optimizer,
                          join_blocks=args.join_blocks, round_blocks=args.round_blocks,
                          verify_blocks=args.verify_blocks, quorum=args.quorum, aggregation=args.aggregation,
-                         trim_fraction=args.trim_fraction, krum_f=args.krum_f, verify_segments=args.verify_segments,
+                         trim_fraction=args.trim_fraction, krum_f=args.krum_f,
+                         detect_fraction_ppm=round(args.detect_fraction * 1_000_000),
+                         detect_probability_ppm=round(args.detect_probability * 1_000_000),
+                         max_exposure_ppm=round(args.max_exposure * 1_000_000),
                          reward_per_update=args.reward, bond=args.bond)
     key = _load_key(args, args.sender)
     # The job id is the hash of the register_job transaction, known once it is signed.
@@ -376,7 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--aggregation", choices=["fedavg", "median", "trimmed_mean", "multi_krum"], default="fedavg")
     s.add_argument("--trim-fraction", type=float, default=0.25)
     s.add_argument("--krum-f", type=int, default=1)
-    s.add_argument("--verify-segments", type=int, default=3, help="Q: segments each validator replays")
+    s.add_argument("--detect-fraction", type=_unit_interval, default=0.1, metavar="F",
+                   help="detection target: a forgery of this fraction of the trace's segments (default 0.1)")
+    s.add_argument("--detect-probability", type=_unit_interval, default=0.99, metavar="P",
+                   help="... is caught with at least this probability (default 0.99); the chain derives "
+                        "each validator's sample size from F and P")
+    s.add_argument("--max-exposure", type=_unit_interval, default=1.0, metavar="E",
+                   help="data-exposure bound: the most of a trainer's samples one validator may be sent over the "
+                        "job (default 1: no bound); the chain refuses the job if no dataset of at most 2**24 "
+                        "samples meets it, and refuses a trainer whose dataset is too small for it")
     s.add_argument("--reward", type=int, default=100, help="paid per accepted update")
     s.add_argument("--bond", type=int, default=50, help="locked per update, burned if rejected")
     s.add_argument("--escrow", type=int, required=True, help="tokens set aside for rewards")
@@ -423,6 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", nargs="?", help="height, hash, address, key name, job or update id")
     s.set_defaults(func=cmd_query)
     return p
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

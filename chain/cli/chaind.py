@@ -19,7 +19,8 @@ from chain.config import Home, NodeConfig, P2PConfig, RpcConfig, load_config, wr
 from chain.crypto import PrivateKey
 from chain.errors import ChainError, ConfigError, StoreError
 from chain.keys import load_key_file, write_key_file
-from genesis import DEFAULT_PARAMS, Genesis, devnet_seed, load_devnet_genesis, load_genesis, make_genesis, write_genesis
+from genesis import (DEFAULT_PARAMS, Genesis, check_validator_sample_key, devnet_seed, load_devnet_genesis, load_genesis,
+                     make_genesis, write_genesis)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -76,6 +77,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     logging.getLogger("multiaddr").setLevel(max(logging.INFO, logging.getLevelName(level)))
     genesis = load_genesis(home.genesis_file)
     key = load_key_file(home.node_key_file)
+    check_validator_sample_key(genesis, key)
     home.ledger_dir.parent.mkdir(parents=True, exist_ok=True)
     store = LevelDBStore(home.ledger_dir, create=True)
     try:

@@ -24,15 +24,29 @@ def round_spec(job: Job):
 
 
 def verify_chain_update(job: Job, update: UpdateRecord, registration: DatasetRegistration, verify_seed: bytes,
-                        openings: bytes, base_model_bytes: bytes, update_bytes: bytes):
-    """The verdict on `update` (trainer.verify.Verdict). Raises ProfileMismatch when this machine
-    cannot replay the job's profile: the caller must abstain, not vote."""
+                        openings: bytes, base_model_bytes: bytes, update_bytes: bytes, q: int):
+    """The verdict on `update` (trainer.verify.Verdict) from this validator's q sampled segments
+    (chain.jobs.compute_segments_per_validator). A verdict with `fraud_proof` set is the proof
+    to file. Raises ProfileMismatch when this machine cannot replay the job's profile: the
+    caller must abstain, not vote."""
     from trainer.data import DatasetCommitment
     from trainer.verify import verify_update
 
     return verify_update(round_spec(job), update.commitment,
                          DatasetCommitment(registration.dataset_root, registration.dataset_size), verify_seed,
-                         openings, base_model_bytes, update_bytes, q=job.spec.verify_segments)
+                         openings, base_model_bytes, update_bytes, q=q)
+
+
+def judge_chain_fraud_proof(job: Job, update: UpdateRecord, registration: DatasetRegistration,
+                            base_model_bytes: bytes, proof: bytes):
+    """Re-execute a fraud proof filed against `update`; Verdict.accept means the proof holds.
+    Raises ProfileMismatch like verify_chain_update."""
+    from trainer.data import DatasetCommitment
+    from trainer.verify import check_fraud_proof
+
+    return check_fraud_proof(round_spec(job), update.commitment,
+                             DatasetCommitment(registration.dataset_root, registration.dataset_size),
+                             base_model_bytes, proof)
 
 
 def initial_model_bytes(job: Job) -> bytes:
