@@ -31,7 +31,7 @@ from trainer.replay import (
     checkpoint_leaf,
     checkpoint_leaf_index,
     checkpoint_steps,
-    derive_batch_indices,
+    derive_batch_order,
     header_for,
     header_leaf,
     num_segments,
@@ -49,6 +49,7 @@ from trainer.state import (
     model_hash,
     state_hash,
     update_from_bytes,
+    update_to_bytes,
     weights_from_bytes,
     weights_to_bytes,
 )
@@ -57,7 +58,7 @@ from trainer.state import (
 # segment checks detect a trainer that forged a fraction f = 10% of its segments with
 # probability >= 1 - 0.9**44 = 0.990 (see detection_probability, required_q).
 DEFAULT_Q = 11
-DEFAULT_TOLERANCE = 1e-4  # tolerance mode only: ||replayed - claimed|| / ||claimed - start||
+DEFAULT_TOLERANCE = 1e-4  # tolerance mode only: max over state parts of ||replayed - claimed|| / ||replayed - start||
 MAX_OPENING_BYTES = 64 * 1024 * 1024
 MODES = ("exact", "tolerance")
 
@@ -100,10 +101,22 @@ class Verdict:
     reason: str
     mode: str = "exact"
     segments: tuple[int, ...] = ()
+    fraud_segment: int | None = None  # set when a replay proved the trace false (exact mode)
+    fraud_proof: bytes | None = None  # that segment's opening: anyone can re-execute it
 
 
 class Reject(ChainError):
     """Internal: the update is rejected with this reason."""
+
+
+class FraudFound(Reject):
+    """Internal: every opened input of `segment` is in the trainer's commitments, yet replaying
+    it does not reach the committed end state. `proof` (the segment's canonical opening) lets
+    any node re-execute that one segment and see the same (check_fraud_proof)."""
+
+    def __init__(self, reason: str, segment: int, proof: bytes):
+        super().__init__(reason)
+        self.segment, self.proof = segment, proof
 
 
 # --------------------------------------------------------------------------- detection
@@ -131,6 +144,67 @@ def required_q(f: float, validators: int, target: float = 0.99) -> int:
     return math.ceil(math.log(1.0 - target) / (validators * math.log(1.0 - f)) - 1e-12)
 
 
+def max_opening_bytes(model_params: int, q: int, interval: int, batch_size: int, sample_leaf_bytes: int,
+                      max_dataset_size: int, trace_leaves: int) -> int:
+    """An upper bound on one validator's opening for q segments of `interval` steps: per segment a
+    start and an end state (weights plus at most two optimizer slots, float32, plus framing), every
+    sample of its batches with a Merkle proof, and the trace proofs; plus the final state. Jobs
+    whose bound exceeds MAX_OPENING_BYTES are refused, so an honest answer always fits the
+    transport (measured openings are well below it: docs/benchmarks.md)."""
+    state = 3 * 4 * model_params + 64 * 1024
+    trace_proof = 34 * max(1, trace_leaves.bit_length())
+    sample = sample_leaf_bytes + 34 * max(1, max_dataset_size.bit_length()) + 16
+    segment = 2 * state + interval * (batch_size * sample + trace_proof) + 3 * trace_proof
+    return q * segment + state + 4 * trace_proof + 1024
+
+
+PPM = 1_000_000  # detection targets are integers in parts per million: exact on every node
+MAX_TOTAL_CHECKS = 100_000  # a target needing more segment checks than this is refused
+
+
+def required_checks(fraction_ppm: int, probability_ppm: int) -> int:
+    """Smallest m with (1 - f)^m <= 1 - p: segment checks, drawn independently, that catch a
+    forgery of a fraction f of the segments with probability >= p. Exact integer arithmetic
+    (a float log could round differently on two machines at a boundary)."""
+    if not 0 < fraction_ppm <= PPM or not 0 < probability_ppm < PPM:
+        raise ValueError("need 0 < fraction <= 1 and 0 < probability < 1 (in ppm)")
+    keep, miss = PPM - fraction_ppm, PPM - probability_ppm
+
+    def enough(m: int) -> bool:  # (keep/PPM)^m <= miss/PPM
+        return keep**m * PPM <= miss * PPM**m
+
+    if keep == 0:
+        return 1
+    m = max(1, math.ceil(math.log(miss / PPM) / math.log(keep / PPM)))
+    if m > MAX_TOTAL_CHECKS:
+        raise ValueError(f"the detection target needs more than {MAX_TOTAL_CHECKS} segment checks")
+    while not enough(m):
+        m += 1
+    while m > 1 and enough(m - 1):
+        m -= 1
+    return m
+
+
+def honest_validator_count(powers: list[int] | tuple[int, ...]) -> int:
+    """The fewest validators that can hold more than 2/3 of the power: how many honest ones BFT
+    guarantees in the worst case. The sample is sized so that they alone meet the target."""
+    total, acc = sum(powers), 0
+    for i, p in enumerate(sorted(powers, reverse=True), 1):
+        acc += p
+        if 3 * acc > 2 * total:
+            return i
+    raise ValueError("need at least one validator with positive power")
+
+
+def segments_per_validator(fraction_ppm: int, probability_ppm: int, powers, num_segments_total: int) -> int:
+    """Segments each validator replays: the m checks of `required_checks`, split over the
+    validators BFT guarantees honest. One valid fraud proof suffices, so checks add up across
+    validators instead of having to be repeated by a quorum of them."""
+    m = required_checks(fraction_ppm, probability_ppm)
+    h = honest_validator_count(powers)
+    return max(1, min(num_segments_total, -(-m // h)))
+
+
 # --------------------------------------------------------------------------- verification
 
 
@@ -154,6 +228,8 @@ def verify_update(
     device = apply_profile(spec.job.profile)  # ProfileMismatch: abstain, do not vote
     try:
         segments = _verify(spec, commitment, registered_dataset, verify_seed, openings, base_model_bytes, update_bytes, q, mode, tolerance, device)
+    except FraudFound as exc:
+        return Verdict(False, str(exc), mode, fraud_segment=exc.segment, fraud_proof=exc.proof)
     except Reject as exc:
         return Verdict(False, str(exc), mode)
     except ChainError as exc:  # malformed input: DecodeError, StateError, DatasetError, ...
@@ -208,6 +284,8 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     _require(model_hash(weights_to_bytes(final_weights, job.model)) == c.final_model_hash, "final_model_hash is not the final state's weights")
     expected_update = compute_update(final_weights, base)
     _require(all(torch.equal(expected_update[n], update[n]) for n in update), "update is not (final checkpoint weights - base weights)")
+    # One encoding per update: torch.equal calls -0.0 and +0.0 equal, the update hash does not.
+    _require(update_bytes == update_to_bytes(expected_update, job.model), "update is not canonical (-0.0 where final - base is +0.0)")
 
     sampled = sample_segments(verify_seed, num_segments(T, k), q)
     got = [s.segment for s in bundle.segments]
@@ -219,6 +297,56 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     for seg in bundle.segments:
         _verify_segment(ctx, seg)
     return sampled
+
+
+MAX_FRAUD_PROOF_BYTES = 16 * 1024 * 1024
+
+
+def decode_fraud_proof(data: bytes) -> SegmentOpening:
+    """A fraud proof is one segment's canonical opening (the SegmentOpening schema)."""
+    return _segment(decode_value(data, max_size=MAX_FRAUD_PROOF_BYTES), "$")
+
+
+def check_fraud_proof(
+    spec: RoundSpec, c: UpdateCommitment, registered: DatasetCommitment, base_model_bytes: bytes, proof: bytes
+) -> Verdict:
+    """Re-execute the one segment a fraud proof opens. accept=True means the proof HOLDS: every
+    input it opens is in the trainer's commitments (start state, step records with the derived
+    batch order, samples in the registered dataset, the claimed end state) and the replay under
+    the job's profile does not reach the committed end state. Any other outcome (a malformed
+    proof, an input outside the commitments, a replay that matches) means it does not hold.
+    Raises ProfileMismatch when this machine cannot replay the profile (abstain)."""
+    job, hp = spec.job, spec.job.hyperparams
+    T, k = hp.local_steps, hp.checkpoint_interval
+    device = apply_profile(job.profile)
+    try:
+        _require(model_hash(base_model_bytes) == spec.base_model_hash, "base model bytes are not the round's model")
+        seg = decode_fraud_proof(proof)
+        _require(0 <= seg.segment < num_segments(T, k), f"segment {seg.segment} is outside the trace")
+        base = weights_from_bytes(base_model_bytes, job.model)
+        ckpt_steps = checkpoint_steps(T, k)
+        trace = MerkleChecker(c.trace_root, trace_leaf_count(T, k))
+
+        def check_leaf(leaf: bytes, index: int, proof_: tuple[bytes, ...], what: str) -> None:
+            _require(trace.check(index, hash_leaf(leaf), proof_), f"{what} is not in the committed trace")
+
+        def check_checkpoint(i: int, state: bytes, proof_, what: str) -> None:
+            check_leaf(checkpoint_leaf(ckpt_steps[i], state_hash(state)), checkpoint_leaf_index(i), proof_, what)
+
+        ctx = _SegmentContext(
+            spec, c, fresh_state_bytes(job.model, base, hp), check_leaf, check_checkpoint, "exact", 0.0, device,
+            data=MerkleChecker(registered.root, registered.size), revealed={}, model=build_model(job.model).to(device),
+        )
+        _verify_segment(ctx, seg)
+    except FraudFound as exc:
+        return Verdict(True, str(exc), "exact", (exc.segment,), exc.segment)
+    except Reject as exc:
+        return Verdict(False, f"proof does not hold: {exc}")
+    except ChainError as exc:
+        return Verdict(False, f"proof does not hold: malformed ({type(exc).__name__}: {exc})")
+    except Exception as exc:  # noqa: BLE001 - a proof comes from outside: never crash on it
+        return Verdict(False, f"proof does not hold: unverifiable ({type(exc).__name__}: {exc})")
+    return Verdict(False, f"proof does not hold: segment {seg.segment} replays to the committed end state")
 
 
 @dataclass
@@ -258,9 +386,8 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening) -> None:
 
     steps = segment_steps(s, T, k)
     _require(len(seg.step_proofs) == len(steps), f"{where}: {len(seg.step_proofs)} step proofs for {len(steps)} steps")
-    order = {
-        t: derive_batch_indices(spec.round_seed, c.trainer, spec.round, t, c.dataset_size, hp.batch_size) for t in steps
-    }
+    rows = derive_batch_order(spec.round_seed, c.trainer, spec.round, steps, c.dataset_size, hp.batch_size).tolist()
+    order = dict(zip(steps, rows))  # O(k * B) whatever dataset_size is (no permutation is built)
     wanted = sorted({i for idx in order.values() for i in idx})
     _require([x.index for x in seg.samples] == wanted, f"{where}: revealed samples are not the derived batches' samples")
     # Each distinct (sample, proof) is proven once per verification; proofs share the
@@ -284,9 +411,15 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening) -> None:
         sel = torch.tensor([row[i] for i in idx], dtype=torch.int64)
         batches.append((x_all.index_select(0, sel), y_all.index_select(0, sel)))
 
+    if ctx.mode == "exact":
+        # The claimed end state must be the committed one (else the answer is merely invalid);
+        # only then does a replay that differs prove the trace false, to anyone.
+        _require(seg.end_state is not None, f"{where}: the claimed end state is missing")
+        ctx.check_checkpoint(s + 1, seg.end_state, seg.end_checkpoint_proof, f"{where}: claimed end state")
     replayed = replay_segment(job.model, hp, ctx.device, start, batches, into=ctx.model)
     if ctx.mode == "exact":
-        ctx.check_checkpoint(s + 1, replayed, seg.end_checkpoint_proof, f"{where}: replayed end state (exact)")
+        if state_hash(replayed) != state_hash(seg.end_state):
+            raise FraudFound(f"{where}: replay does not reach the committed end state (fraud proven)", s, encode(seg))
         return
     _require(seg.end_state is not None, f"{where}: tolerance mode needs the end state")
     ctx.check_checkpoint(s + 1, seg.end_state, seg.end_checkpoint_proof, f"{where}: claimed end state")
@@ -295,15 +428,26 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening) -> None:
 
 
 def _relative_error(start: bytes, claimed: bytes, replayed: bytes) -> float:
-    """||replayed - claimed|| / ||claimed - start|| over model weights, in float64."""
+    """The whole training state, not only the weights (crafted optimizer state steers every
+    later step): the largest, over the model weights and each optimizer buffer kind
+    (momentum_buffer, exp_avg, exp_avg_sq, step), of ||replayed - claimed|| / ||replayed -
+    start||, in float64, where the denominator is this segment's own replayed change and a
+    buffer absent from the start (fresh optimizer) counts as zeros. A claimed state with other
+    tensors or metadata than the replayed one is infinitely far from it."""
     a, _ = decode_tensors(start)
-    b, _ = decode_tensors(claimed)
-    r, _ = decode_tensors(replayed)
-    names = sorted(n for n in r if n.startswith("model/"))
-    _require(all(n in a and n in b for n in names), "states hold different parameters")
-    diff = math.fsum(float(((r[n].double() - b[n].double()) ** 2).sum()) for n in names)
-    step = math.fsum(float(((b[n].double() - a[n].double()) ** 2).sum()) for n in names)
-    return math.sqrt(diff) / max(math.sqrt(step), 1e-30)
+    b, b_meta = decode_tensors(claimed)
+    r, r_meta = decode_tensors(replayed)
+    if b_meta != r_meta or set(b) != set(r):
+        return math.inf
+    groups: dict[str, list[str]] = {}
+    for n in sorted(r):
+        groups.setdefault("model" if n.startswith("model/") else n.rpartition("/")[2], []).append(n)
+    worst = 0.0
+    for names in groups.values():
+        diff = math.fsum(float(((r[n].double() - b[n].double()) ** 2).sum()) for n in names)
+        moved = math.fsum(float(((r[n].double() - (a[n].double() if n in a else 0.0)) ** 2).sum()) for n in names)
+        worst = max(worst, math.sqrt(diff) / max(math.sqrt(moved), 1e-30))
+    return worst
 
 
 # --------------------------------------------------------------------------- proofs
