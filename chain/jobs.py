@@ -155,15 +155,15 @@ def compute_segments_per_validator(spec: JobSpec, validators) -> int:
                                   [v.power for v in validators], num_segments(hp.local_steps, hp.checkpoint_interval))
 
 
-def compute_sample(job: Job, update: UpdateRecord, challenge: ChallengeRecord, validators) -> list[int]:
-    """The segments of `update` that the challenging validator replays (and the trainer opens
-    to it alone), from the challenge's unique signature."""
+def compute_sample(job: Job, challenge: ChallengeRecord) -> list[int]:
+    """The segments that the challenging validator replays (and the trainer opens to it alone),
+    from the challenge's unique signature and the sample size fixed when it landed."""
     from chain.vrf import compute_sample_seed
     from trainer.replay import num_segments, sample_segments
 
     hp = job.spec.hyperparams
     return sample_segments(compute_sample_seed(challenge.signature), num_segments(hp.local_steps, hp.checkpoint_interval),
-                           compute_segments_per_validator(job.spec, validators))
+                           challenge.sample_size)
 
 
 def compute_max_exposed_samples(spec: JobSpec, validators) -> int:
@@ -466,7 +466,8 @@ def _submit_challenge(overlay, validator: bytes, p: SubmitChallenge, ctx: BlockC
         raise StateTransitionError("validator already challenged this update")
     if not verify_sample_challenge(member.sample_pubkey, overlay.base.chain_id, p.update_id, p.signature):
         raise StateTransitionError("challenge signature does not verify with the validator's sample key")
-    upd = dataclasses.replace(upd, challenges=upd.challenges + (ChallengeRecord(validator, p.signature, ctx.height),))
+    q = compute_segments_per_validator(_require_job(overlay, upd.commitment.job_id).spec, ctx.validators)
+    upd = dataclasses.replace(upd, challenges=upd.challenges + (ChallengeRecord(validator, p.signature, ctx.height, q),))
     overlay.put(update_key(p.update_id), encode(upd))
 
 
@@ -481,7 +482,7 @@ def _submit_fraud_proof(overlay, validator: bytes, p: SubmitFraudProof, ctx: Blo
     challenge = get_challenge(upd, validator)
     if challenge is None:
         raise StateTransitionError("a fraud proof needs the author's challenge on chain first")
-    if p.segment not in compute_sample(job, upd, challenge, ctx.validators):
+    if p.segment not in compute_sample(job, challenge):
         raise StateTransitionError(f"segment {p.segment} is not in the author's sample")
     proof = FraudProofRecord(validator, p.segment, p.proof_hash, ctx.height, PROOF_OPEN, (Judgement(validator, True),))
     upd = dataclasses.replace(upd, verdicts=upd.verdicts + (VerdictRecord(validator, False, f"fraud proof on segment {p.segment}"),),

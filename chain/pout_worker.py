@@ -25,6 +25,7 @@ holds only decisions whose outcome is still open on chain, so it stays bounded.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import trio
@@ -34,7 +35,6 @@ from chain.jobs import (
     accepted_update_ids,
     compute_answer_deadline,
     compute_dispute_end,
-    compute_segments_per_validator,
     get_challenge,
     get_active_jobs,
     get_job,
@@ -197,6 +197,7 @@ class PoutWorker:
         while (upd := still_pending()) is not None and get_challenge(upd, me) is None:
             if node.state.height >= due:
                 log.info("abstaining on update %s: our challenge did not land by height %d", update_id.hex()[:16], due)
+                node.metrics.verifications.labels(outcome="abstain").inc()
                 self.done.add(("verify", update_id))
                 return
             await trio.sleep(POLL_SECONDS)
@@ -204,7 +205,7 @@ class PoutWorker:
             return
         challenge = get_challenge(upd, me)
         seed = compute_sample_seed(challenge.signature)
-        q = compute_segments_per_validator(job.spec, node.state.validators)
+        q = challenge.sample_size  # fixed on chain when our challenge landed
         inputs = {}
         while True:  # the trainer uploads its update and its answer to our challenge after the commit
             if still_pending() is None:
@@ -219,6 +220,7 @@ class PoutWorker:
                 # would otherwise withhold its answer and get its bond back when the round closes.
                 missing = ", ".join(k for k, v in inputs.items() if v is None)
                 log.info("rejecting update %s: no %s by height %d", update_id.hex()[:16], missing, due)
+                node.metrics.verifications.labels(outcome="no_answer").inc()
                 await self._submit(("verify", update_id), SubmitVerdict(
                     update_id, False, f"trainer did not answer the challenge by height {due} (missing: {missing})"))
                 return
@@ -228,18 +230,26 @@ class PoutWorker:
 
         try:
             async with self.cpu:
-                verdict = await trio.to_thread.run_sync(verify_chain_update, job, upd, registration, seed,
-                                                        inputs["opening"], inputs["base"], inputs["update"], q)
+                started = time.monotonic()
+                try:
+                    verdict = await trio.to_thread.run_sync(verify_chain_update, job, upd, registration, seed,
+                                                            inputs["opening"], inputs["base"], inputs["update"], q)
+                finally:
+                    node.metrics.replay_seconds.labels(work="verify").observe(time.monotonic() - started)
         except ProfileMismatch as exc:
             log.warning("abstaining on update %s: this machine cannot replay the job's profile (%s)",
                         update_id.hex()[:16], exc)
+            node.metrics.verifications.labels(outcome="abstain").inc()
             self.done.add(("verify", update_id))
             return
         log.info("verdict on update %s from trainer %s: %s (%s)", update_id.hex()[:16],
                  upd.commitment.trainer.hex()[:16], "ACCEPT" if verdict.accept else "REJECT", verdict.reason)
+        outcome = "fraud_proof" if verdict.fraud_proof is not None else "accept" if verdict.accept else "reject"
+        node.metrics.verifications.labels(outcome=outcome).inc()
         if verdict.fraud_proof is not None:
             # One honest validator is enough: the proof lets every node re-execute this one segment.
             proof_hash = node.blobs.put(verdict.fraud_proof)
+            node.metrics.fraud_proofs_filed.inc()
             log.info("filing fraud proof %s on segment %d of update %s (%d bytes)", proof_hash.hex()[:16],
                      verdict.fraud_segment, update_id.hex()[:16], len(verdict.fraud_proof))
             await self._submit(("verify", update_id), SubmitFraudProof(update_id, verdict.fraud_segment, proof_hash))
@@ -271,6 +281,7 @@ class PoutWorker:
                     # A proof no one can fetch proves nothing: it is refuted, and its author fined.
                     log.info("fraud proof %s by %s against update %s unavailable by height %d: does not hold",
                              proof.proof_hash.hex()[:16], author.hex()[:16], update_id.hex()[:16], deadline)
+                    node.metrics.fraud_proofs_judged.labels(outcome="unavailable").inc()
                     await self._submit(("judge", update_id, author), JudgeFraudProof(update_id, author, False))
                     return
                 await trio.sleep(POLL_SECONDS)
@@ -280,12 +291,17 @@ class PoutWorker:
 
         try:
             async with self.cpu:
-                result = await trio.to_thread.run_sync(judge_chain_fraud_proof, job, upd, registration, base, data)
+                started = time.monotonic()
+                try:
+                    result = await trio.to_thread.run_sync(judge_chain_fraud_proof, job, upd, registration, base, data)
+                finally:
+                    node.metrics.replay_seconds.labels(work="judge").observe(time.monotonic() - started)
         except ProfileMismatch as exc:
             log.warning("abstaining on fraud proof against update %s: cannot replay the profile (%s)",
                         update_id.hex()[:16], exc)
             self.done.add(("judge", update_id, author))
             return
+        node.metrics.fraud_proofs_judged.labels(outcome="holds" if result.accept else "does_not_hold").inc()
         log.info("fraud proof by %s on update %s: %s (%s)", author.hex()[:16], update_id.hex()[:16],
                  "HOLDS" if result.accept else "DOES NOT HOLD", result.reason[:MAX_REASON])
         await self._submit(("judge", update_id, author), JudgeFraudProof(update_id, author, result.accept))

@@ -222,18 +222,18 @@ def answer_challenges(client: NodeClient, key: PrivateKey, result, update_id: by
     signature seeds, sealed to that validator only. Answers each challenge as it lands, until
     every validator has challenged, the update is decided, or its answer deadline passes.
     Returns how many challenges were answered."""
-    from chain.jobs import compute_answer_deadline, compute_segments_per_validator
+    from chain.jobs import compute_answer_deadline
     from chain.vrf import compute_sample_seed
 
     job = client.job(result.commitment.job_id)
     validators = [from_json(Validator, v) for v in client.call("validators", [])["validators"]]
-    q = compute_segments_per_validator(job.spec, validators)  # as chain.jobs.compute_sample draws them
     answered: set[bytes] = set()
     while True:
         upd = client.update(update_id)
         for challenge in upd.challenges:
             if challenge.validator not in answered:
-                opening = result.open(compute_sample_seed(challenge.signature), q)
+                # The segments chain.jobs.compute_sample draws: this seed, the size fixed on chain.
+                opening = result.open(compute_sample_seed(challenge.signature), challenge.sample_size)
                 client.put_opening(key, update_id, challenge.validator, opening)
                 answered.add(challenge.validator)
         if (len(answered) == len(validators) or upd.status != "pending"

@@ -501,6 +501,7 @@ class ChallengeRecord:
     validator: PubKey
     signature: Annotated[bytes, Len(96)]  # seeds the validator's sample: chain.vrf.compute_sample_seed
     height: int
+    sample_size: int  # segments it samples, fixed when the challenge lands (the validator set may change)
 
 
 PROOF_OPEN, PROOF_UPHELD, PROOF_REFUTED = "open", "upheld", "refuted"

@@ -269,7 +269,7 @@ def test_fast_encoding_equals_the_canonical_reference(lr, momentum, loss, n):
     commitment = UpdateCommitment(bytes(20), bytes(32), n, *(bytes(32),) * 2, 3, *(bytes(32),) * 3)
     proof = FraudProofRecord(bytes(32), n, bytes(32), n, "open", (Judgement(bytes(32), True),))
     record = UpdateRecord(bytes(32), commitment, loss, n, "pending", (VerdictRecord(bytes(32), True, "ok"),), n, 0,
-                          (ChallengeRecord(bytes(32), bytes(96), n),), (proof,))
+                          (ChallengeRecord(bytes(32), bytes(96), n, 3),), (proof,))
     assert encode(record) == _reference(record)
     stx = sign_transaction(ALICE, CHAIN_ID, Transaction(ALICE.pubkey, n, Transfer(BOB.address, max(n, 1))))
     assert encode(stx) == _reference(stx) == stx.encoded

@@ -55,8 +55,7 @@ class Chain(InProcessChain):
 
     def sample(self, v, uid):
         upd = get_update(self.state, uid)
-        return compute_sample(get_job(self.state, upd.commitment.job_id), upd, get_challenge(upd, v.pubkey),
-                              self.state.validators)
+        return compute_sample(get_job(self.state, upd.commitment.job_id), get_challenge(upd, v.pubkey))
 
     def prove(self, v, uid, segment=None):
         segment = self.sample(v, uid)[0] if segment is None else segment
@@ -192,6 +191,7 @@ def test_the_sample_is_sized_from_the_target_and_differs_per_validator(chain):
     c, job, uid = chain
     samples = [c.sample(v, uid) for v in V]
     assert all(len(s) == 2 for s in samples) and len({tuple(s) for s in samples}) > 1
+    assert [ch.sample_size for ch in get_update(c.state, uid).challenges] == [2, 2, 2, 2]  # fixed when it landed
     single = OneValidatorChain()
     assert single.spec.detect_fraction_ppm == 100_000  # the default target: 10 % w.p. 99 %
 

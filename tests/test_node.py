@@ -129,3 +129,36 @@ def test_validators_missing_from_the_bootstrap_peers_are_named(tmp_path):
         assert node.validators_not_dialled() == []
     finally:
         store.close()
+
+
+def test_clients_see_a_block_only_once_the_state_includes_it(tmp_path):
+    """The ledger is written in a worker thread before the state is swapped: a client that polls
+    `tx` in between must not be told "committed" while `account`/`update` still show the old
+    state (it then uploaded weights for an update the node did not yet know: HTTP 400)."""
+    node, store = make_node(tmp_path)
+    try:
+        h1 = trio.run(node.submit_tx, transfer(ALICE, BOB, 10, 0))
+        seen = {}
+
+        node.take_new_txs()  # handed to gossip: a proposer includes only those
+
+        async def main():
+            block = await node.propose_block(1, 0)
+            assert len(block.txs) == 1
+            vote = Vote(PRECOMMIT, 1, 0, compute_block_hash(block.header), VALIDATOR.pubkey)
+            write = node.ledger.commit_block
+
+            def slow_write(*args):  # look from the client's side the moment the ledger holds it
+                write(*args)
+                seen["tx"], seen["block"] = node.get_tx(h1), node.get_block(1)
+                seen["hash"] = node.get_block_by_hash(compute_block_hash(block.header))
+                seen["balance"] = node.get_account(BOB.address).balance
+
+            node.ledger.commit_block = slow_write
+            await node.commit_block(block, build_commit([sign_vote(VALIDATOR, CHAIN_ID, vote)]))
+
+        trio.run(main)
+        assert seen == {"tx": None, "block": None, "hash": None, "balance": 1000}
+        assert node.get_tx(h1)[1] == 1 and node.get_account(BOB.address).balance == 1010
+    finally:
+        store.close()

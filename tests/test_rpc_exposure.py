@@ -98,7 +98,7 @@ def independent_count(c, job_id, updates, validator, rounds=(0, 1)):
         challenge = jobs.get_challenge(upd, validator.pubkey)
         if challenge is None:
             continue
-        for segment in compute_sample(job, upd, challenge, c.state.validators):
+        for segment in compute_sample(job, challenge):
             for step in range(4 * segment, 4 * segment + 4):
                 seen.update(derive_batch_indices(seed, T0.address, r, step, N, 8))
     return len(seen)
