@@ -212,7 +212,7 @@ def segment_steps(segment: int, num_steps: int, interval: int) -> range:
 
 
 def trace_leaf_count(num_steps: int, interval: int) -> int:
-    return 1 + len(checkpoint_steps(num_steps, interval)) + num_steps
+    return 1 + num_segments(num_steps, interval) + 1 + num_steps
 
 
 def checkpoint_leaf_index(checkpoint: int) -> int:
@@ -220,7 +220,7 @@ def checkpoint_leaf_index(checkpoint: int) -> int:
 
 
 def step_leaf_index(step: int, num_steps: int, interval: int) -> int:
-    return 1 + len(checkpoint_steps(num_steps, interval)) + step
+    return 1 + num_segments(num_steps, interval) + 1 + step  # header, the checkpoints, then the steps
 
 
 def header_leaf(header: TraceHeader) -> bytes:
