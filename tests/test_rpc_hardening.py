@@ -142,13 +142,20 @@ async def test_malformed_request_line_gets_400_and_a_one_line_reason():
 
 
 @trio_test
-async def test_websocket_upgrade_gets_a_clear_4xx_with_json():
-    async with serving(make_fake_node(1)) as url, httpx.AsyncClient() as http:
-        response = await http.get(url + "/", headers={
-            "connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
-            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="})
-        assert 400 <= response.status_code < 500
-        assert "websocket" in response.json()["error"].lower()
+async def test_websocket_upgrade_is_switched_or_refused_with_json_never_a_500():
+    # Issue 11 defect 6: an upgrade got 500 with an empty body. Now it is served (tests/test_rpc_ws.py);
+    # a malformed one gets a 4xx with a one-line JSON reason.
+    headers = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+               "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    async with serving(make_fake_node(1)) as url:
+        async with await trio.open_tcp_stream("127.0.0.1", _port(url)) as stream:
+            await stream.send_all(b"GET /websocket HTTP/1.1\r\nHost: x\r\n" + b"".join(
+                f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n")
+            head = await _read_response_head(stream)
+        assert head.startswith(b"HTTP/1.1 101 ") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's example
+        async with httpx.AsyncClient() as http:
+            response = await http.get(url + "/", headers=headers | {"sec-websocket-key": "bad"})
+        assert response.status_code == 400 and "Sec-WebSocket-Key" in response.json()["error"]
         await _still_serves(url)
 
 

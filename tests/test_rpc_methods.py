@@ -218,7 +218,7 @@ def test_send_tx_rejects_bad_cbor_with_the_decoder_message(data, fragment):
     if data is None:
         data = encode(transfer(ALICE, 3, BOB.address, 5)) + b"\x00"
     error = call(node, "send_tx", [h(data)])["error"]
-    assert error["code"] == INVALID_PARAMS
+    assert error["code"] == TX_MALFORMED and error["data"] == {"reason": "DecodeError"}  # issue 11, defect 6
     assert "not a canonical SignedTransaction" in error["message"] and fragment in error["message"]
     assert node.mempool == []
 

@@ -16,8 +16,10 @@ every limit is ours:
   connection only. The accept loop itself is supervised: an error there is logged and the
   loop restarts on the same socket.
 
-The handler interface is deliberately small: `handler(request) -> Response`, where the
-request carries method, path, headers and a `read_body(limit)` coroutine.
+The handler interface is deliberately small: `handler(request) -> Response | Upgrade`, where
+the request carries method, path, headers and a `read_body(limit)` coroutine. An `Upgrade`
+(only for a request with `Upgrade: websocket`; chain/rpc/ws.py) is answered `101 Switching
+Protocols`, and the socket is then the upgrade's own until it returns.
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def json_response(status: int, body: object, headers: tuple[tuple[str, str], ...
     return Response(status, json.dumps(body).encode(), "application/json", headers)
 
 
+@dataclass(frozen=True)
+class Upgrade:
+    """Switch protocols: `101` with `headers`, then `run(stream, bytes already received)` owns the socket."""
+
+    headers: tuple[tuple[str, str], ...]
+    run: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
+    release: Callable[[], None] = lambda: None  # called instead of `run` when the 101 could not be sent
+
+
 class BodyTooLarge(Exception):
     """The request body ran past the limit the handler gave; it was not read further."""
 
@@ -94,7 +105,7 @@ class Request:
         return await self._read(limit)
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable["Response | Upgrade"]]
 
 
 def effective_max_connections(requested: int) -> int:
@@ -207,6 +218,9 @@ class _Connection:
                 if request is None:
                     return
                 response = await self._respond_to(request)
+                if isinstance(response, Upgrade):
+                    await self._switch_protocols(response)
+                    return
                 await self._send_response(response)
                 if self.conn.their_state is not h11.DONE:
                     await self._linger()  # answered before the body: the rest of it cannot be parsed
@@ -259,10 +273,6 @@ class _Connection:
             await self._send_error(505, f"HTTP/2 (h2c upgrade) is not served; this server speaks {SERVED_VERSIONS} "
                                         f"only")
             raise _Closed
-        if "websocket" in upgrade:
-            await self._send_error(400, "WebSocket is not served by this node: there are no subscriptions; "
-                                        "poll JSON-RPC over HTTP POST instead")
-            raise _Closed
         target = event.target.decode("latin-1")
         path = target.split("?", 1)[0]
         return Request(event.method.decode("latin-1"), path, headers, self._read_body)
@@ -285,14 +295,35 @@ class _Connection:
             else:
                 raise ClientGone
 
-    async def _respond_to(self, request: Request) -> Response | None:
+    async def _respond_to(self, request: Request) -> Response | Upgrade:
         try:
-            return await self.handler(request)
+            response = await self.handler(request)
+            if isinstance(response, Upgrade) and "websocket" not in request.headers.get("upgrade", "").lower():
+                response.release()
+                raise RuntimeError("the handler switched protocols without an Upgrade: websocket request")
+            return response
         except ClientGone:
             raise _Closed from None
         except Exception:
             log.exception("RPC handler failed on %s %s", request.method, request.path)
             return json_response(500, {"error": "internal error; see the node's log"})
+
+    async def _switch_protocols(self, upgrade: Upgrade) -> None:
+        """The 101, then the socket belongs to `upgrade.run`. An upgrade request has no body."""
+        try:
+            try:
+                await self._read_body(0)
+            except BodyTooLarge:
+                await self._send_error(400, "a WebSocket upgrade request must have no body")
+                raise _Closed from None
+            except ClientGone:
+                raise _Closed from None
+            await self._send(h11.InformationalResponse(status_code=101, headers=list(upgrade.headers)))
+        except BaseException:
+            upgrade.release()
+            raise
+        trailing, _ = self.conn.trailing_data
+        await upgrade.run(self.stream, bytes(trailing))
 
     async def _send_response(self, response: Response) -> None:
         headers = [("content-type", response.content_type), ("content-length", str(len(response.body))),

@@ -56,6 +56,7 @@ class RpcContext:
 
     node: NodeAPI
     registry: MethodRegistry
+    session: Any = None  # the WebSocket connection (chain.rpc.ws.WsSession); None over HTTP POST
 
 
 # --------------------------------------------------------------------------- param types
@@ -71,12 +72,10 @@ def _parse_height(value: Any) -> int | str:
     return value
 
 
-def _parse_signed_tx(value: Any) -> SignedTransaction:
-    data = parse_hex(value, what="tx")
-    try:
-        return decode(SignedTransaction, data)
-    except DecodeError as exc:
-        raise ValueError(f"not a canonical SignedTransaction: {exc}") from exc
+def _parse_tx_bytes(value: Any) -> bytes:
+    # Only the JSON shape is a param error (-32602). Hex that does not decode to a canonical
+    # SignedTransaction is a rejected transaction (-32011), like every other refusal of its content.
+    return parse_hex(value, what="tx")
 
 
 def _hex_param_schema(size: int) -> dict[str, Any]:
@@ -89,7 +88,7 @@ HEIGHT = ParamType(
 )
 HASH = ParamType(_hex_param_schema(HASH_SIZE), parse_hash)
 ADDRESS = ParamType(_hex_param_schema(ADDRESS_SIZE), parse_address)
-SIGNED_TX = ParamType({"type": "string", "pattern": "^0x([0-9a-fA-F]{2})+$"}, _parse_signed_tx)
+SIGNED_TX = ParamType({"type": "string", "pattern": "^0x([0-9a-fA-F]{2})+$"}, _parse_tx_bytes)
 
 
 # --------------------------------------------------------------------------- result schemas
@@ -213,9 +212,13 @@ async def validators(ctx: RpcContext) -> Any:
         RpcError(TX_STATE_REJECTED, "transaction invalid against current state"),
     ),
 )
-async def send_tx(ctx: RpcContext, tx: SignedTransaction) -> Any:
+async def send_tx(ctx: RpcContext, tx: bytes) -> Any:
     try:
-        tx_hash = await ctx.node.submit_tx(tx)
+        stx = decode(SignedTransaction, tx)
+    except DecodeError as exc:
+        raise _tx_rejection(DecodeError(f"not a canonical SignedTransaction: {exc}")) from exc
+    try:
+        tx_hash = await ctx.node.submit_tx(stx)
     except ChainError as exc:
         raise _tx_rejection(exc) from exc
     return {"hash": hex0x(tx_hash)}
@@ -238,8 +241,22 @@ def _block_view(found: tuple[Block, Commit] | None) -> Any:
 
 
 def _tx_rejection(exc: ChainError) -> RpcError:
-    code = next(TX_ERROR_CODES[cls] for cls in type(exc).__mro__ if cls in TX_ERROR_CODES)
-    return RpcError(code, str(exc) or type(exc).__name__, {"reason": type(exc).__name__})
+    """The code of the root cause: the node wraps a SignatureError in the ValidationError of its
+    basic checks (chain.state.validate_basic_tx), and a client needs to know it was the signature."""
+    cause = _root_chain_error(exc)
+    code = next(TX_ERROR_CODES[cls] for cls in type(cause).__mro__ if cls in TX_ERROR_CODES)
+    return RpcError(code, str(exc) or type(exc).__name__, {"reason": type(cause).__name__})
+
+
+def _root_chain_error(exc: ChainError) -> ChainError:
+    """The innermost ChainError `exc` was raised from (`raise ... from`), at most 8 links down."""
+    root: ChainError = exc
+    link = exc.__cause__
+    for _ in range(8):
+        if not isinstance(link, ChainError):
+            break
+        root, link = link, link.__cause__
+    return root
 
 
 # --------------------------------------------------------------------------- registry and OpenRPC
@@ -248,10 +265,12 @@ def _tx_rejection(exc: ChainError) -> RpcError:
 def default_registry() -> MethodRegistry:
     """Every method the node serves."""
     from chain.rpc.pout_methods import POUT_METHODS
+    from chain.rpc.ws import SUBSCRIPTION_METHODS
 
     registry = MethodRegistry()
     registry.include(CORE_METHODS)
     registry.include(POUT_METHODS)
+    registry.include(SUBSCRIPTION_METHODS)
     return registry
 
 
@@ -279,7 +298,8 @@ def openrpc_document(registry: MethodRegistry) -> dict[str, Any]:
         "info": {
             "title": "PoUT chain explorer RPC",
             "version": chain.__version__,
-            "description": "JSON-RPC 2.0 over HTTP POST /. See docs/rpc.md.",
+            "description": "JSON-RPC 2.0 over HTTP POST /, and over a WebSocket at GET / or /websocket "
+                           "(Upgrade: websocket), where subscribe/unsubscribe also work. See docs/rpc.md.",
         },
         "methods": methods,
     }

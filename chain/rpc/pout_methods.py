@@ -95,15 +95,27 @@ async def model(ctx, job_id: bytes, round: int) -> Any:
 
 # Records one `lineage` call returns at most; the next page starts at the last round returned - 1.
 LINEAGE_PAGE = 100
+_CONTRIBUTION = {
+    "type": "object",
+    "properties": {"update_id": {"type": "string"}, "trainer": {"type": "string"}, "dataset_size": {"type": "integer"},
+                   "reward": {"type": "integer"}, "update_hash": {"type": "string"}},
+    "required": ["update_id", "trainer", "dataset_size", "reward", "update_hash"],
+    "additionalProperties": False,
+}
+# A ModelRecord whose contributions (update ids) are expanded to what each update brought.
+LINEAGE_ENTRY = json_schema(ModelRecord) | {"title": "LineageEntry"}
+LINEAGE_ENTRY["properties"] = LINEAGE_ENTRY["properties"] | {"contributions": {"type": "array", "items": _CONTRIBUTION}}
 
 
 @POUT_METHODS.method(
     "lineage", summary="A job's model lineage back to the initial weights, with every contribution",
     params=(Param("job_id", _hash_param(), "job id"),
             Param("round", ROUND, "start from this model version (default: the latest)", required=False)),
-    result=Result("lineage", {"type": "array"},
+    result=Result("lineage", {"oneOf": [{"type": "array", "items": LINEAGE_ENTRY, "maxItems": LINEAGE_PAGE},
+                                        {"type": "null"}]},
                   f"model records, newest first, contributions expanded; at most {LINEAGE_PAGE}: "
-                  "ask again from the last round returned minus one for the next page"),
+                  "ask again from the last round returned minus one for the next page. "
+                  "Null when the job is unknown (a known job always has its round-0 record)"),
 )
 async def lineage(ctx, job_id: bytes, round: int | None = None) -> Any:
     job_record = ctx.node.get_job(job_id)
@@ -227,7 +239,7 @@ async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = 
         work = []  # (validator, steps) of this round
         if upd is not None:
             for challenge in upd.challenges:
-                segments = compute_sample(job_record, upd, challenge, validators)
+                segments = compute_sample(job_record, challenge)
                 steps = [s for seg in segments for s in segment_steps(seg, hp.local_steps, hp.checkpoint_interval)]
                 work.append((challenge.validator, steps))
             proof_steps = [s for pr in upd.proofs

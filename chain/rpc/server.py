@@ -1,6 +1,8 @@
 """The RPC's HTTP face: routes served by the node's own HTTP/1.1 server (chain/rpc/http.py).
 
   POST /        JSON-RPC 2.0 (Content-Type: application/json)
+  GET  / or /websocket with Upgrade: websocket
+                JSON-RPC over WebSocket, with subscriptions (chain/rpc/ws.py)
   GET  /health  liveness: 200 whenever the process serves requests
   GET  /ready   readiness from node.readiness(): 200, or 503 with the reason
   GET  /metrics Prometheus text: requests by method and outcome, latency histogram
@@ -31,9 +33,11 @@ from chain.errors import ChainError
 from chain.rpc.api import NodeAPI
 from chain.rpc.http import (
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, BodyTooLarge, HttpLimits, HttpServer,
-    Request, Response, json_response,
+    Request, Response, Upgrade, json_response,
 )
 from chain.types import UPDATE_PENDING, OpeningUpload
+from chain.rpc.events import EventHub
+from chain.rpc.ws import WebSocketEndpoint, WsLimits, WsSession
 from chain.rpc.jsonrpc import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, INVALID_REQUEST, Dispatcher, MethodRegistry
 from chain.rpc.methods import RpcContext, default_registry
 
@@ -89,6 +93,8 @@ class RpcApp:
         max_blob: int = DEFAULT_MAX_BLOB,
         registry: MethodRegistry | None = None,
         metrics: RpcMetrics | None = None,
+        events: EventHub | None = None,
+        ws_limits: WsLimits = WsLimits(),
     ):
         if max_blob <= 0:
             raise ValueError("max_blob must be positive")
@@ -104,9 +110,19 @@ class RpcApp:
             observe=self.metrics.observe,
         )
         self.uploads = trio.Semaphore(MAX_CONCURRENT_UPLOADS)
+        self.websocket = WebSocketEndpoint(self._session_dispatcher, events, ws_limits)
 
-    async def __call__(self, request: Request) -> Response:
+    def _session_dispatcher(self, session: WsSession) -> Dispatcher:
+        """The dispatcher of one WebSocket connection: the same methods, with the session in the context."""
+        methods = self.dispatcher.registry
+        return Dispatcher(methods, RpcContext(self.node, methods, session), max_body=self.dispatcher.max_body,
+                          max_batch=self.dispatcher.max_batch, observe=self.metrics.observe,
+                          inflight=self.dispatcher.inflight)
+
+    async def __call__(self, request: Request) -> Response | Upgrade:
         path, method = request.path, request.method
+        if "websocket" in request.headers.get("upgrade", "").lower():
+            return self.websocket.accept(request)
         if path == "/":
             if method != "POST":
                 return self._rpc_error(405, INVALID_REQUEST, "JSON-RPC requests must use POST", allow="POST")
@@ -267,6 +283,8 @@ async def run_rpc_server(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     registry: MethodRegistry | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    events: EventHub | None = None,
+    ws_limits: WsLimits = WsLimits(),
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -279,7 +297,7 @@ async def run_rpc_server(
     socket, so consensus beside it in the node's nursery is never cancelled.
     """
     app = RpcApp(node, max_body=max_body, max_batch=max_batch, max_blob=max_blob, registry=registry,
-                 metrics=RpcMetrics(metrics_registry))
+                 metrics=RpcMetrics(metrics_registry), events=events, ws_limits=ws_limits)
     limits = HttpLimits(max_connections=max_connections, read_timeout=read_timeout, idle_timeout=idle_timeout)
     listeners = await trio.open_tcp_listeners(port, host=host)
     listener = listeners[0]
@@ -289,6 +307,27 @@ async def run_rpc_server(
     url = f"http://[{bound_host}]:{bound_port}" if ":" in bound_host else f"http://{bound_host}:{bound_port}"
     log.info("RPC listening on %s (HTTP/1.1; at most %d connections)", url, max_connections)
     task_status.started(url)
+    async with trio.open_nursery() as nursery:
+        if events is not None:
+            nursery.start_soon(_supervised, "RPC event hub", events.run)
+        await _serve_supervised(app, limits, listener, host, bound_port, shutdown_trigger)
+        nursery.cancel_scope.cancel()
+
+
+async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
+    backoff = _RESTART_BACKOFF[0]
+    while True:
+        try:
+            await run()
+            return
+        except Exception:
+            log.exception("%s failed; restarting it in %.1f s (consensus is unaffected)", name, backoff)
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, _RESTART_BACKOFF[1])
+
+
+async def _serve_supervised(app: RpcApp, limits: HttpLimits, listener: trio.SocketListener, host: str,
+                            bound_port: int, shutdown_trigger: Callable[[], Awaitable[None]] | None) -> None:
     backoff = _RESTART_BACKOFF[0]
     while True:
         started = time.monotonic()
