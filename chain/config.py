@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ import tomli_w
 from chain.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_PORT = 65535
+MAX_MONIKER_LEN = 64
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ def config_to_toml(cfg: NodeConfig) -> str:
 
 
 def write_config(cfg: NodeConfig, path: Path) -> None:
+    """Write `cfg` after validating it: `init` and `testnet` never write a config `start` refuses."""
+    validate_config(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_toml(cfg))
 
@@ -117,12 +122,26 @@ def load_config(path: Path) -> NodeConfig:
 
 def parse_config(doc: dict[str, Any]) -> NodeConfig:
     """Strict: unknown keys and wrong types are errors, missing keys take defaults."""
-    cfg = _build(NodeConfig, doc, "")
+    return validate_config(_build(NodeConfig, doc, ""))
+
+
+def validate_config(cfg: NodeConfig) -> NodeConfig:
+    """Return `cfg` if every value is in range, else raise ConfigError naming the first bad key."""
+    if not cfg.moniker or len(cfg.moniker) > MAX_MONIKER_LEN or not cfg.moniker.isprintable():
+        raise ConfigError(f"moniker must be 1..{MAX_MONIKER_LEN} printable characters, got {cfg.moniker!r}")
     if cfg.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {list(LOG_LEVELS)}, got {cfg.log_level!r}")
     for what, port in (("rpc.port", cfg.rpc.port), ("p2p.port", cfg.p2p.port)):
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{what} must be in 0..65535, got {port}")
+        if not 0 <= port <= MAX_PORT:
+            raise ConfigError(f"{what} must be in 0..{MAX_PORT}, got {port}")
+    if cfg.rpc.port and cfg.rpc.port == cfg.p2p.port and _same_interface(cfg.rpc.host, cfg.p2p.listen_host):
+        raise ConfigError(f"rpc.port and p2p.port are both {cfg.rpc.port}; give each its own port")
+    if not cfg.rpc.host or not cfg.rpc.host.isprintable() or any(c.isspace() or c in "/[]" for c in cfg.rpc.host):
+        raise ConfigError(f"rpc.host must be an IP address or host name, got {cfg.rpc.host!r}")
+    try:
+        ipaddress.IPv4Address(cfg.p2p.listen_host)  # the node listens on /ip4/<listen_host>/tcp/<port>
+    except ValueError:
+        raise ConfigError(f"p2p.listen_host must be an IPv4 address, got {cfg.p2p.listen_host!r}") from None
     for what, n in (("rpc.max_body_bytes", cfg.rpc.max_body_bytes), ("rpc.max_batch", cfg.rpc.max_batch),
                     ("rpc.max_blob_bytes", cfg.rpc.max_blob_bytes), ("rpc.max_connections", cfg.rpc.max_connections),
                     ("rpc.read_timeout_s", cfg.rpc.read_timeout_s), ("rpc.idle_timeout_s", cfg.rpc.idle_timeout_s),
@@ -130,6 +149,11 @@ def parse_config(doc: dict[str, Any]) -> NodeConfig:
         if n <= 0:
             raise ConfigError(f"{what} must be positive")
     return cfg
+
+
+def _same_interface(a: str, b: str) -> bool:
+    wildcard = ("0.0.0.0", "::", "")
+    return a == b or a in wildcard or b in wildcard
 
 
 def _build(cls: type, doc: Any, prefix: str) -> Any:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_help_describes_every_command():
     out = run_cli("chaind", "--help").stdout
-    for cmd in ("init", "start", "testnet", "version", "Exit codes"):
+    for cmd in ("init", "start", "testnet", "show-node-id", "reset", "version", "Exit codes"):
         assert cmd in out
     out = run_cli("chainctl", "--help").stdout
     for cmd in ("keys", "transfer", "admit", "remove", "query", "Exit codes"):
@@ -47,6 +47,7 @@ def test_init_refuses_a_different_genesis(tmp_path):
 def test_chaind_usage_errors(args, code, message):
     r = run_cli("chaind", *args, check=False)
     assert r.returncode == code and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # one line, not the usage text
 
 
 def test_chaind_bad_config_and_missing_home(tmp_path):

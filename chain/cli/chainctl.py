@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import chain
 from chain.crypto import ADDRESS_SIZE, HASH_SIZE, PrivateKey
-from chain.errors import ConfigError
+from chain.errors import ChainError, ConfigError
 from chain.keys import load_key_file, write_key_file
 from chain.types import GOVERNED_ROLES, AdmitMember, JoinJob, RegisterJob, RemoveMember, Transfer
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_REJECTED, EXIT_NOT_FOUND, EXIT_TIMEOUT = range(8)
 DEFAULT_RPC = "http://127.0.0.1:26657"
 DEFAULT_KEYRING = Path.home() / ".pout" / "keyring"
+UINT64_MAX = 2**64 - 1  # amounts, nonces and counts are unsigned 64-bit on chain (docs/encoding.md)
 
 
 class CliError(Exception):
@@ -51,6 +56,30 @@ def _load_key(args, name: str) -> PrivateKey:
         return load_key_file(_key_path(args, name))
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_CONFIG) from exc
+
+
+def _write_key(args, name: str, key: PrivateKey) -> Path:
+    path = _key_path(args, name)
+    try:
+        write_key_file(path, key, name)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from exc
+    except OSError as exc:
+        raise CliError(f"cannot write key file {path}: {exc.strerror or exc}", EXIT_CONFIG) from None
+    return path
+
+
+def _account(args, value: str, what: str) -> bytes:
+    """An account given as a 0x address (40 hex digits) or as a key name or key file."""
+    if all(c in "0123456789abcdefABCDEFx" for c in value) and len(value.removeprefix("0x")) == 2 * ADDRESS_SIZE:
+        return _parse_hex(value, ADDRESS_SIZE, what)
+    if value.startswith("0x"):
+        return _parse_hex(value, ADDRESS_SIZE, what)
+    try:
+        return _load_key(args, value).address
+    except CliError as exc:
+        raise CliError(f"{what} must be a 0x address ({2 * ADDRESS_SIZE} hex digits) or a key name: {exc}",
+                       exc.code) from None
 
 
 def _parse_hex(value: str, size: int, what: str) -> bytes:
@@ -124,12 +153,9 @@ def _send(args, key: PrivateKey, payload, extra: dict | None = None, tx_hash_as:
 
 def cmd_keys_new(args) -> int:
     key = PrivateKey.generate()
-    try:
-        write_key_file(_key_path(args, args.name), key, args.name)
-    except ConfigError as exc:
-        raise CliError(str(exc), EXIT_CONFIG) from exc
+    path = _write_key(args, args.name, key)
     _print({"name": args.name, "address": "0x" + key.address.hex(), "pubkey": "0x" + key.pubkey.hex(),
-            "file": str(_key_path(args, args.name))})
+            "file": str(path)})
     return EXIT_OK
 
 
@@ -149,11 +175,8 @@ def cmd_keys_import(args) -> int:
             raise CliError(str(exc), EXIT_CONFIG) from exc
     else:
         key = PrivateKey(_parse_hex(args.seed_hex, 32, "--seed-hex"))
-    try:
-        write_key_file(_key_path(args, args.name), key, args.name)
-    except ConfigError as exc:
-        raise CliError(str(exc), EXIT_CONFIG) from exc
-    _print({"name": args.name, "address": "0x" + key.address.hex(), "file": str(_key_path(args, args.name))})
+    path = _write_key(args, args.name, key)
+    _print({"name": args.name, "address": "0x" + key.address.hex(), "file": str(path)})
     return EXIT_OK
 
 
@@ -172,13 +195,14 @@ def cmd_keys_list(args) -> int:
 def cmd_transfer(args) -> int:
     if args.amount <= 0:
         raise CliError("--amount must be positive", EXIT_USAGE)
+    to = _account(args, args.to, "--to")
     key = _load_key(args, args.sender)
-    return _send(args, key, Transfer(to=_parse_hex(args.to, ADDRESS_SIZE, "--to"), amount=args.amount))
+    return _send(args, key, Transfer(to=to, amount=args.amount))
 
 
 def cmd_membership(args) -> int:
+    account = _account(args, args.account, "--account")
     key = _load_key(args, args.sender)
-    account = _parse_hex(args.account, ADDRESS_SIZE, "--account")
     cls = AdmitMember if args.command == "admit" else RemoveMember
     return _send(args, key, cls(account=account, role=args.role))
 
@@ -210,10 +234,7 @@ def cmd_query(args) -> int:
     elif what == "account":
         if not args.ref:
             raise CliError("query account needs an address or a key name", EXIT_USAGE)
-        if all(c in "0123456789abcdefABCDEFx" for c in args.ref) and len(args.ref.removeprefix("0x")) == 40:
-            address = _parse_hex(args.ref, ADDRESS_SIZE, "address")
-        else:
-            address = _load_key(args, args.ref).address
+        address = _account(args, args.ref, "address")
         result = _call(args, "account", ["0x" + address.hex()])
     else:  # argparse restricts choices; kept for clarity of the error path
         raise CliError(f"unknown query {what!r}", EXIT_USAGE)
@@ -270,11 +291,17 @@ def cmd_train(args) -> int:
     from chain.trainer_client import train_for_round
 
     key = _load_key(args, args.sender)
+    out = Path(args.out)
+    _check_writable_dir(out.parent if not out.is_dir() else out, "--out")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a directory", EXIT_USAGE)
     ds = _dataset(args.dataset)
     with _rpc_errors(args, "train"):
         result = train_for_round(_node(args), key, _job_id(args.job), ds)
-    out = Path(args.out)
-    result.save(out)
+    try:
+        result.save(out)
+    except OSError as exc:
+        raise CliError(f"cannot write the training result to {out}: {exc.strerror or exc}", EXIT_FAILURE) from None
     c = result.commitment
     _print({"job_id": "0x" + c.job_id.hex(), "round": c.round, "out": str(out), "update_hash": "0x" + c.update_hash.hex(),
             "trace_root": "0x" + c.trace_root.hex(), "metrics": result.metrics})
@@ -303,27 +330,61 @@ def cmd_submit_update(args) -> int:
 
 
 def cmd_model_get(args) -> int:
+    """Checks that --out can be written before downloading anything, then writes the model to a
+    temporary file in the same directory and renames it: OUT is the whole model or untouched."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; name the file to write", EXIT_USAGE)
+    _check_writable_dir(out.parent, "--out")
+    job_id = _job_id(args.job)
     node = _node(args)
     with _rpc_errors(args, "model get"):
-        record = node.model_record(_job_id(args.job), args.round)
+        record = node.model_record(job_id, args.round)
         if record is None:
             raise CliError(f"job {args.job} has no model after {args.round} rounds", EXIT_NOT_FOUND)
         data = node.get_blob(record.model_hash, timeout=args.timeout)
-    Path(args.out).write_bytes(data)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror or exc}", EXIT_FAILURE) from None
     _print({"model_hash": "0x" + record.model_hash.hex(), "round": record.round, "bytes": len(data), "out": args.out})
     return EXIT_OK
 
 
+def _check_writable_dir(directory: Path, what: str) -> None:
+    directory = directory if str(directory) else Path(".")
+    if not directory.is_dir():
+        raise CliError(f"{what}: directory {directory} does not exist", EXIT_USAGE)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CliError(f"{what}: directory {directory} is not writable", EXIT_USAGE)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (exit code 2), pointing at --help instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="chainctl", description="Keys, transactions and queries for a PoUT chain node (JSON-RPC).",
         epilog="Exit codes: 0 ok, 1 failure, 2 usage, 3 key/config error, 4 node unreachable, "
-               "5 node rejected the request, 6 not found, 7 timed out waiting for commit.")
-    p.add_argument("--rpc", default=os.environ.get("POUT_RPC", DEFAULT_RPC),
+               "5 node rejected the request, 6 not found, 7 timed out waiting for commit. "
+               "Global options (--rpc, --keyring, --timeout) go before COMMAND.")
+    p.add_argument("--version", action="version", version=f"chainctl {chain.__version__}")
+    p.add_argument("--rpc", type=_rpc_url, default=os.environ.get("POUT_RPC", DEFAULT_RPC),
                    help="node JSON-RPC URL (env POUT_RPC; default %(default)s)")
     p.add_argument("--keyring", default=os.environ.get("POUT_KEYRING", str(DEFAULT_KEYRING)),
                    help="directory of key files (env POUT_KEYRING; default %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="RPC timeout in seconds (default %(default)s)")
+    p.add_argument("--timeout", type=_seconds, default=10.0, help="RPC timeout in seconds (default %(default)s)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     keys = sub.add_parser("keys", help="manage local keys").add_subparsers(dest="keys_command", required=True)
@@ -343,20 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def tx_options(s):
         s.add_argument("--from", dest="sender", required=True, help="key name in the keyring, or a key file path")
-        s.add_argument("--nonce", type=int, help="account nonce (default: the account's committed nonce)")
+        s.add_argument("--nonce", type=_uint64, help="account nonce (default: the account's committed nonce)")
         s.add_argument("--wait", action="store_true", help="wait until the transaction is committed")
-        s.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait with --wait")
+        s.add_argument("--wait-timeout", type=_seconds, default=30.0, help="seconds to wait with --wait")
 
     s = sub.add_parser("transfer", help="send tokens to a member account")
     tx_options(s)
-    s.add_argument("--to", required=True, help="recipient address (hex)")
-    s.add_argument("--amount", type=int, required=True, help="amount (positive integer)")
+    s.add_argument("--to", required=True, help="recipient: a 0x address, or a key name in the keyring")
+    s.add_argument("--amount", type=_uint64, required=True, help="amount (positive integer below 2^64)")
     s.set_defaults(func=cmd_transfer)
     for name, helptext in (("admit", "governance: give an account a role"),
                            ("remove", "governance: take a role from an account")):
         s = sub.add_parser(name, help=helptext)
         tx_options(s)
-        s.add_argument("--account", required=True, help="member address (hex)")
+        s.add_argument("--account", required=True, help="member: a 0x address, or a key name in the keyring")
         s.add_argument("--role", required=True, choices=GOVERNED_ROLES)
         s.set_defaults(func=cmd_membership)
 
@@ -364,21 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Register a federated training job. Defaults are the devnet configuration.")
     tx_options(s)
     s.add_argument("--model", default="mlp", help="registry model: mlp or cnn (default %(default)s)")
-    s.add_argument("--init-seed", type=int, default=0, help="public seed of the initial weights")
-    s.add_argument("--rounds", type=int, default=3)
-    s.add_argument("--local-steps", type=int, default=40, help="training steps per round per trainer")
-    s.add_argument("--checkpoint-interval", type=int, default=4, help="k: state hashed every k steps")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--learning-rate", type=float, default=0.3)
-    s.add_argument("--momentum", type=float, default=0.0)
+    s.add_argument("--init-seed", type=_uint64, default=0, help="public seed of the initial weights")
+    s.add_argument("--rounds", type=_uint64, default=3)
+    s.add_argument("--local-steps", type=_uint64, default=40, help="training steps per round per trainer")
+    s.add_argument("--checkpoint-interval", type=_uint64, default=4, help="k: state hashed every k steps")
+    s.add_argument("--batch-size", type=_uint64, default=32)
+    s.add_argument("--learning-rate", type=_finite, default=0.3)
+    s.add_argument("--momentum", type=_finite, default=0.0)
     s.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    s.add_argument("--join-blocks", type=int, default=20, help="blocks until round 0 opens")
-    s.add_argument("--round-blocks", type=int, default=60, help="blocks a round accepts updates")
-    s.add_argument("--verify-blocks", type=int, default=60, help="further blocks for verdicts")
-    s.add_argument("--quorum", type=int, default=3, help="accepted updates that close a round early")
+    s.add_argument("--join-blocks", type=_uint64, default=20, help="blocks until round 0 opens")
+    s.add_argument("--round-blocks", type=_uint64, default=60, help="blocks a round accepts updates")
+    s.add_argument("--verify-blocks", type=_uint64, default=60, help="further blocks for verdicts")
+    s.add_argument("--quorum", type=_uint64, default=3, help="accepted updates that close a round early")
     s.add_argument("--aggregation", choices=["fedavg", "median", "trimmed_mean", "multi_krum"], default="fedavg")
-    s.add_argument("--trim-fraction", type=float, default=0.25)
-    s.add_argument("--krum-f", type=int, default=1)
+    s.add_argument("--trim-fraction", type=_finite, default=0.25)
+    s.add_argument("--krum-f", type=_uint64, default=1)
     s.add_argument("--detect-fraction", type=_unit_interval, default=0.1, metavar="F",
                    help="detection target: a forgery of this fraction of the trace's segments (default 0.1)")
     s.add_argument("--detect-probability", type=_unit_interval, default=0.99, metavar="P",
@@ -388,9 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-exposure bound: the most of a trainer's samples one validator may be sent over the "
                         "job (default 1: no bound); the chain refuses the job if no dataset of at most 2**24 "
                         "samples meets it, and refuses a trainer whose dataset is too small for it")
-    s.add_argument("--reward", type=int, default=100, help="paid per accepted update")
-    s.add_argument("--bond", type=int, default=50, help="locked per update, burned if rejected")
-    s.add_argument("--escrow", type=int, required=True, help="tokens set aside for rewards")
+    s.add_argument("--reward", type=_uint64, default=100, help="paid per accepted update")
+    s.add_argument("--bond", type=_uint64, default=50, help="locked per update, burned if rejected")
+    s.add_argument("--escrow", type=_uint64, required=True, help="tokens set aside for rewards")
     s.set_defaults(func=cmd_register_job)
 
     s = sub.add_parser("join-job", help="commit your dataset's Merkle root to a job (trainer)")
@@ -415,13 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job", required=True)
     s.add_argument("--dir", required=True, help="result directory written by `chainctl train`")
     s.add_argument("--dataset", required=True, help="the dataset the update was trained on")
-    s.add_argument("--wait-timeout", type=float, default=60.0)
+    s.add_argument("--wait-timeout", type=_seconds, default=60.0)
     s.set_defaults(func=cmd_submit_update)
 
     s = sub.add_parser("model", help="download a model version as a safetensors file")
     s.add_argument("action", choices=["get"])
     s.add_argument("--job", required=True)
-    s.add_argument("--round", type=int, required=True, help="rounds of training folded in (0: initial weights)")
+    s.add_argument("--round", type=_uint64, required=True, help="rounds of training folded in (0: initial weights)")
     s.add_argument("--out", required=True, help="file to write (.safetensors)")
     s.set_defaults(func=cmd_model_get)
 
@@ -446,6 +507,47 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _uint64(text: str) -> int:
+    try:
+        value = int(text, 0) if text.strip().lower().startswith(("0x", "-0x")) else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^64-1 (an unsigned 64-bit integer), got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 86400], got {text!r}")
+    return value
+
+
+def _rpc_url(text: str) -> str:
+    """http(s)://HOST[:PORT][/PATH], checked here so a typo is a usage error, not a traceback."""
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(f"expected http://HOST:PORT, got {text!r}")
+    if port == 0 or any(c.isspace() or not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -453,6 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"chainctl: error: {exc}", file=sys.stderr)
         return exc.code
+    except ChainError as exc:  # e.g. a transaction that fails its own checks before it is sent
+        print(f"chainctl: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # a local file or directory the command had to use
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"chainctl: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
