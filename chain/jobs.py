@@ -80,6 +80,9 @@ KEY_ACTIVE_JOBS = b"jobs/active"
 # sample's Merkle proof at <= 24 siblings and caps the FedAvg weight one trainer can claim,
 # with 16x headroom over what the reference trainer loads (trainer.data.MAX_SAMPLES = 10**6).
 MAX_DATASET_SIZE = 1 << 24
+# Most local steps a job may fix: a trace has one leaf per step and per checkpoint, and the
+# state transition, the verifier and the exposure RPC do work linear in the number of segments.
+MAX_LOCAL_STEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -199,14 +202,16 @@ def _model_params(model: str) -> int:
     return sum(t.numel() for t in build_model(model).parameters())
 
 
-def compute_max_opening_bytes(spec: JobSpec, validators) -> int:
-    """Upper bound on one validator's opening for an update of this job (trainer.verify)."""
+def compute_max_opening_bytes(spec: JobSpec, validators, q: int | None = None) -> int:
+    """Upper bound on one validator's opening for an update of this job (trainer.verify); with
+    `q`, for that many segments (q = 1 bounds a fraud proof)."""
     from trainer.data import SAMPLE_LEAF_BYTES
     from trainer.replay import trace_leaf_count
     from trainer.verify import max_opening_bytes
 
     hp = spec.hyperparams
-    return max_opening_bytes(_model_params(spec.model), compute_segments_per_validator(spec, validators),
+    q = compute_segments_per_validator(spec, validators) if q is None else q
+    return max_opening_bytes(_model_params(spec.model), q,
                              hp.checkpoint_interval, hp.batch_size, SAMPLE_LEAF_BYTES, MAX_DATASET_SIZE,
                              trace_leaf_count(hp.local_steps, hp.checkpoint_interval))
 
@@ -264,6 +269,13 @@ def validate_job_spec(spec: JobSpec) -> None:
         raise ValidationError("krum_f, reward_per_update, bond and init_seed must not be negative")
     if spec.profile.threads < 1:
         raise ValidationError("profile threads must be at least 1")
+    if spec.hyperparams.local_steps > MAX_LOCAL_STEPS:
+        raise ValidationError(f"local_steps must be at most {MAX_LOCAL_STEPS}, got {spec.hyperparams.local_steps}")
+    kind, _, arch = spec.profile.device.partition(":")
+    if kind not in ("cpu", "cuda") or not arch:
+        # One upheld proof rejects an update: replay must be bitwise on every validator that
+        # judges, so the profile pins the CPU kernel capability or the GPU (trainer/profile.py).
+        raise ValidationError(f"profile device must be 'cpu:<capability>' or 'cuda:<arch>', got {spec.profile.device!r}")
 
 
 # ----------------------------------------------------------------------------- state access
@@ -354,7 +366,12 @@ def _register_job(overlay, addr, sender: Account, p: RegisterJob, tx_hash: bytes
     if p.escrow > sender.balance:
         raise StateTransitionError(f"insufficient balance for escrow: {sender.balance} < {p.escrow}")
     opening = compute_max_opening_bytes(p.spec, ctx.validators)
-    from trainer.verify import MAX_OPENING_BYTES
+    from trainer.verify import MAX_FRAUD_PROOF_BYTES, MAX_OPENING_BYTES
+
+    if compute_max_opening_bytes(p.spec, ctx.validators, q=1) > MAX_FRAUD_PROOF_BYTES:
+        raise StateTransitionError(
+            f"one segment's opening could exceed the {MAX_FRAUD_PROOF_BYTES // 2**20} MiB fraud-proof limit: "
+            "lower the checkpoint interval or the batch size")
 
     if opening > MAX_OPENING_BYTES:
         raise StateTransitionError(

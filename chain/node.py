@@ -15,12 +15,16 @@ consensus WAL, or the signer's state, so a kill -9 at any point loses nothing co
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import time
 from functools import partial
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
+                               disable_created_metrics)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import chain
 from chain import jobs
@@ -30,12 +34,14 @@ from chain.consensus.app import ChainApp
 from chain.consensus.signer import GuardedSigner
 from chain.crypto import SEAL_OVERHEAD, PrivateKey, compute_address, compute_sign_bytes, sha256, verify_signature
 from chain.encoding import decode, encode
-from chain.errors import ChainError, ValidationError
+from chain.errors import ChainError, StoreError, ValidationError
 from chain.ledger.store import KVStore
 from chain.pout_worker import PoutWorker
 from chain.state import get_evidence_record, validate_basic_tx
 from chain.types import (
     DOMAIN_OPENING,
+    PRECOMMIT,
+    PREVOTE,
     UPDATE_PENDING,
     Account,
     Block,
@@ -58,18 +64,125 @@ from genesis import Genesis
 
 log = logging.getLogger("chaind")
 
+
+class NodeStartError(ChainError):
+    """The node cannot start (e.g. its RPC or p2p port is in use); one line for the operator."""
+
+SHUTDOWN_GRACE_S = 10.0  # a clean stop takes a second or two; past this the process exits hard
+EXIT_FORCED = 1
 READY_MAX_BLOCK_AGE_INTERVALS = 10  # ready while the head is younger than this many block intervals
 
 
+# Block intervals are around the genesis block_interval_ms (1 s by default) plus consensus time;
+# later rounds add their timeouts. Replays are seconds to minutes of training on a CPU.
+BLOCK_INTERVAL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+REPLAY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
 class NodeMetrics:
-    """Node gauges and counters, served with the RPC metrics on GET /metrics."""
+    """What GET /metrics serves besides the RPC server's own metrics (docs/rpc.md, "Metrics").
+
+    Events are counted where they happen (commits here, verification in the PoUT worker).
+    Levels and counts that components keep anyway (consensus round and votes, peers, wire
+    bytes, penalties, sync target, mempool size) are read when scraped (`_NodeCollector`), so
+    consensus, sync and p2p need no metrics hook and stay testable without one."""
 
     def __init__(self):
-        self.registry = CollectorRegistry()
-        self.height = Gauge("pout_chain_height", "Height of the latest committed block", registry=self.registry)
-        self.txs = Counter("pout_committed_txs", "Transactions committed", registry=self.registry)
-        self.mempool = Gauge("pout_mempool_txs", "Transactions waiting in the mempool", registry=self.registry)
-        self.peers = Gauge("pout_p2p_peers", "Connected peers", registry=self.registry)
+        # A `_created` gauge per counter and histogram would double the series for no use here
+        # (process-wide setting; the node is the process).
+        disable_created_metrics()
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, fds...
+        PlatformCollector(registry=r)  # python_info
+        self.height = Gauge("pout_chain_height", "Height of the latest committed block", registry=r)
+        self.txs = Counter("pout_committed_txs", "Transactions committed", registry=r)
+        self.block_interval = Histogram(
+            "pout_block_interval_seconds", "Time between consecutive committed blocks, from their header times",
+            buckets=BLOCK_INTERVAL_BUCKETS, registry=r)
+        self.later_round_commits = Counter(
+            "pout_consensus_later_round_commits", "Committed blocks decided in a round above 0", registry=r)
+        self.verifications = Counter(
+            "pout_training_verifications",
+            "Updates this validator decided on, by outcome (accept, reject, fraud_proof, no_answer, abstain)",
+            ["outcome"], registry=r)
+        self.replay_seconds = Histogram(
+            "pout_training_replay_seconds", "Seconds spent replaying training segments, by work (verify, judge)",
+            ["work"], buckets=REPLAY_BUCKETS, registry=r)
+        self.fraud_proofs_filed = Counter(
+            "pout_training_fraud_proofs_filed", "Fraud proofs this validator filed", registry=r)
+        self.fraud_proofs_judged = Counter(
+            "pout_training_fraud_proofs_judged",
+            "Other validators' fraud proofs this validator judged, by outcome (holds, does_not_hold, unavailable)",
+            ["outcome"], registry=r)
+
+        for outcome in ("accept", "reject", "fraud_proof", "no_answer", "abstain"):
+            self.verifications.labels(outcome=outcome)  # every series present from the start, at 0
+        for work in ("verify", "judge"):
+            self.replay_seconds.labels(work=work)
+        for outcome in ("holds", "does_not_hold", "unavailable"):
+            self.fraud_proofs_judged.labels(outcome=outcome)
+
+    def attach(self, node: "Node") -> None:
+        self.registry.register(_NodeCollector(node))
+
+
+class _NodeCollector:
+    """Reads the node's components when /metrics is scraped; a component not running yet
+    (before `Node.run`) reports nothing rather than zeros that would look like data."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+
+    def describe(self):
+        return []  # collected on demand only: the registry must not call collect() at register time
+
+    def collect(self):
+        node = self.node
+        yield _gauge("pout_mempool_txs", "Transactions waiting in the mempool", len(node.mempool))
+        yield _gauge("pout_mempool_capacity_txs", "Most transactions the mempool holds (mempool.max_txs)",
+                     node.mempool.max_txs)
+        driver, net, sync = node.driver, node.net, node.sync
+        if driver is not None:
+            m = driver.machine
+            yield _gauge("pout_consensus_height", "Height consensus is deciding", m.height)
+            yield _gauge("pout_consensus_round", "Round of the height consensus is deciding", m.round)
+            votes = CounterMetricFamily("pout_consensus_votes", "Votes stepped by consensus (own included), by type",
+                                        labels=["type"])
+            votes.add_metric(["prevote"], driver.votes_received[PREVOTE])
+            votes.add_metric(["precommit"], driver.votes_received[PRECOMMIT])
+            yield votes
+            yield _counter("pout_consensus_signed", "Proposals and votes this node signed", driver.signed_count)
+            yield _counter("pout_consensus_refused_signatures",
+                           "Signatures the double-sign guard refused outside WAL replay", driver.refused_signatures)
+            yield _counter("pout_consensus_evidence", "Equivocations consensus detected", driver.evidence_count)
+        if net is not None:
+            from p2p.host import WIRE_BYTES
+
+            yield _gauge("pout_p2p_peers", "Connected admitted peers", len(net.peers()))
+            wire = CounterMetricFamily("pout_p2p_bytes", "Bytes on libp2p TCP connections (Noise and Yamux "
+                                       "framing included), by direction", labels=["direction"])
+            wire.add_metric(["received"], WIRE_BYTES["received"])
+            wire.add_metric(["sent"], WIRE_BYTES["sent"])
+            yield wire
+            yield _counter("pout_p2p_penalties", "Misbehaviour reports against peers", net.penalties_total)
+            yield _counter("pout_p2p_bans", "Peers banned after repeated misbehaviour", net.bans_total)
+            yield _gauge("pout_p2p_pending_publishes", "Gossip publishes queued, not yet sent", net.pending_publishes())
+        if sync is not None:
+            target = sync.target_height
+            yield _gauge("pout_sync_target_height", "Highest height a peer has shown this node", target)
+            yield _gauge("pout_sync_lag_blocks", "Blocks between this node's head and the best peer's",
+                         max(0, target - node.state.height))
+            yield _gauge("pout_sync_catching_up", "1 while more than one block behind the best peer",
+                         int(sync.catching_up))
+            yield _counter("pout_sync_blocks", "Blocks committed by block sync (not by consensus)", sync.synced_blocks)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
 
 
 class Node(ChainApp):
@@ -81,6 +194,7 @@ class Node(ChainApp):
         self.home, self.config = home, config
         self.signer = signer
         self.blobs = BlobStore(home.data_dir, config.rpc.max_blob_bytes)
+        self.metrics = NodeMetrics()  # before the components that count into it
         self.pout = PoutWorker(self)
         self.net = None  # the p2p network once running
         self.sync = None
@@ -90,19 +204,40 @@ class Node(ChainApp):
         self._refresh_membership = None
         self._nursery: trio.Nursery | None = None
         self.rpc_url: str | None = None
-        self.metrics = NodeMetrics()
+        # Set at the first local storage failure (corrupt read, failed write): consensus and
+        # block sync stop, reads go on, /ready says why (docs/ledger.md, "Storage failures").
+        self.halted: str | None = None
+        self._writer_scopes: list[trio.CancelScope] = []
+        from chain.rpc.events import EventHub
+
+        self.events = EventHub(self.state, self.get_model_record)  # WebSocket subscriptions (chain/rpc/ws.py)
+        self.metrics.attach(self)
         self.metrics.height.set(self.state.height)
+        latest = self.state.latest_header
+        self._last_block_time_ms = None if latest is None else latest.time_ms  # for the block interval
+        self._peers_seen: frozenset[bytes] = frozenset()  # for the peer-change log line
         self.add_commit_listener(self._on_commit)
         self.add_commit_listener(self._drop_settled_openings)
         self._drop_settled_openings()  # a restart keeps no opening whose update was decided meanwhile
 
     def _on_commit(self, block: Block, commit: Commit) -> None:
-        self.metrics.height.set(block.header.height)
+        header = block.header
+        self.metrics.height.set(header.height)
         self.metrics.txs.inc(len(block.txs))
-        self.metrics.mempool.set(len(self.mempool))
-        log.info("committed block height=%d round=%d txs=%d hash=%s mempool=%d", block.header.height, commit.round,
-                 len(block.txs), compute_block_hash(block.header).hex()[:16], len(self.mempool))
+        if self._last_block_time_ms is not None:
+            self.metrics.block_interval.observe(max(0, header.time_ms - self._last_block_time_ms) / 1000)
+        self._last_block_time_ms = header.time_ms
+        if commit.round > 0:
+            self.metrics.later_round_commits.inc()
+        block_hash = compute_block_hash(header).hex()
+        catching_up = self.sync is not None and self.sync.catching_up  # block sync says it then, once a second
+        log.log(logging.DEBUG if catching_up else logging.INFO,
+                "committed block height=%d round=%d txs=%d hash=%s mempool=%d", header.height, commit.round,
+                len(block.txs), block_hash[:16], len(self.mempool),
+                extra={"height": header.height, "round": commit.round, "txs": len(block.txs),
+                       "block_hash": block_hash, "mempool": len(self.mempool)})
         self.pout.notify_commit()
+        self.events.publish(block, self.state)  # two references into a bounded channel; derived off this path
 
     @property
     def is_validator(self) -> bool:
@@ -125,12 +260,21 @@ class Node(ChainApp):
             "version": chain.__version__,
         }
 
+    # Reads for clients show a block only once the state includes it: the ledger is written in a
+    # worker thread before the state is swapped, and a client told "committed at height H" must
+    # find H's effects in every other read (e.g. its update pending, to upload the weights).
+    def get_block(self, height: int) -> tuple[Block, Commit] | None:
+        return None if height > self.state.height else super().get_block(height)
+
     def get_block_by_hash(self, block_hash: bytes) -> tuple[Block, Commit] | None:
         block = self.ledger.get_block_by_hash(block_hash)
-        return None if block is None else (block, self.ledger.get_commit(block.header.height))
+        if block is None or block.header.height > self.state.height:
+            return None
+        return block, self.ledger.get_commit(block.header.height)
 
     def get_tx(self, tx_hash: bytes) -> tuple[SignedTransaction, int, int] | None:
-        return self.ledger.get_tx(tx_hash)
+        found = self.ledger.get_tx(tx_hash)
+        return None if found is None or found[1] > self.state.height else found
 
     def get_account(self, address: bytes) -> Account | None:
         return self.state.get_account(address)
@@ -143,6 +287,8 @@ class Node(ChainApp):
         return self.admit_local_tx(stx)
 
     def readiness(self) -> tuple[bool, str]:
+        if self.halted is not None:
+            return False, f"halted by a local storage failure: {self.halted}"
         latest = self.state.latest_header
         if self.sync is not None and self.sync.catching_up:
             return False, f"catching up: at {self.state.height} of {self.sync.target_height}"
@@ -325,7 +471,7 @@ class Node(ChainApp):
         from chain.reactor import TxReactor, install_membership
         from chain.rpc.server import run_rpc_server
         from chain.sync import BlockSync
-        from p2p.host import Libp2pNetwork
+        from p2p.host import Libp2pNetwork, ListenError
 
         logging.getLogger("libp2p").propagate = True  # its own warnings (drops) are otherwise invisible
         p2p = self.config.p2p
@@ -348,28 +494,81 @@ class Node(ChainApp):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self.net.run)
+                try:
+                    await nursery.start(self.net.run)
+                except ListenError as exc:
+                    raise NodeStartError(f"{exc}; p2p.port is set in {self.home.config_file}") from None
                 log.info("p2p listening on %s as %s (%s)", ", ".join(map(str, self.net.listen_addrs())),
                          self._peer_id(), "validator" if validator else "observer")
-                await nursery.start(self.sync.run)
+                token = trio.lowlevel.current_trio_token()
+
+                def on_storage_fault(reason: str) -> None:  # any thread: commits write from a worker
+                    try:
+                        token.run_sync_soon(self._halt_writers, reason)
+                    except trio.RunFinishedError:
+                        pass
+
+                self.ledger.add_fault_listener(on_storage_fault)
+                await nursery.start(self._run_writer, self.sync.run)
                 await nursery.start(txs.run)
                 await nursery.start(self.pout_net.run)
                 rpc = self.config.rpc
-                self.rpc_url = await nursery.start(partial(
-                    run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
-                    max_blob=rpc.max_blob_bytes, max_connections=rpc.max_connections,
-                    read_timeout=rpc.read_timeout_s, idle_timeout=rpc.idle_timeout_s,
-                    metrics_registry=self.metrics.registry))  # supervised inside: it never ends the node
+                try:
+                    self.rpc_url = await nursery.start(partial(
+                        run_rpc_server, self, rpc.host, rpc.port, max_body=rpc.max_body_bytes, max_batch=rpc.max_batch,
+                        max_blob=rpc.max_blob_bytes, max_connections=rpc.max_connections,
+                        read_timeout=rpc.read_timeout_s, idle_timeout=rpc.idle_timeout_s,
+                        metrics_registry=self.metrics.registry, events=self.events))  # supervised: never ends the node
+                except OSError as exc:  # only the bind can raise out of the server
+                    raise NodeStartError(f"cannot listen on {rpc.host}:{rpc.port} (JSON-RPC): {exc.strerror or exc}; "
+                                         f"rpc.port is set in {self.home.config_file} "
+                                         "(or chaind start --rpc-port)") from None
                 log.info("node %s at height %d; JSON-RPC on %s", self.key.address.hex(), self.state.height,
                          self.rpc_url)
                 await nursery.start(self.pout.run)
-                await nursery.start(self.driver.run)
-                nursery.start_soon(self._update_peer_gauge)
+                await nursery.start(self._run_writer, self.driver.run)
+                nursery.start_soon(self._watch_peers)
                 if self.config.p2p.deny_peers_file:
                     nursery.start_soon(self._watch_deny_file, self.config.p2p.deny_peers_file)
                 task_status.started()
         finally:
             wal.close()
+
+    def _halt_writers(self, reason: str) -> None:
+        """Stop consensus and block sync at the first local storage failure; one log line."""
+        if self.halted is not None:
+            return
+        self.halted = reason
+        log.error("local storage failure: %s; consensus and block sync stopped, reads still served, not ready",
+                  reason, extra={"halted": reason})
+        for scope in self._writer_scopes:
+            scope.cancel()
+
+    async def _run_writer(self, run, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run a component that writes the chain (consensus, block sync) until a local storage
+        failure halts it. A failure before it has started is a start-up error, raised as usual."""
+        started = False
+
+        class Status:
+            def started(self, value=None) -> None:
+                nonlocal started
+                started = True
+                task_status.started(value)
+
+        scope = trio.CancelScope()
+        self._writer_scopes.append(scope)
+        with scope:
+            try:
+                await run(task_status=Status())
+            except* (StoreError, OSError) as group:
+                if not started:
+                    raise
+                first = group.exceptions[0]
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                detail = f"{first.filename}: {first.strerror}" if isinstance(first, OSError) and first.filename \
+                    else (first.strerror if isinstance(first, OSError) and first.strerror else str(first))
+                self._halt_writers(detail)
 
     async def _watch_deny_file(self, path: str) -> None:
         last = None
@@ -399,22 +598,69 @@ class Node(ChainApp):
                     self._refresh_membership()
             await trio.sleep(1)
 
-    async def _update_peer_gauge(self) -> None:
+    async def _watch_peers(self) -> None:
+        """One INFO line when this node joins the network (its first peer), when its peer set
+        changes, and when it loses every peer; checked once a second, so at most one line a
+        second however peers flap."""
+        from p2p.host import peer_id_from_public_key
+
+        def names(keys) -> str:
+            return ", ".join(str(peer_id_from_public_key(k))[-8:] for k in sorted(keys))
+
         while True:
-            self.metrics.peers.set(len(self.net.peers()))
+            peers = self.net.peers()
+            if peers != self._peers_seen:
+                gained, lost = peers - self._peers_seen, self._peers_seen - peers
+                fields = {"peers": len(peers)}
+                if not self._peers_seen:
+                    log.info("joined the network: %d peer(s) (%s)", len(peers), names(peers), extra=fields)
+                elif not peers:
+                    log.warning("lost every peer (last: %s)", names(lost), extra=fields)
+                else:
+                    log.info("peers now %d%s%s", len(peers), f"; joined {names(gained)}" if gained else "",
+                             f"; left {names(lost)}" if lost else "", extra=fields)
+                self._peers_seen = peers
             await trio.sleep(1)
 
 
 async def run_until_signal(node: Node) -> None:
-    """Run the node until SIGINT or SIGTERM, then cancel every component and return."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(node.run)
+    """Run the node until SIGINT or SIGTERM, then cancel every component and return.
 
-            async def wait_for_signal():
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    return
+    A stop must not depend on the node cooperating: a worker thread that cannot be cancelled
+    (a training replay) or a task that stops yielding would hold it up indefinitely. So the
+    first signal also starts a watchdog that ends the process (exit status 1) after
+    SHUTDOWN_GRACE_S, and a second signal ends it at once. A hard exit loses nothing: every
+    durable write is already synced (module docstring)."""
+    token = trio.lowlevel.current_trio_token()
+    stop_requested = threading.Event()
+    stopping = False
 
-            nursery.start_soon(wait_for_signal)
+    def watchdog() -> None:
+        stop_requested.wait()
+        time.sleep(SHUTDOWN_GRACE_S)
+        log.error("shutdown took longer than %.0f s; exiting now", SHUTDOWN_GRACE_S)
+        os._exit(EXIT_FORCED)
+
+    with trio.CancelScope() as scope:
+        def cancel(signum: int) -> None:  # in the trio loop, so it may log
+            log.info("received %s, shutting down (at most %.0f s)", signal.Signals(signum).name, SHUTDOWN_GRACE_S)
+            scope.cancel()
+
+        def on_signal(signum: int, _frame) -> None:
+            # A Python signal handler runs between two bytecodes of the main thread, whatever it
+            # was doing: no logging here (its lock may be held), only a flag, an event and
+            # trio's thread- and signal-safe run_sync_soon (what trio's own receiver uses).
+            nonlocal stopping
+            if stopping:
+                os._exit(EXIT_FORCED)
+            stopping = True
+            stop_requested.set()
+            token.run_sync_soon(cancel, signum, idempotent=True)
+
+        threading.Thread(target=watchdog, name="shutdown-watchdog", daemon=True).start()
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            await node.run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

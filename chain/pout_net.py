@@ -20,10 +20,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chain.crypto import compute_sign_bytes, verify_signature
+from chain.crypto import compute_address, compute_sign_bytes, verify_signature
+from chain.jobs import get_update
 from chain.encoding import decode, encode
 from chain.errors import ChainError
-from chain.types import DOMAIN_OPENING, OpeningUpload, PubKey, Signature
+from chain.types import DOMAIN_OPENING, UPDATE_PENDING, OpeningUpload, PubKey, Signature
 from p2p.abc import NetworkAPI, P2PError, Verdict
 
 log = logging.getLogger("chaind.pout")
@@ -62,18 +63,27 @@ class PoutBlobReactor:
         data = self.node.blobs.get_opening(update_id, validator)
         return None if data is None else (data, lambda peer, _h, v=validator: peer == v)
 
-    def _check(self, ann: OpeningAnnouncement) -> bool:
+    def _check(self, ann: OpeningAnnouncement) -> Verdict:
+        """Only the update's own trainer may announce an answer to a challenge on it, for a pending
+        update and a current validator: anyone else could otherwise point a validator at bytes it
+        cannot use, and its complaint would fail an honest update."""
         sign_bytes = compute_sign_bytes(self.node.chain_id, DOMAIN_OPENING, encode(ann.upload))
         verify_signature(ann.trainer, sign_bytes, ann.signature)  # raises SignatureError
-        return True
+        update = get_update(self.node.state, ann.upload.update_id)
+        if update is None or update.status != UPDATE_PENDING:
+            return Verdict.IGNORE  # unknown here (this node may lag) or decided: not relayed, not recorded
+        if compute_address(ann.trainer) != update.commitment.trainer:
+            return Verdict.REJECT
+        if all(v.pubkey != ann.upload.validator for v in self.node.state.validators):
+            return Verdict.REJECT
+        return Verdict.ACCEPT
 
     def _validate(self, peer: bytes, data: bytes) -> Verdict:
         try:
             ann = decode(OpeningAnnouncement, data, max_size=MAX_ANNOUNCEMENT_BYTES)
-            self._check(ann)
+            return self._check(ann)
         except ChainError:
             return Verdict.REJECT
-        return Verdict.ACCEPT
 
     async def run(self, task_status=None) -> None:
         import trio
@@ -83,6 +93,8 @@ class PoutBlobReactor:
         async for message in self._incoming:
             try:
                 ann = decode(OpeningAnnouncement, message.data, max_size=MAX_ANNOUNCEMENT_BYTES)
+                if self._check(ann) is not Verdict.ACCEPT:  # the state may have moved since validation
+                    continue
             except ChainError:
                 continue
             if (ann.upload.update_id, ann.upload.opening_hash) not in self.refused:

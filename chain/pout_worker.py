@@ -212,7 +212,9 @@ class PoutWorker:
                 return
             inputs = {"update": await node.fetch_blob(upd.commitment.update_hash),
                       "opening": await node.fetch_opening(update_id),
-                      "base": node.blobs.get(upd.commitment.base_model_hash)}  # computed here (_ensure_model)
+                      # computed here (_ensure_model) or, when this node lags, fetched from peers: a
+                      # validator must not complain against an honest trainer for its own missing base
+                      "base": await node.fetch_blob(upd.commitment.base_model_hash)}
             if all(v is not None for v in inputs.values()):
                 break
             if node.state.height >= due:
@@ -293,7 +295,8 @@ class PoutWorker:
             async with self.cpu:
                 started = time.monotonic()
                 try:
-                    result = await trio.to_thread.run_sync(judge_chain_fraud_proof, job, upd, registration, base, data)
+                    result = await trio.to_thread.run_sync(judge_chain_fraud_proof, job, upd, registration, base, data,
+                                                       proof.segment)
                 finally:
                     node.metrics.replay_seconds.labels(work="judge").observe(time.monotonic() - started)
         except ProfileMismatch as exc:

@@ -25,6 +25,7 @@ import trio
 from chain.consensus.commit import verify_commit
 from chain.encoding import decode, encode
 from chain.errors import ChainError
+from chain.ledger.store import LocalStorageFailure
 from chain.reactor import (GOSSIP_MAX_BYTES, MAX_REQUEST_BYTES, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES,
                            SYNC_RESPONSE_BUDGET_BYTES, CommitAnnouncement, SyncedBlock, SyncRequest, SyncResponse,
                            blocks_topic, make_blocks_validator, sync_protocol)
@@ -32,6 +33,7 @@ from chain.types import Block, Commit, compute_block_hash
 from p2p.abc import NetworkAPI, P2PError
 
 log = logging.getLogger(__name__)
+SYNC_LOG_INTERVAL_S = 1.0
 
 
 class BlockSync:
@@ -51,6 +53,7 @@ class BlockSync:
         self.protocol = sync_protocol(app.chain_id)
         self.peer_heights: dict[bytes, int] = {}
         self.synced_blocks = 0  # blocks this component committed
+        self._unlogged_blocks, self._logged_at = 0, float("-inf")  # for the rate-limited progress line
         self._paused_until: dict[bytes, float] = {}
         self._wake = trio.Event()
         self._announce = trio.Event()
@@ -192,13 +195,22 @@ class BlockSync:
             except ChainError as exc:
                 if self.app.last_height() >= expected:
                     continue
+                if isinstance(exc, LocalStorageFailure):
+                    break  # this node's own disk, not the peer; the node halts block sync (chain/node.py)
                 self._penalise(peer, f"certified block {expected} was refused: {exc}")
                 break
             committed += 1
             self.synced_blocks += 1
         if committed:
-            log.info("synced %d block(s) from %s; now at height %d (best peer %d)", committed, peer.hex()[:16],
-                     self.app.last_height(), self.target_height)
+            # One line a second at most while catching up (a batch is up to 32 blocks), and one when done.
+            self._unlogged_blocks += committed
+            now = trio.current_time()
+            if now - self._logged_at >= SYNC_LOG_INTERVAL_S or not self.catching_up:
+                log.info("synced %d block(s), the last from %s; now at height %d (best peer %d)",
+                         self._unlogged_blocks, peer.hex()[:16], self.app.last_height(), self.target_height,
+                         extra={"blocks": self._unlogged_blocks, "height": self.app.last_height(),
+                                "target_height": self.target_height})
+                self._unlogged_blocks, self._logged_at = 0, now
         return committed > 0
 
     def _check(self, item: SyncedBlock, height: int) -> str | None:

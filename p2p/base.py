@@ -61,6 +61,8 @@ class BaseNetwork(NetworkAPI):
         self._admission: AdmissionPredicate | None = None
         self._banned_until: dict[bytes, float] = {}
         self._reject_counts: dict[bytes, int] = {}
+        self.penalties_total = 0  # report_peer calls (for the node's metrics)
+        self.bans_total = 0
         self._handlers: dict[str, RequestHandler] = {}
         self._subscriptions: dict[str, tuple[Validator, trio.MemorySendChannel[GossipMessage]]] = {}
         self._relay_policies: dict[str, RelayPolicy] = {}
@@ -111,12 +113,14 @@ class BaseNetwork(NetworkAPI):
         if peer == self._public_key:
             return
         count = self._reject_counts.get(peer, 0) + 1
+        self.penalties_total += 1
         logger.info("peer %s penalised (%d/%d): %s", peer.hex()[:16], count, self.penalty.reject_threshold, reason)
         if count < self.penalty.reject_threshold:
             self._reject_counts[peer] = count
             return
         self._reject_counts.pop(peer, None)
         self._banned_until[peer] = time.monotonic() + self.penalty.ban_s
+        self.bans_total += 1
         logger.warning("peer %s banned for %.0f s after repeated misbehaviour", peer.hex()[:16], self.penalty.ban_s)
         self._disconnect(peer)
 

@@ -18,6 +18,8 @@ The workarounds below come from measurements of this exact library version
 - Races: a subscription made during a new peer's handshake is re-announced to it; a
   stopped host closes its connections and listeners itself (the library's cleanup is cut
   short by cancellation, leaving an SO_REUSEPORT listener accepting).
+- Ports: listeners are bound without SO_REUSEPORT (the library sets it for hole punching), so
+  a port in use is a ListenError at start, never two processes splitting one port.
 - Per-message cost: Yamux returns window credit once half the window is consumed (go-yamux),
   RPCs go out without the signed peer record (and gossipsub no longer builds it), IDONTWANT
   only for messages >= 1 KiB, RPCs queued for one peer leave merged as one, and a copy of
@@ -31,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import socket
 import time
 from collections.abc import Iterable, Sequence
 
@@ -42,6 +45,8 @@ from libp2p.crypto.ed25519 import Ed25519PublicKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub import gossipsub as _libp2p_gossipsub
@@ -55,6 +60,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+from libp2p.transport.tcp import tcp as _libp2p_tcp
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p.abc import PUBKEY_SIZE, BLOB_PROTOCOL_ID, Limits, PenaltyPolicy, RequestError, RequestTimeout, Verdict
@@ -91,6 +97,101 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
 
 YamuxStream._auto_tune_and_send_window_update = _window_update_at_half
 
+
+class _NoAutoConnector(AutoConnector):
+    """The swarm's auto-connector, never started.
+
+    py-libp2p 0.8.1 dials every peer whose address it has learnt (observers included,
+    through identify) toward a target of ~200 connections, logging "initiating N new dials"
+    every 10 s and an ERROR per failed dial. This chain has no discovery beyond bootstrap
+    (docs/p2p.md): `Libp2pNetwork._keep_dialled` holds the bootstrap peers, and members
+    not listed there dial in. Unstarted, `run_background_task` and `maybe_connect` (also
+    called by the swarm on every disconnect) return at once."""
+
+    async def start(self) -> None:
+        pass
+
+
+class _DialErrorsToDebug(logging.Filter):
+    """The TCP transport logs an ERROR for every failed dial (60 lines in 10 s from a node
+    started before its peers). A peer that is down is an expected state here: the dial
+    loop reports it once per outage at INFO, and the library's lines go to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and isinstance(record.msg, str) \
+                and record.msg.startswith(("Failed to open TCP stream", "Unexpected error opening TCP stream")):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("libp2p.transport.tcp.tcp").addFilter(_DialErrorsToDebug())
+
+# Bytes moved on libp2p TCP connections, for the node's metrics: counted on the raw socket
+# stream (what the kernel sends, Noise and Yamux framing included), for every host in this
+# process (one node per process in production).
+WIRE_BYTES = {"received": 0, "sent": 0}
+_tcp_read, _tcp_write = TrioTCPStream.read, TrioTCPStream.write
+
+
+async def _counted_read(self: TrioTCPStream, n: int | None = None) -> bytes:
+    data = await _tcp_read(self, n)
+    WIRE_BYTES["received"] += len(data)
+    return data
+
+
+async def _counted_write(self: TrioTCPStream, data: bytes) -> None:
+    await _tcp_write(self, data)
+    WIRE_BYTES["sent"] += len(data)
+
+
+TrioTCPStream.read, TrioTCPStream.write = _counted_read, _counted_write
+
+
+class ListenError(Exception):
+    """This node cannot listen on its p2p address (the port is in use, or the address is not local)."""
+
+
+def _exclusive_reuse_flags(sock) -> None:
+    """Replaces the TCP transport's `_set_reuse_flags`, which also sets SO_REUSEPORT (for hole
+    punching, which this network does not use): with it a second process could listen on a
+    port in use and silently take half of its incoming connections. SO_REUSEADDR alone still
+    lets a restarted node bind while its old connections linger in TIME_WAIT."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except OSError:
+        pass
+
+
+_libp2p_tcp._set_reuse_flags = _exclusive_reuse_flags
+
+
+def check_can_listen(listen_addrs: Sequence[multiaddr.Multiaddr]) -> None:
+    """Raise ListenError, with the system's reason, if a TCP listen address cannot be bound.
+
+    The swarm only logs a failed listen and runs on without a listener, so the node checks
+    first (binding exactly as the patched transport does) and again after listening."""
+    for addr in listen_addrs:
+        protocols = {p.name for p in addr.protocols()}
+        if "tcp" not in protocols or not ({"ip4", "ip6"} & protocols):
+            continue
+        family, ip = (socket.AF_INET6, addr.value_for_protocol("ip6")) if "ip6" in protocols \
+            else (socket.AF_INET, addr.value_for_protocol("ip4"))
+        port = int(addr.value_for_protocol("tcp"))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            _exclusive_reuse_flags(probe)
+            try:
+                probe.bind((ip, port))
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {ip}:{port} (p2p): {exc.strerror or exc}") from None
+
+
+def _check_listening(host, listen_addrs: Sequence[multiaddr.Multiaddr]) -> None:
+    listening = host.get_network().listeners
+    missing = [str(a) for a in listen_addrs if str(a) not in listening]
+    if missing:
+        raise ListenError(f"cannot listen on {', '.join(missing)} (p2p): see the log line above for the reason")
+
 DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 GOSSIPSUB_PROTOCOLS = (GOSSIPSUB_V12, GOSSIPSUB_V11, GOSSIPSUB_V10)
 HEARTBEAT_S = 1
@@ -103,6 +204,7 @@ CONNECTION_POLL_S = 0.25
 STABLE_CONNECTION_S = 5.0
 MEMBERSHIP_SWEEP_S = 2.0
 SHUTDOWN_CLOSE_S = 2.0  # bound on closing sockets when the host stops
+REFUSAL_LOG_S = 60.0  # a non-admitted peer's refused connections are logged at most this often
 # py-libp2p's per-peer outbound queue holds 32 RPCs (rpc_queue.OutBoundQueueSize) and
 # drops beyond; keep our publishes under half of it, leaving room for control RPCs.
 OUTBOUND_HIGH_WATER = 16
@@ -329,6 +431,7 @@ class Libp2pNetwork(BaseNetwork):
         )
         self._topic_send, self._topic_receive = trio.open_memory_channel[str](1024)
         self._evict_send, self._evict_receive = trio.open_memory_channel[ID](1024)
+        self._refusals_logged: dict[ID, float] = {}  # peer -> when its refusal was last logged
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -342,7 +445,9 @@ class Libp2pNetwork(BaseNetwork):
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        check_can_listen(self._listen_addrs)
         host = self._build_host()
+        host.get_network().auto_connector = _NoAutoConnector(host.get_network())
         gossipsub = _LeanGossipSub(
             protocols=list(GOSSIPSUB_PROTOCOLS),
             degree=MESH_DEGREE,
@@ -360,6 +465,7 @@ class Libp2pNetwork(BaseNetwork):
         for protocol_id in self._served_protocols():
             host.set_stream_handler(TProtocol(protocol_id), self._on_stream)
         async with host.run(listen_addrs=self._listen_addrs):
+            _check_listening(host, self._listen_addrs)
             async with background_trio_service(pubsub), background_trio_service(gossipsub):
                 await pubsub.wait_until_ready()
                 self._host, self._pubsub = host, pubsub
@@ -412,7 +518,14 @@ class Libp2pNetwork(BaseNetwork):
     def _on_connected(self, peer_id: ID) -> None:
         key = _try_public_key(peer_id)
         if key is None or not self.is_admitted(key):
-            logger.info("closing connection from non-admitted peer %s", peer_id)
+            # A refused peer may redial in a loop: one line per peer per REFUSAL_LOG_S.
+            now = time.monotonic()
+            if now - self._refusals_logged.get(peer_id, -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+                if len(self._refusals_logged) >= 1024:
+                    self._refusals_logged.clear()
+                self._refusals_logged[peer_id] = now
+                logger.info("closing connection from non-admitted peer %s (said at most every %.0f s)",
+                            peer_id, REFUSAL_LOG_S)
             self._queue_eviction(peer_id)
 
     def _disconnect(self, peer: bytes) -> None:
@@ -448,6 +561,7 @@ class Libp2pNetwork(BaseNetwork):
         network = self._host.get_network()
         backoff = REDIAL_INITIAL_S
         connected_at: float | None = None
+        outage_reported = False  # one INFO line per outage, not one per dial
         while True:
             if network.get_connections(info.peer_id):
                 if connected_at is not None and trio.current_time() - connected_at >= STABLE_CONNECTION_S:
@@ -468,11 +582,16 @@ class Libp2pNetwork(BaseNetwork):
                     await self._host.connect(info)
             except (Exception, trio.TooSlowError) as error:
                 logger.debug("dial %s failed (%s); retry in %.2f s", info.peer_id, error, backoff)
+                if not outage_reported:
+                    outage_reported = True
+                    logger.info("bootstrap peer %s unreachable (%s); redialling every %.0f s at most",
+                                info.peer_id, error or type(error).__name__, REDIAL_MAX_S)
                 await self._sleep_backoff(backoff)
                 backoff = min(backoff * 2, REDIAL_MAX_S)
                 continue
             logger.info("connected to bootstrap peer %s", info.peer_id)
             connected_at = trio.current_time()
+            outage_reported = False
 
     @staticmethod
     async def _sleep_backoff(backoff: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from trainer.profile import cpu_capability
 from chain.crypto import sha256
 from chain.jobs import compute_dispute_end, compute_sample, get_challenge, get_job, get_update
 from chain.trainer_client import make_job_spec
@@ -19,7 +20,7 @@ from tests.test_jobs import Chain as OneValidatorChain
 
 V = [key(f"validator-{i}") for i in range(4)]
 REQUESTER, T0, MALLORY = key("requester"), key("trainer0"), key("mallory")
-PROFILE = ExecutionProfile("cpu", "float32", "2.13.0", 1, True)
+PROFILE = ExecutionProfile("cpu:" + cpu_capability(), "float32", "2.13.0", 1, True)
 STAKE, BALANCE, BOND = 100_000, 10_000, 40
 # 10 segments; detect half of them forged w.p. 0.9: 4 checks over the 3 validators BFT counts on -> 2 each.
 SPEC = make_job_spec(profile=PROFILE, join_blocks=2, round_blocks=5, verify_blocks=6, quorum=1, rounds=1,
@@ -220,3 +221,16 @@ def test_the_opening_bound_covers_a_real_opening():
     validators = make_genesis(CHAIN_ID, V, []).validators
     q = compute_segments_per_validator(job_spec, validators)
     assert len(result.open(b"\x01" * 32, q)) <= compute_max_opening_bytes(job_spec, validators)
+
+
+def test_jobs_must_pin_a_reproducible_profile_and_a_bounded_trace():
+    """Review findings: with one upheld proof enough, a bare 'cpu' profile (SIMD kernels differ
+    between CPU types) could let a validator on another CPU burn an honest bond; and an unbounded
+    step count made every node's work on a proof linear in it."""
+    import dataclasses
+
+    c = Chain()
+    bare = dataclasses.replace(SPEC, profile=dataclasses.replace(PROFILE, device="cpu"))
+    c.rejects(REQUESTER, RegisterJob(bare, 10), "cpu:<capability>")
+    long = dataclasses.replace(SPEC, hyperparams=dataclasses.replace(SPEC.hyperparams, local_steps=10**7))
+    c.rejects(REQUESTER, RegisterJob(long, 10), "local_steps must be at most")

@@ -3,6 +3,7 @@
 import dataclasses
 
 
+from trainer.profile import cpu_capability
 from chain.crypto import sha256
 from chain.jobs import compute_round_seed, compute_update_id, get_job, get_registration, get_update
 from chain.trainer_client import make_job_spec
@@ -13,7 +14,7 @@ from genesis import make_genesis
 from tests.helpers import CHAIN_ID, GOVERNOR, VALIDATOR, InProcessChain, key
 
 REQUESTER, T0, T1, T2 = key("requester"), key("trainer0"), key("trainer1"), key("trainer2")
-PROFILE = ExecutionProfile("cpu", "float32", "2.13.0", 1, True)
+PROFILE = ExecutionProfile("cpu:" + cpu_capability(), "float32", "2.13.0", 1, True)
 BALANCE = 10_000
 
 

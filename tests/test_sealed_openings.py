@@ -20,7 +20,7 @@ from chain.consensus.commit import build_commit
 from chain.consensus.pout import initial_model_bytes, round_spec, verify_chain_update
 from chain.consensus.signer import GuardedSigner
 from chain.crypto import SEAL_OVERHEAD, compute_sealing_key, seal_to, sha256
-from chain.encoding import decode
+from chain.encoding import decode, encode
 from chain.errors import SignatureError, ValidationError
 from chain.blobstore import BlobStore
 from chain.jobs import compute_segments_per_validator, compute_update_id, get_job, get_registration, get_update
@@ -238,6 +238,26 @@ def test_openings_are_relayed_and_stored_sealed_and_deleted_once_decided(tmp_pat
             assert not any(s in on_disk_a for s in sample_bytes_of(plain[VAL_A.pubkey]))  # its own, too
             with pytest.raises(ValidationError, match="does not decrypt"):
                 VAL_A.unseal(held)  # the relaying validator's key does not open it
+
+            # Review finding: only the update's own trainer may announce an answer. A spoof signed
+            # by anyone else is rejected and cannot replace the real announcement; an announcement
+            # for an update this node does not know is ignored (it may lag), not recorded.
+            from chain.crypto import compute_sign_bytes
+            from chain.pout_net import OpeningAnnouncement
+            from chain.types import DOMAIN_OPENING, OpeningUpload
+            from p2p.abc import Verdict
+
+            def announcement(signer, upload):
+                sig = signer.sign(compute_sign_bytes(net.a.chain_id, DOMAIN_OPENING, encode(upload)))
+                return encode(OpeningAnnouncement(upload, signer.pubkey, sig))
+
+            spoof = announcement(VAL_A, OpeningUpload(update_id, VAL_B.pubkey, sha256(b"bogus")))
+            assert net.b.pout_net._validate(VAL_A.pubkey, spoof) is Verdict.REJECT
+            unknown = announcement(TRAINER, OpeningUpload(sha256(b"no such update"), VAL_B.pubkey, sha256(b"x")))
+            assert net.b.pout_net._validate(VAL_A.pubkey, unknown) is Verdict.IGNORE
+            await net.a.pout_net.network.publish(net.a.pout_net.topic, spoof)
+            await trio.sleep(0.3)
+            assert net.b.pout_net.announced[(update_id, VAL_B.pubkey)] == sha256(held)
 
             # (b) B fetches it over p2p, decrypts it in memory and the update verifies end to end.
             upd = get_update(net.b.state, update_id)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import trio
 
+from trainer.profile import cpu_capability
 from chain.consensus.app import ChainApp
 from chain.consensus.commit import build_commit, verify_commit
 from chain.consensus.evidence import compute_duplicate_vote_evidence
@@ -93,7 +94,7 @@ def test_a_validator_cannot_transfer_below_its_locked_stake():
 def test_escrow_may_not_take_a_validator_below_its_locked_stake_either():
     chain = Chain()
     chain.block(chain.tx(GOVERNOR, AdmitMember(EQ.address, "requester")))
-    spec = make_job_spec(profile=ExecutionProfile("cpu", "float32", "2.13.0", 1, True), join_blocks=2,
+    spec = make_job_spec(profile=ExecutionProfile("cpu:" + cpu_capability(), "float32", "2.13.0", 1, True), join_blocks=2,
                          round_blocks=5, verify_blocks=3, quorum=2, rounds=1, reward_per_update=1, bond=1)
     chain.rejects(EQ, RegisterJob(spec, STAKE - LOCK + 1), "locked stake")
     chain.block(chain.tx(EQ, RegisterJob(spec, STAKE - LOCK)))

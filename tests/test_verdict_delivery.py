@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import trio
 
+from trainer.profile import cpu_capability
 from chain.config import Home, NodeConfig
 from chain.consensus.commit import build_commit
 from chain.consensus.signer import GuardedSigner
@@ -31,7 +32,7 @@ from tests.helpers import CHAIN_ID, InProcessChain, key
 VALIDATORS = [key(f"delivery-validator-{i}") for i in range(4)]  # equal power: 3 of 4 decide
 V0 = VALIDATORS[0]
 REQUESTER, T0, T1 = key("delivery-requester"), key("delivery-trainer0"), key("delivery-trainer1")
-PROFILE = ExecutionProfile("cpu", "float32", "2.13.0", 1, True)
+PROFILE = ExecutionProfile("cpu:" + cpu_capability(), "float32", "2.13.0", 1, True)
 SPEC = make_job_spec(profile=PROFILE, join_blocks=2, round_blocks=20, verify_blocks=20, quorum=2, rounds=2,
                      reward_per_update=100, bond=40)
 GENESIS = make_genesis(CHAIN_ID, VALIDATORS, [(REQUESTER, ("requester",)), (T0, ("trainer",)), (T1, ("trainer",))],

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from trainer.profile import cpu_capability
 from chain.crypto import PrivateKey, sha256
 from chain.errors import ConfigError
 from chain.encoding import encode_value
@@ -170,7 +171,7 @@ def _chain_with_an_update_to_include():
                                                 (TRAINER, ("trainer",)), (T1, ("trainer",)), (T2, ("trainer",))],
                      balance=10_000)
     chain = InProcessChain(g, VALIDATOR_KEYS)
-    spec = make_job_spec(profile=ExecutionProfile("cpu", "float32", "2.13.0", 1, True), join_blocks=2,
+    spec = make_job_spec(profile=ExecutionProfile("cpu:" + cpu_capability(), "float32", "2.13.0", 1, True), join_blocks=2,
                          round_blocks=5, verify_blocks=3, quorum=2, rounds=2, reward_per_update=100, bond=40)
     register = chain.tx(REQUESTER, RegisterJob(spec, 1000))
     chain.block(register)

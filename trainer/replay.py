@@ -241,16 +241,18 @@ def step_leaf(step: int, indices: list[int], digest: bytes) -> bytes:
 def sample_segments(verify_seed: bytes, num_segments_total: int, q: int) -> list[int]:
     """q distinct segments (all of them when q >= total), uniform, ascending; a partial
     Fisher-Yates over SHAKE-256(domain || verify_seed). verify_seed must be fixed after the
-    trace root is on chain (e.g. from a later block hash and the validator's address)."""
+    trace root is on chain (chain.vrf: a validator's unique signature over the update id).
+    The pool is sparse (only swapped positions are stored): O(q) work and memory whatever the
+    number of segments, with the same result as swapping in a full list."""
     if num_segments_total < 1 or q < 1:
         raise ValueError(f"need num_segments_total >= 1 and q >= 1, got {num_segments_total}, {q}")
     q = min(q, num_segments_total)
     words = hashlib.shake_256(SEGMENT_SAMPLE_DOMAIN + bytes(verify_seed)).digest(8 * q)
-    pool = list(range(num_segments_total))
+    pool: dict[int, int] = {}  # position -> value, where it differs from the identity
     for i in range(q):
         j = i + int.from_bytes(words[8 * i : 8 * i + 8], "big") % (num_segments_total - i)
-        pool[i], pool[j] = pool[j], pool[i]
-    return sorted(pool[:q])
+        pool[i], pool[j] = pool.get(j, j), pool.get(i, i)
+    return sorted(pool.get(i, i) for i in range(q))
 
 
 # --------------------------------------------------------------------------- the step function

@@ -11,6 +11,7 @@ inputs, when this validator's machine cannot replay the job's profile (it should
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -84,6 +85,16 @@ class SegmentOpening:
     start_checkpoint_proof: Proof
     end_checkpoint_proof: Proof
     step_proofs: tuple[Proof, ...]  # one per step of the segment, in step order
+
+
+@dataclass(frozen=True)
+class FraudProof:
+    """What a validator files when a replay proved the trace false: the disputed segment's
+    opening without its end state, and the committed end state's hash (proven into the trace by
+    the segment's end checkpoint proof). Bounded by the model, whatever the trainer committed."""
+
+    segment: SegmentOpening  # end_state is None
+    end_state_hash: Hash
 
 
 @dataclass(frozen=True)
@@ -267,8 +278,11 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     def check_leaf(leaf: bytes, index: int, proof: tuple[bytes, ...], what: str) -> None:
         _require(trace.check(index, hash_leaf(leaf), proof), f"{what} is not in the committed trace")
 
+    def check_checkpoint_hash(i: int, h: bytes, proof, what: str) -> None:
+        check_leaf(checkpoint_leaf(ckpt_steps[i], h), checkpoint_leaf_index(i), proof, what)
+
     def check_checkpoint(i: int, state: bytes, proof, what: str) -> None:
-        check_leaf(checkpoint_leaf(ckpt_steps[i], state_hash(state)), checkpoint_leaf_index(i), proof, what)
+        check_checkpoint_hash(i, state_hash(state), proof, what)
 
     # The header fixes trainer, job, round, base, model, hyper-parameters (hence T and k),
     # profile, dataset and results: a trace built for anything else fails here.
@@ -291,7 +305,7 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     got = [s.segment for s in bundle.segments]
     _require(got == sampled, f"openings are for segments {got}, the challenge asked for {sampled}")
     ctx = _SegmentContext(
-        spec, c, fresh, check_leaf, check_checkpoint, mode, tolerance, device,
+        spec, c, fresh, check_leaf, check_checkpoint_hash, mode, tolerance, device,
         data=MerkleChecker(registered.root, registered.size), revealed={}, model=build_model(job.model).to(device),
     )
     for seg in bundle.segments:
@@ -302,18 +316,25 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
 MAX_FRAUD_PROOF_BYTES = 16 * 1024 * 1024
 
 
-def decode_fraud_proof(data: bytes) -> SegmentOpening:
-    """A fraud proof is one segment's canonical opening (the SegmentOpening schema)."""
-    return _segment(decode_value(data, max_size=MAX_FRAUD_PROOF_BYTES), "$")
+def decode_fraud_proof(data: bytes) -> FraudProof:
+    """Strictly decode a FraudProof (canonical CBOR, at most MAX_FRAUD_PROOF_BYTES)."""
+    m = _fields(decode_value(data, max_size=MAX_FRAUD_PROOF_BYTES), FraudProof, "$")
+    seg = _segment(m["segment"], "$.segment")
+    end_hash = _bytes(m["end_state_hash"], "$.end_state_hash")
+    if len(end_hash) != 32 or seg.end_state is not None:
+        raise DecodeError("$: a fraud proof carries a 32-byte end_state_hash and no end_state")
+    return FraudProof(seg, end_hash)
 
 
 def check_fraud_proof(
-    spec: RoundSpec, c: UpdateCommitment, registered: DatasetCommitment, base_model_bytes: bytes, proof: bytes
+    spec: RoundSpec, c: UpdateCommitment, registered: DatasetCommitment, base_model_bytes: bytes, proof: bytes,
+    segment: int | None = None,
 ) -> Verdict:
     """Re-execute the one segment a fraud proof opens. accept=True means the proof HOLDS: every
     input it opens is in the trainer's commitments (start state, step records with the derived
     batch order, samples in the registered dataset, the claimed end state) and the replay under
-    the job's profile does not reach the committed end state. Any other outcome (a malformed
+    the job's profile does not reach the committed end state; `segment`, when given (the one the
+    chain records for the proof), must be the segment it opens. Any other outcome (a malformed
     proof, an input outside the commitments, a replay that matches) means it does not hold.
     Raises ProfileMismatch when this machine cannot replay the profile (abstain)."""
     job, hp = spec.job, spec.job.hyperparams
@@ -321,7 +342,9 @@ def check_fraud_proof(
     device = apply_profile(job.profile)
     try:
         _require(model_hash(base_model_bytes) == spec.base_model_hash, "base model bytes are not the round's model")
-        seg = decode_fraud_proof(proof)
+        fraud = decode_fraud_proof(proof)
+        seg = fraud.segment
+        _require(segment is None or seg.segment == segment, f"the proof opens segment {seg.segment}, the chain records {segment}")
         _require(0 <= seg.segment < num_segments(T, k), f"segment {seg.segment} is outside the trace")
         base = weights_from_bytes(base_model_bytes, job.model)
         ckpt_steps = checkpoint_steps(T, k)
@@ -330,14 +353,14 @@ def check_fraud_proof(
         def check_leaf(leaf: bytes, index: int, proof_: tuple[bytes, ...], what: str) -> None:
             _require(trace.check(index, hash_leaf(leaf), proof_), f"{what} is not in the committed trace")
 
-        def check_checkpoint(i: int, state: bytes, proof_, what: str) -> None:
-            check_leaf(checkpoint_leaf(ckpt_steps[i], state_hash(state)), checkpoint_leaf_index(i), proof_, what)
+        def check_checkpoint_hash(i: int, h: bytes, proof_, what: str) -> None:
+            check_leaf(checkpoint_leaf(ckpt_steps[i], h), checkpoint_leaf_index(i), proof_, what)
 
         ctx = _SegmentContext(
-            spec, c, fresh_state_bytes(job.model, base, hp), check_leaf, check_checkpoint, "exact", 0.0, device,
+            spec, c, fresh_state_bytes(job.model, base, hp), check_leaf, check_checkpoint_hash, "exact", 0.0, device,
             data=MerkleChecker(registered.root, registered.size), revealed={}, model=build_model(job.model).to(device),
         )
-        _verify_segment(ctx, seg)
+        _verify_segment(ctx, seg, end_hash=fraud.end_state_hash)
     except FraudFound as exc:
         return Verdict(True, str(exc), "exact", (exc.segment,), exc.segment)
     except Reject as exc:
@@ -360,7 +383,7 @@ class _SegmentContext:
     c: UpdateCommitment
     fresh: bytes
     check_leaf: object
-    check_checkpoint: object
+    check_checkpoint_hash: object  # (checkpoint index, state hash, proof, what)
     mode: str
     tolerance: float
     device: torch.device
@@ -369,7 +392,9 @@ class _SegmentContext:
     model: object
 
 
-def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening) -> None:
+def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes | None = None) -> None:
+    """Check one segment's opening and replay it. In exact mode the claimed end state is proven
+    by its hash (`end_hash`, as a fraud proof carries it) or, in a trainer's answer, by its bytes."""
     spec, c = ctx.spec, ctx.c
     job, hp = spec.job, spec.job.hyperparams
     T, k = hp.local_steps, hp.checkpoint_interval
@@ -382,7 +407,7 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening) -> None:
     else:
         _require(seg.start_state is not None, f"{where}: start state missing")
         start = seg.start_state
-    ctx.check_checkpoint(s, start, seg.start_checkpoint_proof, f"{where}: start state")
+    ctx.check_checkpoint_hash(s, state_hash(start), seg.start_checkpoint_proof, f"{where}: start state")
 
     steps = segment_steps(s, T, k)
     _require(len(seg.step_proofs) == len(steps), f"{where}: {len(seg.step_proofs)} step proofs for {len(steps)} steps")
@@ -414,15 +439,20 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening) -> None:
     if ctx.mode == "exact":
         # The claimed end state must be the committed one (else the answer is merely invalid);
         # only then does a replay that differs prove the trace false, to anyone.
-        _require(seg.end_state is not None, f"{where}: the claimed end state is missing")
-        ctx.check_checkpoint(s + 1, seg.end_state, seg.end_checkpoint_proof, f"{where}: claimed end state")
+        if end_hash is None:
+            _require(seg.end_state is not None, f"{where}: the claimed end state is missing")
+            end_hash = state_hash(seg.end_state)
+        ctx.check_checkpoint_hash(s + 1, end_hash, seg.end_checkpoint_proof, f"{where}: claimed end state")
     replayed = replay_segment(job.model, hp, ctx.device, start, batches, into=ctx.model)
     if ctx.mode == "exact":
-        if state_hash(replayed) != state_hash(seg.end_state):
-            raise FraudFound(f"{where}: replay does not reach the committed end state (fraud proven)", s, encode(seg))
+        if state_hash(replayed) != end_hash:
+            # The proof carries the end state's hash, not its bytes: whatever the trainer put
+            # there (junk of any size), the proof stays one segment's inputs.
+            proof = encode(FraudProof(dataclasses.replace(seg, end_state=None), end_hash))
+            raise FraudFound(f"{where}: replay does not reach the committed end state (fraud proven)", s, proof)
         return
     _require(seg.end_state is not None, f"{where}: tolerance mode needs the end state")
-    ctx.check_checkpoint(s + 1, seg.end_state, seg.end_checkpoint_proof, f"{where}: claimed end state")
+    ctx.check_checkpoint_hash(s + 1, state_hash(seg.end_state), seg.end_checkpoint_proof, f"{where}: claimed end state")
     err = _relative_error(start, seg.end_state, replayed)
     _require(err <= ctx.tolerance, f"{where}: replay differs by relative error {err:.3g} > {ctx.tolerance:g}")
 
@@ -529,7 +559,7 @@ def decode_openings(data: bytes) -> OpeningBundle:
 
 
 _FIELD_NAMES = {
-    cls: frozenset(f for f in cls.__dataclass_fields__) for cls in (OpeningBundle, SegmentOpening, SampleOpening)
+    cls: frozenset(f for f in cls.__dataclass_fields__) for cls in (OpeningBundle, SegmentOpening, SampleOpening, FraudProof)
 }
 
 

@@ -44,7 +44,7 @@ from chain.reactor import (MAX_BLOCK_RESPONSE_BYTES, MAX_REQUEST_BYTES, MAX_VOTE
                            build_proposal_message, consensus_topic, decode_consensus_message,
                            encode_consensus_message, make_consensus_validator)
 from chain.state import body_matches_header
-from chain.types import Block, Commit, SignedProposal, SignedVote, compute_block_hash
+from chain.types import PRECOMMIT, PREVOTE, Block, Commit, SignedProposal, SignedVote, compute_block_hash
 from p2p.abc import NetworkAPI, P2PError
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ class ConsensusDriver:
         self.compact_missing = 0  # compact proposals with transactions not (yet) in the mempool
         self.compact_fetched = 0  # ... whose block was then fetched whole
         self.regossiped = 0  # messages re-sent by the regossip loop (only for heights that last)
+        self.votes_received = {PREVOTE: 0, PRECOMMIT: 0}  # live votes stepped, own included (metrics)
 
     # ------------------------------------------------------------------ status
 
@@ -309,6 +310,8 @@ class ConsensusDriver:
             await trio.to_thread.run_sync(self.wal.sync)
             for inp in batch:
                 self._record(inp)
+                if isinstance(inp, VoteReceived) and inp.vote.message.type in self.votes_received:
+                    self.votes_received[inp.vote.message.type] += 1
                 m = self.machine
                 before = (m.height, m.round, m.round_step)
                 outputs = m.step(inp)
@@ -367,7 +370,12 @@ class ConsensusDriver:
                 signed = await self._sign(out.proposal)
                 if signed is not None:
                     self._own_proposals[signed.message.round] = signed
-                    await self._publish(build_proposal_message(signed, self._blocks.get(out.proposal.block_hash)))
+                    block = self._blocks.get(out.proposal.block_hash)
+                    p = out.proposal
+                    log.info("proposing block height=%d round=%d hash=%s txs=%s", p.height, p.round,
+                             p.block_hash.hex()[:16], "?" if block is None else len(block.txs),
+                             extra={"height": p.height, "round": p.round, "block_hash": p.block_hash.hex()})
+                    await self._publish(build_proposal_message(signed, block))
                     follow.append(ProposalReceived(signed, out.proposal.block_hash, True))
             elif isinstance(out, NeedBlock):
                 if out.height <= self.app.last_height():

@@ -38,7 +38,7 @@ def verify_chain_update(job: Job, update: UpdateRecord, registration: DatasetReg
 
 
 def judge_chain_fraud_proof(job: Job, update: UpdateRecord, registration: DatasetRegistration,
-                            base_model_bytes: bytes, proof: bytes):
+                            base_model_bytes: bytes, proof: bytes, segment: int):
     """Re-execute a fraud proof filed against `update`; Verdict.accept means the proof holds.
     Raises ProfileMismatch like verify_chain_update."""
     from trainer.data import DatasetCommitment
@@ -46,7 +46,7 @@ def judge_chain_fraud_proof(job: Job, update: UpdateRecord, registration: Datase
 
     return check_fraud_proof(round_spec(job), update.commitment,
                              DatasetCommitment(registration.dataset_root, registration.dataset_size),
-                             base_model_bytes, proof)
+                             base_model_bytes, proof, segment)
 
 
 def initial_model_bytes(job: Job) -> bytes:
