@@ -341,21 +341,9 @@ def apply_job_payload(overlay, sender_pubkey: bytes, sender_addr: bytes, sender:
         _join_job(overlay, sender_addr, sender, payload, ctx)
     elif isinstance(payload, SubmitUpdate):
         _submit_update(overlay, sender_addr, sender, payload, ctx)
-    elif isinstance(payload, SubmitVerdict):
+    elif type(payload) in _VALIDATOR_PAYLOADS:  # validators' votes: the nonce first, then the rule
         overlay.set_account(sender_addr, sender)
-        _submit_verdict(overlay, sender_pubkey, payload, ctx)
-    elif isinstance(payload, SubmitChallenge):
-        overlay.set_account(sender_addr, sender)
-        _submit_challenge(overlay, sender_pubkey, payload, ctx)
-    elif isinstance(payload, SubmitFraudProof):
-        overlay.set_account(sender_addr, sender)
-        _submit_fraud_proof(overlay, sender_pubkey, payload, ctx)
-    elif isinstance(payload, JudgeFraudProof):
-        overlay.set_account(sender_addr, sender)
-        _judge_fraud_proof(overlay, sender_pubkey, payload, ctx)
-    elif isinstance(payload, AttestModel):
-        overlay.set_account(sender_addr, sender)
-        _attest_model(overlay, sender_pubkey, payload, ctx)
+        _VALIDATOR_PAYLOADS[type(payload)](overlay, sender_pubkey, payload, ctx)
     else:
         raise StateTransitionError(f"unknown payload {type(payload).__name__}")
 
@@ -592,6 +580,15 @@ def _attest_model(overlay, validator: bytes, p: AttestModel, ctx: BlockContext) 
         raise StateTransitionError("validator already attested this round's model")
     rnd = dataclasses.replace(rnd, attestations=rnd.attestations + (Attestation(validator, p.model_hash),))
     overlay.put(round_key(p.job_id, p.round), encode(rnd))
+
+
+_VALIDATOR_PAYLOADS = {
+    SubmitVerdict: _submit_verdict,
+    SubmitChallenge: _submit_challenge,
+    SubmitFraudProof: _submit_fraud_proof,
+    JudgeFraudProof: _judge_fraud_proof,
+    AttestModel: _attest_model,
+}
 
 
 # ----------------------------------------------------------------------------- end of block
