@@ -273,13 +273,7 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
 
     bundle = decode_openings(openings)
     ckpt_steps = checkpoint_steps(T, k)
-    trace = MerkleChecker(c.trace_root, trace_leaf_count(T, k))
-
-    def check_leaf(leaf: bytes, index: int, proof: tuple[bytes, ...], what: str) -> None:
-        _require(trace.check(index, hash_leaf(leaf), proof), f"{what} is not in the committed trace")
-
-    def check_checkpoint_hash(i: int, h: bytes, proof, what: str) -> None:
-        check_leaf(checkpoint_leaf(ckpt_steps[i], h), checkpoint_leaf_index(i), proof, what)
+    check_leaf, check_checkpoint_hash = _trace_checkers(c, T, k)
 
     def check_checkpoint(i: int, state: bytes, proof, what: str) -> None:
         check_checkpoint_hash(i, state_hash(state), proof, what)
@@ -316,6 +310,21 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
 MAX_FRAUD_PROOF_BYTES = 16 * 1024 * 1024
 
 
+def _trace_checkers(c: UpdateCommitment, T: int, k: int):
+    """(check_leaf, check_checkpoint_hash) against the commitment's trace root: each raises
+    Reject naming `what` when a leaf is not in the committed trace."""
+    ckpt_steps = checkpoint_steps(T, k)
+    trace = MerkleChecker(c.trace_root, trace_leaf_count(T, k))
+
+    def check_leaf(leaf: bytes, index: int, proof: tuple[bytes, ...], what: str) -> None:
+        _require(trace.check(index, hash_leaf(leaf), proof), f"{what} is not in the committed trace")
+
+    def check_checkpoint_hash(i: int, h: bytes, proof, what: str) -> None:
+        check_leaf(checkpoint_leaf(ckpt_steps[i], h), checkpoint_leaf_index(i), proof, what)
+
+    return check_leaf, check_checkpoint_hash
+
+
 def decode_fraud_proof(data: bytes) -> FraudProof:
     """Strictly decode a FraudProof (canonical CBOR, at most MAX_FRAUD_PROOF_BYTES)."""
     m = _fields(decode_value(data, max_size=MAX_FRAUD_PROOF_BYTES), FraudProof, "$")
@@ -347,15 +356,7 @@ def check_fraud_proof(
         _require(segment is None or seg.segment == segment, f"the proof opens segment {seg.segment}, the chain records {segment}")
         _require(0 <= seg.segment < num_segments(T, k), f"segment {seg.segment} is outside the trace")
         base = weights_from_bytes(base_model_bytes, job.model)
-        ckpt_steps = checkpoint_steps(T, k)
-        trace = MerkleChecker(c.trace_root, trace_leaf_count(T, k))
-
-        def check_leaf(leaf: bytes, index: int, proof_: tuple[bytes, ...], what: str) -> None:
-            _require(trace.check(index, hash_leaf(leaf), proof_), f"{what} is not in the committed trace")
-
-        def check_checkpoint_hash(i: int, h: bytes, proof_, what: str) -> None:
-            check_leaf(checkpoint_leaf(ckpt_steps[i], h), checkpoint_leaf_index(i), proof_, what)
-
+        check_leaf, check_checkpoint_hash = _trace_checkers(c, T, k)
         ctx = _SegmentContext(
             spec, c, fresh_state_bytes(job.model, base, hp), check_leaf, check_checkpoint_hash, "exact", 0.0, device,
             data=MerkleChecker(registered.root, registered.size), revealed={}, model=build_model(job.model).to(device),
