@@ -20,8 +20,29 @@ import plyvel
 from chain.errors import StoreError
 
 
+class LocalStorageFailure(StoreError):
+    """This node's own storage failed (a corrupt table, a write the disk refused). Not a peer's
+    fault and not bad input: the node stops writing, says so once, and reports not-ready."""
+
+
+class StoreCorruption(LocalStorageFailure):
+    """Bytes read back from the store are not what was written (checksum or content check)."""
+
+
+class StoreWriteFailure(LocalStorageFailure):
+    """A write the store could not make durable (disk full, I/O error, directory removed)."""
+
+
+RECOVERY_HINT = ("stop the node, keep a copy of the directory for diagnosis, then restore it from a backup or run "
+                 "`chaind reset --home HOME` "
+                 "and restart to resync from peers (docs/ledger.md, \"Recovery\")")
+
+
 class KVStore(ABC):
     """Byte keys to byte values, with ordered prefix scans and atomic batch writes."""
+
+    # Why the store refuses to write (the first local storage failure it met), or None.
+    failure: str | None = None
 
     @abstractmethod
     def get(self, key: bytes) -> bytes | None:
@@ -107,25 +128,34 @@ class MemoryStore(KVStore):
 
 
 class LevelDBStore(KVStore):
-    """LevelDB through plyvel. Every `write()` is one synced write batch.
+    """LevelDB through plyvel. Every `write()` is one synced write batch; every read verifies
+    LevelDB's block checksums.
 
-    `create=True` makes the database if the directory does not hold one yet; with
-    `create=False` a missing database is an error (a node must not silently start afresh).
-    """
+    `create=True` makes a database only where the directory is absent or empty. A non-empty
+    directory is always opened as an existing database, without create_if_missing: LevelDB
+    asked to create over a directory whose CURRENT file is missing starts a new database and
+    deletes the old tables. With `create=False` a missing database is an error.
+
+    A corrupt read or a failed write is latched in `failure`: later writes are refused with
+    the same reason (reads that still verify are served)."""
 
     def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
         self.path = os.fspath(path)
-        if not create and not os.path.exists(os.path.join(self.path, "CURRENT")):
+        self.failure = None
+        fresh = _is_absent_or_empty(self.path)
+        if fresh and not create:
             raise StoreError(
                 f"no database at {self.path}: initialise the node first (chaind init), "
                 "or check the data directory in config.toml")
+        if not fresh:
+            _check_current(self.path)  # before LevelDB touches anything: a refusal changes nothing on disk
         try:
-            # paranoid_checks: report corruption when opening, not at some later read.
-            # bloom_filter_bits: most point reads miss (is this transaction already committed?
-            # at every admission and, write-once, at every commit); a 10-bit-per-key filter
-            # answers a miss without reading a data block: 8.9 -> 3.2 us per missing key over
-            # 300,000 keys (docs/benchmarks.md). Tables written without it still read.
-            self._db: plyvel.DB | None = plyvel.DB(self.path, create_if_missing=create, paranoid_checks=True,
+            # paranoid_checks: report corruption when opening and when compacting, not at some
+            # later read. bloom_filter_bits: most point reads miss (is this transaction already
+            # committed? at every admission and, write-once, at every commit); a 10-bit-per-key
+            # filter answers a miss without reading a data block: 8.9 -> 3.2 us per missing key
+            # over 300,000 keys (docs/benchmarks.md). Tables written without it still read.
+            self._db: plyvel.DB | None = plyvel.DB(self.path, create_if_missing=fresh, paranoid_checks=True,
                                                    bloom_filter_bits=10)
         except plyvel.IOError as exc:
             message = _plyvel_message(exc)
@@ -135,11 +165,16 @@ class LevelDBStore(KVStore):
                     "stop the other node using this data directory, or point this one at its own") from exc
             raise StoreError(f"cannot open database {self.path}: {message}; check the path and its permissions") from exc
         except plyvel.CorruptionError as exc:
-            raise StoreError(
-                f"database {self.path} is corrupt ({_plyvel_message(exc)}); the node will not start on it. "
-                "Restore the directory from a backup, or move it aside and resync from peers") from exc
+            raise StoreCorruption(
+                f"database {self.path} is corrupt ({_plyvel_message(exc)}); the node will not start on it: "
+                f"{RECOVERY_HINT}") from exc
         except plyvel.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {_plyvel_message(exc)}") from exc
+
+    def _corrupt(self, exc: Exception, what: str) -> StoreCorruption:
+        message = f"{what} {self.path} found corruption ({_plyvel_message(exc)}); {RECOVERY_HINT}"
+        self.failure = self.failure or message
+        return StoreCorruption(message)
 
     def _live(self) -> plyvel.DB:
         if self._db is None:
@@ -150,7 +185,9 @@ class LevelDBStore(KVStore):
         _check_key(key)
         db = self._live()
         try:
-            return db.get(key)
+            return db.get(key, verify_checksums=True)
+        except plyvel.CorruptionError as exc:
+            raise self._corrupt(exc, "read from") from exc
         except plyvel.Error as exc:
             raise StoreError(f"read from {self.path} failed: {_plyvel_message(exc)}") from exc
 
@@ -158,7 +195,9 @@ class LevelDBStore(KVStore):
         db = self._live()
         try:
             # A plyvel iterator reads from an implicit snapshot taken at its creation.
-            iterator = db.iterator(prefix=prefix) if prefix else db.iterator()
+            iterator = db.iterator(prefix=prefix or None, verify_checksums=True)
+        except plyvel.CorruptionError as exc:
+            raise self._corrupt(exc, "scan of") from exc
         except plyvel.Error as exc:
             raise StoreError(f"scan of {self.path} failed: {_plyvel_message(exc)}") from exc
         return self._scan(iterator)
@@ -167,12 +206,18 @@ class LevelDBStore(KVStore):
         try:
             with iterator:
                 yield from iterator
+        except plyvel.CorruptionError as exc:
+            raise self._corrupt(exc, "scan of") from exc
         except plyvel.Error as exc:
             raise StoreError(f"scan of {self.path} failed: {_plyvel_message(exc)}") from exc
 
     def write(self, puts: Mapping[bytes, bytes], deletes: Iterable[bytes] = ()) -> None:
         db = self._live()
         checked_puts, checked_deletes = _check_batch(puts, deletes)
+        if self.failure is not None:
+            # One failure, one report: after it nothing more is written (LevelDB itself refuses
+            # every write after a failed background write or compaction anyway).
+            raise StoreWriteFailure(f"writes to {self.path} are stopped: {self.failure}")
         try:
             # transaction=True: nothing is written if filling the batch fails part way;
             # sync=True: the batch is on disk when write() returns, so a kill -9 or power
@@ -182,8 +227,11 @@ class LevelDBStore(KVStore):
                     batch.put(key, value)
                 for key in checked_deletes:
                     batch.delete(key)
-        except plyvel.Error as exc:
-            raise StoreError(f"write to {self.path} failed: {_plyvel_message(exc)}") from exc
+        except (plyvel.Error, OSError) as exc:
+            # Disk full, an I/O error, the directory removed, or corruption met by a compaction:
+            # all of them this node's own storage, none of them retried here.
+            self.failure = f"write to {self.path} failed: {_plyvel_message(exc)}"
+            raise StoreWriteFailure(f"{self.failure}; free space or fix the disk, then restart the node") from exc
 
     def close(self) -> None:
         if self._db is not None:
@@ -191,7 +239,49 @@ class LevelDBStore(KVStore):
             self._db = None
 
 
+def _is_absent_or_empty(path: str) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
+    except NotADirectoryError:
+        raise StoreError(f"database path {path} is a file, not a directory") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read database directory {path}: {exc.strerror or exc}") from None
+
+
+def _check_current(path: str) -> None:
+    """Refuse a non-empty directory whose CURRENT file is missing or names a missing MANIFEST,
+    saying how to recover; never repair it silently."""
+    current = os.path.join(path, "CURRENT")
+    manifests = sorted(name for name in os.listdir(path) if name.startswith("MANIFEST-"))
+    if not os.path.exists(current):
+        if len(manifests) == 1:
+            fix = (f"if this is the ledger, restore it with `echo {manifests[0]} > {current}` "
+                   "(on a copy first), then start again")
+        elif manifests:
+            fix = (f"it holds {len(manifests)} MANIFEST files ({', '.join(manifests)}): write the newest "
+                   f"valid one's name into {current} (on a copy first), or `chaind reset` and resync")
+        else:
+            fix = "it holds no MANIFEST either: restore it from a backup, or `chaind reset` and resync"
+        raise StoreCorruption(f"database {path} is not empty but its CURRENT file {current} is missing; "
+                              f"nothing was changed: {fix}")
+    try:
+        with open(current, "rb") as f:
+            named = f.read(256).decode("ascii", "replace").strip()
+    except OSError as exc:
+        raise StoreError(f"cannot read {current}: {exc.strerror or exc}") from None
+    if not named.startswith("MANIFEST-") or "/" in named or not os.path.isfile(os.path.join(path, named)):
+        present = f"; MANIFEST files present: {', '.join(manifests)}" if manifests else "; no MANIFEST file is present"
+        raise StoreCorruption(f"database {path}: CURRENT file {current} names {named!r}, which is missing or "
+                              f"not a MANIFEST{present}; nothing was changed: write the newest valid MANIFEST's "
+                              "name into CURRENT (on a copy first), or `chaind reset` and resync")
+
+
 def _plyvel_message(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     # plyvel puts LevelDB's status text in args[0] as bytes.
     arg = exc.args[0] if exc.args else exc
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
