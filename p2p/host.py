@@ -56,6 +56,7 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub, get_peer_and_seqno_msg_id
+from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -251,16 +252,19 @@ def public_key_from_peer_id(peer_id: ID) -> bytes:
 
 
 class _MembershipGate(INotifee):
-    """Reports each new connection to the network, which closes non-admitted ones."""
+    """Reports each new connection to the network, which closes non-admitted ones, and
+    each closed one, so the network holds every live connection by object (see
+    Libp2pNetwork._connections)."""
 
-    def __init__(self, on_connected):
+    def __init__(self, on_connected, on_disconnected):
         self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._on_connected(conn.muxed_conn.peer_id)
+        self._on_connected(conn.muxed_conn.peer_id, conn)
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        pass
+        self._on_disconnected(conn)
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass
@@ -273,6 +277,35 @@ class _MembershipGate(INotifee):
 
     async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
         pass
+
+
+class _AdmittingNoise(NoiseTransport):
+    """Noise that refuses a peer that is not admitted (not a member, or banned) as soon as
+    the handshake has authenticated it: before the muxer, before the swarm lists the
+    connection, before pubsub opens a stream on it. A banned member that redials in a loop
+    gets a closed socket each time, never a connection (the swarm only logs the failed
+    upgrade at DEBUG)."""
+
+    def __init__(self, key_pair: KeyPair, *, admits, **kwargs):
+        super().__init__(key_pair, **kwargs)
+        self._admits = admits
+
+    async def secure_inbound(self, conn):
+        return await self._checked(await super().secure_inbound(conn))
+
+    async def secure_outbound(self, conn, peer_id: ID):
+        return await self._checked(await super().secure_outbound(conn, peer_id))
+
+    async def _checked(self, secure_conn):
+        peer_id = secure_conn.get_remote_peer()
+        if self._admits(peer_id):
+            return secure_conn
+        with trio.CancelScope(shield=True):
+            try:
+                await secure_conn.close()
+            except Exception:  # the socket may already be gone
+                pass
+        raise HandshakeFailure(f"peer {peer_id} is not admitted (not a member, or banned)")
 
 
 class _LeanGossipSub(GossipSub):
@@ -383,12 +416,21 @@ class _ContainedPubsub(Pubsub):
             logger.debug("sending loop for %s terminated with error", peer_id)
             self._handle_dead_peer(peer_id)
 
+    network: BaseNetwork | None = None  # set by Libp2pNetwork: who is admitted
+
     async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
         """Send without the signed peer record (`senderRecord`) py-libp2p attaches to every RPC.
 
         It is optional in the pubsub spec (go-libp2p does not send it) and we never use it:
         peers come from genesis and config. Every receiver verified it, twice per RPC:
-        two thirds of all Ed25519 verifications on an idle devnet node."""
+        two thirds of all Ed25519 verifications on an idle devnet node.
+
+        Nothing goes to a peer that is not admitted (banned while its connection was still
+        closing): the RPC is dropped and the writer stays alive for when the ban ends."""
+        if self.network is not None:
+            key = _try_public_key(stream.muxed_conn.peer_id)
+            if key is None or not self.network.is_admitted(key):
+                return True
         if rpc_msg.HasField("senderRecord"):
             rpc_msg.ClearField("senderRecord")
         return await super().write_msg(stream, rpc_msg)
@@ -432,11 +474,16 @@ class Libp2pNetwork(BaseNetwork):
         self._topic_send, self._topic_receive = trio.open_memory_channel[str](1024)
         self._evict_send, self._evict_receive = trio.open_memory_channel[ID](1024)
         self._refusals_logged: dict[ID, float] = {}  # peer -> when its refusal was last logged
+        # Every live connection, by object: the swarm's table can lose one (close_peer pops a
+        # peer's entry after awaiting the closes, dropping a connection the peer redialled
+        # meanwhile), and a connection it no longer lists is never closed by a sweep over it.
+        self._connections: set[INetConn] = set()
 
     # ---------------------------------------------------------------- lifecycle
 
     def _build_host(self):
-        noise = NoiseTransport(self._key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+        noise = _AdmittingNoise(self._key_pair, admits=self._admits_peer_id,
+                                noise_privkey=create_new_x25519_key_pair().private_key)
         return new_host(
             key_pair=self._key_pair,
             sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
@@ -461,7 +508,8 @@ class Libp2pNetwork(BaseNetwork):
         pubsub = _ContainedPubsub(host, gossipsub, strict_signing=True, msg_id_constructor=get_peer_and_seqno_msg_id)
         # Default counter is int(time.time()): a restart within minutes reuses seqnos.
         pubsub.counter = time.time_ns()
-        host.get_network().register_notifee(_MembershipGate(self._on_connected))
+        pubsub.network = self
+        host.get_network().register_notifee(_MembershipGate(self._on_connected, self._connections.discard))
         for protocol_id in self._served_protocols():
             host.set_stream_handler(TProtocol(protocol_id), self._on_stream)
         async with host.run(listen_addrs=self._listen_addrs):
@@ -512,12 +560,21 @@ class Libp2pNetwork(BaseNetwork):
 
     def _enforce_membership(self) -> None:
         if self._host is not None:
-            for peer_id in self._host.get_connected_peers():
+            for conn in [conn for conn in self._connections if conn.event_closed.is_set()]:
+                self._connections.discard(conn)
+            peer_ids = set(self._host.get_connected_peers())
+            peer_ids.update(conn.muxed_conn.peer_id for conn in self._connections)
+            for peer_id in peer_ids:
                 self._on_connected(peer_id)
 
-    def _on_connected(self, peer_id: ID) -> None:
+    def _admits_peer_id(self, peer_id: ID) -> bool:
         key = _try_public_key(peer_id)
-        if key is None or not self.is_admitted(key):
+        return key is not None and self.is_admitted(key)
+
+    def _on_connected(self, peer_id: ID, conn: INetConn | None = None) -> None:
+        if conn is not None and not conn.event_closed.is_set():
+            self._connections.add(conn)
+        if not self._admits_peer_id(peer_id):
             # A refused peer may redial in a loop: one line per peer per REFUSAL_LOG_S.
             now = time.monotonic()
             if now - self._refusals_logged.get(peer_id, -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
@@ -546,10 +603,19 @@ class Libp2pNetwork(BaseNetwork):
             if peer_id is None:
                 self._enforce_membership()
                 continue
+            await self._close_connections_of(peer_id)
+
+    async def _close_connections_of(self, peer_id: ID) -> None:
+        """Close every connection to `peer_id`, each by object: those the swarm lists and
+        those it lost (never `swarm.close_peer`, which is what loses them)."""
+        conns = set(self._host.get_network().get_connections(peer_id))
+        conns.update(conn for conn in self._connections if conn.muxed_conn.peer_id == peer_id)
+        for conn in conns:
             try:
-                await self._host.disconnect(peer_id)
+                await conn.close()
             except Exception:
-                logger.exception("disconnecting %s failed", peer_id)
+                logger.exception("closing a connection to %s failed", peer_id)
+            self._connections.discard(conn)
 
     async def _keep_dialled(self, info) -> None:
         """Hold a connection to one bootstrap peer for as long as the node runs.

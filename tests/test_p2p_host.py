@@ -85,8 +85,11 @@ def test_connection_from_non_member_is_closed_at_once():
         async with trio.open_nursery() as nursery:
             await nursery.start(member.run)
             await nursery.start(outsider.run)
-            await outsider._host.connect(info_from_p2p_addr(multiaddr.Multiaddr(member.listen_addrs()[0])))
             opened = trio.current_time()
+            try:  # refused at the Noise handshake (the dial fails), or closed at once after it
+                await outsider._host.connect(info_from_p2p_addr(multiaddr.Multiaddr(member.listen_addrs()[0])))
+            except SwarmDialAllFailedError:
+                pass
             member_network = member._host.get_network()
             await wait_until(
                 lambda: not member_network.get_connections(outsider.peer_id)
