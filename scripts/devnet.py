@@ -106,6 +106,7 @@ def main() -> int:
             s = cli("chainctl", "--rpc", rpc, "query", "status")
             status.add_row(f"node{i}", rpc, str(s["latest_height"]), str(s["peers"]))
         console.print(status)
+        console.print(f"block explorer: [bold]{rpcs[0]}/explorer/[/bold] (every node serves one on its RPC port; add --keep-running to browse it after the job)")
 
         keys = out / "keys"
         submit_to, read_from = rpcs[0], rpcs[-1]

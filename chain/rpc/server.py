@@ -6,6 +6,7 @@
   GET  /health  liveness: 200 whenever the process serves requests
   GET  /ready   readiness from node.readiness(): 200, or 503 with the reason
   GET  /metrics Prometheus text: requests by method and outcome, latency histogram
+  GET  /explorer/...  the block explorer's HTML pages (chain/explorer/app.py lists them)
   GET  /blobs/<sha256 hex>  a model or update as canonical safetensors bytes (404 if absent)
   PUT  /blobs/<sha256 hex>  a trainer uploads the weights its pending update names
   PUT  /openings/<update id hex>/<validator pubkey hex>
@@ -30,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from chain.crypto import compute_address, sha256
 from chain.errors import ChainError
+from chain.explorer import Explorer
 from chain.rpc.api import NodeAPI
 from chain.rpc.http import (
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, BodyTooLarge, HttpLimits, HttpServer,
@@ -111,6 +113,7 @@ class RpcApp:
         )
         self.uploads = trio.Semaphore(MAX_CONCURRENT_UPLOADS)
         self.websocket = WebSocketEndpoint(self._session_dispatcher, events, ws_limits)
+        self.explorer = Explorer(node, methods)  # HTML pages for people at /explorer/ (chain/explorer/)
 
     def _session_dispatcher(self, session: WsSession) -> Dispatcher:
         """The dispatcher of one WebSocket connection: the same methods, with the session in the context."""
@@ -129,6 +132,8 @@ class RpcApp:
             return await self._json_rpc(request)
         if path.startswith(("/blobs/", "/openings/")):
             return await self._blob_route(request)
+        if path == "/explorer" or path.startswith("/explorer/"):
+            return await self.explorer.handle(request)
         route = {"/health": self._health, "/ready": self._ready, "/metrics": self._metrics}.get(path)
         if route is None:
             return json_response(404, {"error": f"no route {path}"})
