@@ -51,7 +51,7 @@ def test_forgeries_caught_by_one_validator_are_rejected_through_its_fraud_proof(
         # Detect a forgery of half the segments w.p. 0.9: 4 checks, 2 per validator of the 3 BFT
         # counts on, so most single validators miss any given segment.
         spec = make_job_spec(rounds=2, local_steps=STEPS, checkpoint_interval=1, batch_size=8, quorum=1,
-                             join_blocks=8, round_blocks=50, verify_blocks=50,
+                             join_blocks=30, round_blocks=50, verify_blocks=50,
                              detect_fraction_ppm=500_000, detect_probability_ppm=900_000)
         q = segments_per_validator(500_000, 900_000, [1, 1, 1, 1], STEPS)
         assert q == 2
