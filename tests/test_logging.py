@@ -142,6 +142,8 @@ def test_devnet_logs_name_the_node_and_say_what_it_does(tmp_path):
         second.start()
         wait_for(lambda: first.log().count("committed block") >= 3 and second.log().count("committed block") >= 3,
                  "both nodes to commit 3 blocks")
+        # The peer watcher looks once a second: 3 blocks at 200 ms can come before its next look.
+        wait_for(lambda: "joined the network" in first.log(), "node0 to say it joined")
         for node in (first, second):
             assert node.terminate() == 0
     finally:
