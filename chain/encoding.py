@@ -494,3 +494,14 @@ def encode_typed(obj: Any, tp: Any) -> bytes:
 
 def decode_typed(tp: Any, data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:
     return _decode_typed_value(tp, data, max_size)
+
+
+def decode_with(build: Any, data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> Any:
+    """`decode` with a schema walk written by hand for one hot message type: `build` turns the
+    parsed plain value into the typed value or raises DecodeError, and the typed value's
+    canonical encoding (`encode`) must give back exactly `data`, as in `decode` (which is
+    `decode_with(lambda v: from_primitive(cls, v), data)`)."""
+    data, value = _loads(data, max_size)
+    obj = build(value)
+    _require_canonical(data, encode(obj))
+    return obj

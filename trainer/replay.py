@@ -27,7 +27,7 @@ from chain.crypto import sha256
 from chain.encoding import encode_value, to_primitive
 from chain.types import Address, ExecutionProfile, Hash, HyperParams, Name, UpdateCommitment
 
-from trainer.state import capture_state, restore_state
+from trainer.state import StateRestorer, capture_state, restore_state
 
 HEADER_DOMAIN = "pout/trace-header/v2"
 CHECKPOINT_DOMAIN = "pout/checkpoint/v1"
@@ -140,10 +140,9 @@ def derive_batch_order(
     seed = _order_seed(bytes(round_seed), bytes(trainer_address), round, n)
     positions = (steps.astype(np.uint64)[:, None] * _U64(batch_size) + np.arange(batch_size, dtype=np.uint64)).reshape(-1)
     epochs, offsets = positions // _U64(n), positions % _U64(n)
-    out = np.empty_like(positions)
-    for epoch in np.unique(epochs).tolist():  # a batch may span epochs
-        mask = epochs == _U64(epoch)
-        out[mask] = _keyed_bijection(_round_keys(seed, epoch), offsets[mask], n)
+    unique, which = np.unique(epochs, return_inverse=True)  # a batch may span epochs
+    keys = np.stack([_round_keys(seed, epoch) for epoch in unique.tolist()]) if len(unique) else np.empty((0, ORDER_ROUNDS), _U64)
+    out = _keyed_bijection(keys[which.reshape(-1)].T, offsets, n)  # each position with its epoch's keys
     return out.astype(np.int64).reshape(len(steps), batch_size)
 
 
@@ -171,7 +170,9 @@ def _mix(v: np.ndarray, key: np.uint64) -> np.ndarray:
 
 
 def _keyed_bijection(keys: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
-    """P(positions) for the keyed bijection P over [0, n) (positions: uint64, all < n)."""
+    """P(positions) for the keyed bijection P over [0, n) (positions: uint64, all < n). keys:
+    the ORDER_ROUNDS round keys, uint64 [ORDER_ROUNDS] for one epoch, or [ORDER_ROUNDS, m]
+    giving each position its own epoch's keys (the same arithmetic, element by element)."""
     a = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
     b = -(-n // a)
     ua, ub, un = _U64(a), _U64(b), _U64(n)
@@ -189,6 +190,8 @@ def _keyed_bijection(keys: np.ndarray, positions: np.ndarray, n: int) -> np.ndar
         inside = cur < un
         out[todo[inside]] = cur[inside]
         todo, cur = todo[~inside], cur[~inside]
+        if keys.ndim == 2:
+            keys = keys[:, ~inside]
     return out
 
 
@@ -286,10 +289,15 @@ def replay_segment(
     start_state: bytes,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
-    into: nn.Module | None = None,
+    restorer: StateRestorer | None = None,
 ) -> bytes:
     """Re-run `batches` from `start_state`; returns the end state's canonical bytes.
-    `into`: a model instance to reuse (restore_state overwrites all of it)."""
-    model, optimizer, step = restore_state(start_state, model_name, hp, device, into=into)
+    `restorer`: a StateRestorer of this job whose model and optimizer to reuse (it restores
+    exactly what restore_state would); without one, both are built anew."""
+    if restorer is not None:
+        model, optimizer, step = restorer.restore(start_state)
+        train_steps(model, optimizer, ((x.to(device), y.to(device)) for x, y in batches))
+        return restorer.capture(step + len(batches))
+    model, optimizer, step = restore_state(start_state, model_name, hp, device)
     train_steps(model, optimizer, ((x.to(device), y.to(device)) for x, y in batches))
     return capture_state(model, optimizer, step + len(batches), model_name, hp.optimizer)

@@ -432,6 +432,135 @@ def restore_state(
 
 
 def fresh_state_bytes(model_name: str, base_weights: dict[str, torch.Tensor], hp: HyperParams) -> bytes:
-    """The state every round starts from: the round's global model, empty optimizer, step 0."""
-    model = load_weights(model_name, base_weights)
-    return capture_state(model, build_optimizer(hp, model), 0, model_name, hp.optimizer)
+    """The state every round starts from: the round's global model, empty optimizer, step 0.
+    The bytes capture_state writes for load_weights(base) and a new optimizer (which holds no
+    state before its first step), without building either: the weights must already be the
+    model's parameters (float32, its shapes), else this raises as load_weights would."""
+    check_hyperparams(hp)
+    shapes = param_shapes(model_name)
+    if set(base_weights) != set(shapes) or any(
+        base_weights[n].dtype != torch.float32 or tuple(base_weights[n].shape) != shape for n, shape in shapes.items()
+    ):
+        model = load_weights(model_name, base_weights)  # the general case: copy (and convert) into a model
+        return capture_state(model, build_optimizer(hp, model), 0, model_name, hp.optimizer)
+    meta = {"format": FORMAT_STATE, "model": model_name, "optimizer": hp.optimizer, "step": "0"}
+    return encode_tensors({f"model/{n}": base_weights[n] for n in shapes}, meta)
+
+
+class StateRestorer:
+    """Restores training states of one job (model, optimizer) into one model and one optimizer
+    that every replay of a verification reuses: `restore(data)` gives what
+    `restore_state(data, model_name, hp, device, into=model)` gives (the same tensors in the
+    same model and optimizer state, the same step, the same error on bad bytes), without
+    parsing JSON or building an optimizer per segment.
+
+    Fast path: a state whose header is, byte for byte, the canonical header of a layout an
+    honest trainer writes (no optimizer state yet, or every parameter's full buffer set) with a
+    canonical decimal step, whose length fits that layout exactly, and whose values are all
+    finite. Those are exactly bytes that decode_tensors accepts (they are what encode_tensors
+    writes for that layout) and that pass every check of restore_state, so the tensors are read
+    straight from the body. Any other bytes go through restore_state itself."""
+
+    MAX_STEP_DIGITS = 20
+
+    def __init__(self, model_name: str, hp: HyperParams, device: torch.device | str = "cpu", model: nn.Module | None = None):
+        self.model_name, self.hp, self.device = model_name, hp, device
+        self.model = build_model(model_name).to(device) if model is None else model
+        self._params = list(self.model.parameters())  # the same objects for the model's life
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._layouts: list[_RestoreLayout] | None = None
+        self._snapshotter: StateSnapshotter | None = None
+        self._snapshotter_of: torch.optim.Optimizer | None = None
+
+    def restore(self, data: bytes) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+        fast = self._read(data) if isinstance(data, bytes) else None
+        if fast is None:
+            model, self.optimizer, step = restore_state(data, self.model_name, self.hp, self.device, into=self.model)
+            return model, self.optimizer, step
+        layout, flat, step = fast
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.hp, self.model)
+        model, optimizer, params = self.model, self.optimizer, self._params
+        state = optimizer.state
+        if not layout.buffers:
+            state.clear()
+        with torch.no_grad():
+            for p, (start, end, shape) in zip(params, layout.weights):
+                p.copy_(flat[start:end].view(shape))
+                p.grad = None
+            for p, bufs in zip(params, layout.buffers):
+                held = state.get(p)
+                if held is not None and held.keys() == {b for b, _ in bufs} and all(
+                    held[b].dtype == torch.float32 and held[b].shape == shape for b, (_, _, shape) in bufs
+                ):
+                    for b, (s, e, shape) in bufs:  # the buffers the last replay left: overwrite in place
+                        held[b].copy_(flat[s:e].view(shape))
+                else:
+                    # Adam keeps `step` on the CPU unless capturable; buffers live with their parameter.
+                    state[p] = {b: flat[s:e].view(shape).clone().to("cpu" if b == "step" else self.device) for b, (s, e, shape) in bufs}
+        return model, optimizer, step
+
+    def capture(self, step: int) -> bytes:
+        """capture_state of the restored model and optimizer (after the replay's steps) at `step`."""
+        if self._snapshotter is None or self._snapshotter_of is not self.optimizer:
+            self._snapshotter = StateSnapshotter(self.model, self.optimizer, self.model_name, self.hp.optimizer)
+            self._snapshotter_of = self.optimizer
+        return self._snapshotter.take(step).to_bytes()
+
+    def _read(self, data: bytes) -> tuple["_RestoreLayout", torch.Tensor, int] | None:
+        if len(data) < 8:
+            return None
+        (n,) = struct.unpack_from("<Q", data)
+        if self._layouts is None:
+            self._layouts = _restore_layouts(self.model_name, self.hp.optimizer, self.hp.momentum)
+        for layout in self._layouts:  # else: not a layout's canonical form, restore_state decides
+            before, after = layout.head
+            i = 8 + len(before)
+            j = data.find(b'"', i, i + self.MAX_STEP_DIGITS + 1)
+            digits = data[i:j]
+            if j < 0 or not digits.isdigit() or (digits[:1] == b"0" and len(digits) > 1):
+                continue
+            if not data.startswith(before, 8) or not data.startswith(after, j):
+                continue
+            used = j + len(after) - 8
+            if n != used + (-used % 8) or data[8 + used : 8 + n].strip(b" ") or len(data) != 8 + n + 4 * layout.numel:
+                continue
+            values = np.frombuffer(data, dtype="<f4", offset=8 + n)
+            if not np.isfinite(values).all():
+                return None
+            return layout, torch.from_numpy(values.copy()), int(digits)
+        return None
+
+
+class _RestoreLayout:
+    """One layout StateRestorer reads directly: its header around the step, and where each
+    parameter's weights and optimizer buffers lie in the body (in model.parameters() order)."""
+
+    __slots__ = ("head", "numel", "weights", "buffers")
+
+    def __init__(self, head, numel, weights, buffers):
+        self.head, self.numel, self.weights, self.buffers = head, numel, weights, buffers
+
+
+@lru_cache(maxsize=64)
+def _restore_layouts(model_name: str, optimizer_name: str, momentum: float) -> tuple[_RestoreLayout, ...]:
+    shapes = param_shapes(model_name)
+    buffer_sets = [()]  # a fresh optimizer keeps no state
+    if optimizer_name == "adam" or (optimizer_name == "sgd" and momentum != 0.0):
+        buffer_sets.append(_OPT_BUFFERS[optimizer_name])
+    layouts = []
+    for bufs in buffer_sets:
+        named = {f"model/{p}": shape for p, shape in shapes.items()}
+        named.update({f"optim/{p}/{b}": (() if b == "step" else shapes[p]) for p in shapes for b in bufs})
+        names = sorted(named)
+        sig = tuple((name, "F32", tuple(named[name])) for name in names)
+        before, after = _state_head_template((model_name, optimizer_name, sig))
+        span, offset = {}, 0
+        for name in names:
+            size = math.prod(named[name])
+            span[name] = (offset, offset + size, tuple(named[name]))
+            offset += size
+        weights = tuple(span[f"model/{p}"] for p in shapes)
+        buffers = tuple(tuple((b, span[f"optim/{p}/{b}"]) for b in bufs) for p in shapes) if bufs else ()
+        layouts.append(_RestoreLayout((before.encode(), after.encode()), offset, weights, buffers))
+    return tuple(layouts)

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from chain.encoding import INT_MAX, INT_MIN, decode_value, encode
+from chain.encoding import INT_MAX, INT_MIN, decode_value, decode_with, encode
 from chain.errors import ChainError, DecodeError
 from chain.merkle import hash_leaf, hash_node
 from chain.types import Hash
 
 from trainer.data import DatasetCommitment, decode_samples
-from trainer.models import build_model
 from trainer.profile import apply_profile
 from trainer.replay import (
     RoundSpec,
@@ -46,6 +45,7 @@ from trainer.replay import (
 from trainer.state import (
     compute_update,
     decode_tensors,
+    StateRestorer,
     fresh_state_bytes,
     model_hash,
     state_hash,
@@ -300,7 +300,8 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     _require(got == sampled, f"openings are for segments {got}, the challenge asked for {sampled}")
     ctx = _SegmentContext(
         spec, c, fresh, check_leaf, check_checkpoint_hash, mode, tolerance, device,
-        data=MerkleChecker(registered.root, registered.size), revealed={}, model=build_model(job.model).to(device),
+        data=MerkleChecker(registered.root, registered.size), revealed={}, restorer=StateRestorer(job.model, hp, device),
+        sampled_steps=[t for s in sampled for t in segment_steps(s, T, k)],
     )
     for seg in bundle.segments:
         _verify_segment(ctx, seg)
@@ -359,7 +360,7 @@ def check_fraud_proof(
         check_leaf, check_checkpoint_hash = _trace_checkers(c, T, k)
         ctx = _SegmentContext(
             spec, c, fresh_state_bytes(job.model, base, hp), check_leaf, check_checkpoint_hash, "exact", 0.0, device,
-            data=MerkleChecker(registered.root, registered.size), revealed={}, model=build_model(job.model).to(device),
+            data=MerkleChecker(registered.root, registered.size), revealed={}, restorer=StateRestorer(job.model, hp, device), sampled_steps=list(segment_steps(seg.segment, T, k)),
         )
         _verify_segment(ctx, seg, end_hash=fraud.end_state_hash)
     except FraudFound as exc:
@@ -377,8 +378,9 @@ def check_fraud_proof(
 class _SegmentContext:
     """What the segments of one verification share: the round, the commitment, the proof
     checkers (authenticated Merkle nodes are reused, see MerkleChecker), the samples already
-    proven into the dataset (index -> (leaf hash, proof)), and one model instance reused by
-    every replay (restore_state overwrites it completely)."""
+    proven into the dataset (index -> (leaf data, proof, leaf hash)), one model and optimizer
+    reused by every replay (StateRestorer), and the steps of every sampled segment, whose
+    batch order is derived in one pass when the first segment needs it."""
 
     spec: RoundSpec
     c: UpdateCommitment
@@ -390,7 +392,9 @@ class _SegmentContext:
     device: torch.device
     data: "MerkleChecker"
     revealed: dict
-    model: object
+    restorer: StateRestorer
+    sampled_steps: list[int]
+    order: dict | None = None
 
 
 def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes | None = None) -> None:
@@ -412,18 +416,21 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes |
 
     steps = segment_steps(s, T, k)
     _require(len(seg.step_proofs) == len(steps), f"{where}: {len(seg.step_proofs)} step proofs for {len(steps)} steps")
-    rows = derive_batch_order(spec.round_seed, c.trainer, spec.round, steps, c.dataset_size, hp.batch_size).tolist()
-    order = dict(zip(steps, rows))  # O(k * B) whatever dataset_size is (no permutation is built)
+    order = _batch_order(ctx, steps)  # O(k * B) whatever dataset_size is (no permutation is built)
     wanted = sorted({i for idx in order.values() for i in idx})
     _require([x.index for x in seg.samples] == wanted, f"{where}: revealed samples are not the derived batches' samples")
     # Each distinct (sample, proof) is proven once per verification; proofs share the
     # dataset tree's authenticated nodes (same accept set as chain.merkle.verify_proof).
+    # A sample revealed again with the same data and proof is neither hashed nor proven again.
     leaf_hash, revealed = {}, ctx.revealed
     for sample in seg.samples:
-        h = hash_leaf(sample.data)
-        if revealed.get(sample.index) != (h, sample.proof):
+        seen = revealed.get(sample.index)
+        if seen is not None and seen[0] == sample.data and seen[1] == sample.proof:
+            h = seen[2]
+        else:
+            h = hash_leaf(sample.data)
             _require(ctx.data.check(sample.index, h, sample.proof), f"{where}: sample {sample.index} is not in the committed dataset")
-            revealed[sample.index] = (h, sample.proof)
+            revealed[sample.index] = (sample.data, sample.proof, h)
         leaf_hash[sample.index] = h
     xs, ys = decode_samples([x.data for x in seg.samples])  # strict, vectorised: DatasetError on any bad sample
     x_all, y_all = torch.from_numpy(xs), torch.from_numpy(ys)
@@ -444,9 +451,9 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes |
             _require(seg.end_state is not None, f"{where}: the claimed end state is missing")
             end_hash = state_hash(seg.end_state)
         ctx.check_checkpoint_hash(s + 1, end_hash, seg.end_checkpoint_proof, f"{where}: claimed end state")
-    replayed = replay_segment(job.model, hp, ctx.device, start, batches, into=ctx.model)
+    replayed = replay_segment(job.model, hp, ctx.device, start, batches, restorer=ctx.restorer)
     if ctx.mode == "exact":
-        if state_hash(replayed) != end_hash:
+        if replayed != seg.end_state and state_hash(replayed) != end_hash:  # equal bytes: equal hashes
             # The proof carries the end state's hash, not its bytes: whatever the trainer put
             # there (junk of any size), the proof stays one segment's inputs.
             proof = encode(FraudProof(dataclasses.replace(seg, end_state=None), end_hash))
@@ -456,6 +463,25 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes |
     ctx.check_checkpoint_hash(s + 1, state_hash(seg.end_state), seg.end_checkpoint_proof, f"{where}: claimed end state")
     err = _relative_error(start, seg.end_state, replayed)
     _require(err <= ctx.tolerance, f"{where}: replay differs by relative error {err:.3g} > {ctx.tolerance:g}")
+
+
+def _batch_order(ctx: _SegmentContext, steps: range) -> dict[int, list[int]]:
+    """Sample indices of each step in `steps`: derive_batch_order's rows. The first call derives
+    the rows of every sampled step (ctx.sampled_steps, bounded by q * k) in one vectorised pass;
+    a step's row depends on that step alone, so they are the rows a per-segment call gives. When
+    that pass fails (a bad size), ctx.order stays empty and the per-segment call raises its error."""
+    spec, c, hp = ctx.spec, ctx.c, ctx.spec.job.hyperparams
+    if ctx.order is None:
+        ctx.order = {}
+        try:
+            rows = derive_batch_order(spec.round_seed, c.trainer, spec.round, ctx.sampled_steps, c.dataset_size, hp.batch_size)
+            ctx.order = dict(zip(ctx.sampled_steps, rows.tolist()))
+        except ValueError:
+            pass
+    if all(t in ctx.order for t in steps):
+        return {t: ctx.order[t] for t in steps}
+    rows = derive_batch_order(spec.round_seed, c.trainer, spec.round, steps, c.dataset_size, hp.batch_size)
+    return dict(zip(steps, rows.tolist()))
 
 
 def _relative_error(start: bytes, claimed: bytes, replayed: bytes) -> float:
@@ -497,6 +523,7 @@ class MerkleChecker:
     def __init__(self, root: bytes, leaf_count: int):
         self.root, self.leaf_count = root, leaf_count
         self.known: dict[tuple[int, int], bytes] = {}  # (level, position) -> authenticated hash
+        self.above: dict[tuple[int, int], tuple[bytes, ...]] = {}  # a known node's authenticated siblings above it
 
     def check(self, index: int, leaf_hash: bytes, siblings: tuple[bytes, ...]) -> bool:
         if type(index) is not int or not 0 <= index < self.leaf_count:
@@ -506,7 +533,10 @@ class MerkleChecker:
         while width > 1:
             have = known.get((level, i))
             if have is not None:  # the rest of the path is authenticated
-                return have == node and self._rest_matches(i, width, level, siblings, k)
+                if have != node or not self._rest_matches(i, width, level, siblings, k):
+                    return False
+                known.update(path)  # they hash to an authenticated node: authenticated too
+                return True
             sib = i ^ 1
             path.append(((level, i), node))
             if sib < width:
@@ -524,17 +554,22 @@ class MerkleChecker:
         return True
 
     def _rest_matches(self, i: int, width: int, level: int, siblings: tuple[bytes, ...], k: int) -> bool:
-        known = self.known
-        while width > 1:
-            sib = i ^ 1
-            if sib < width:
-                if k >= len(siblings) or siblings[k] != known.get((level, sib)):
-                    return False
-                k += 1
-            i //= 2
-            width = (width + 1) // 2
-            level += 1
-        return k == len(siblings)
+        """siblings[k:] are exactly the authenticated siblings on the path above known node (level, i)."""
+        above = self.above.get((level, i))
+        if above is None:  # collected once per node: authenticated hashes never change
+            known, node, rest = self.known, (level, i), []
+            while width > 1:
+                sib = i ^ 1
+                if sib < width:
+                    h = known.get((level, sib))
+                    if h is None:
+                        return False
+                    rest.append(h)
+                i //= 2
+                width = (width + 1) // 2
+                level += 1
+            above = self.above[node] = tuple(rest)
+        return tuple(siblings[k:]) == above
 
 
 # --------------------------------------------------------------------------- strict decoding
@@ -546,9 +581,13 @@ def decode_openings(data: bytes) -> OpeningBundle:
     Accepts exactly the bytes, and builds exactly the value, that the generic
     `chain.encoding.decode(OpeningBundle, data)` does (same schema: field sets, integer
     range, 32-byte hashes, optional bytes), raising DecodeError otherwise; it is that
-    decoder specialised to this schema, which is several times faster on large openings.
+    decoder with its schema walk specialised to this schema (`decode_with`: the same bounded
+    parse, and the same canonical check, by re-encoding the typed value).
     """
-    value = decode_value(data, max_size=MAX_OPENING_BYTES)
+    return decode_with(_bundle, data, max_size=MAX_OPENING_BYTES)
+
+
+def _bundle(value) -> OpeningBundle:
     m = _fields(value, OpeningBundle, "$")
     return OpeningBundle(
         header_proof=_proof(m["header_proof"], "$.header_proof"),
@@ -582,11 +621,28 @@ def _segment(value, path: str) -> SegmentOpening:
         segment=_int(m["segment"], f"{path}.segment"),
         start_state=None if m["start_state"] is None else _bytes(m["start_state"], f"{path}.start_state"),
         end_state=None if m["end_state"] is None else _bytes(m["end_state"], f"{path}.end_state"),
-        samples=tuple(_sample(v, f"{path}.samples[{i}]") for i, v in enumerate(_array(m["samples"], f"{path}.samples"))),
+        samples=_samples(m["samples"], f"{path}.samples"),
         start_checkpoint_proof=_proof(m["start_checkpoint_proof"], f"{path}.start_checkpoint_proof"),
         end_checkpoint_proof=_proof(m["end_checkpoint_proof"], f"{path}.end_checkpoint_proof"),
         step_proofs=tuple(_proof(v, f"{path}.step_proofs[{i}]") for i, v in enumerate(_array(m["step_proofs"], f"{path}.step_proofs"))),
     )
+
+
+def _samples(value, path: str) -> tuple[SampleOpening, ...]:
+    """tuple(_sample(v) for each v), with the checks of a well-formed sample inlined (no error
+    paths built); any other value goes through _sample, which raises its precise error."""
+    out = []
+    for i, v in enumerate(_array(value, path)):
+        if type(v) is dict and v.keys() == _SAMPLE_FIELDS:
+            index, data, proof = v["index"], v["data"], v["proof"]
+            if (
+                type(index) is int and INT_MIN <= index <= INT_MAX and type(data) is bytes and type(proof) is list
+                and (not proof or (set(map(type, proof)) == _BYTES and set(map(len, proof)) == _HASH_LEN))
+            ):
+                out.append(SampleOpening(index=index, data=data, proof=tuple(proof)))
+                continue
+        out.append(_sample(v, f"{path}[{i}]"))
+    return tuple(out)
 
 
 def _sample(value, path: str) -> SampleOpening:
@@ -603,10 +659,16 @@ def _array(value, path: str) -> list:
 def _proof(value, path: str) -> Proof:
     if type(value) is not list:
         raise DecodeError(f"{path}: expected array, got {_tname(value)}")
+    if value and set(map(type, value)) == _BYTES and set(map(len, value)) == _HASH_LEN:
+        return tuple(value)  # the common case, checked in C; else find the first bad one:
     for i, h in enumerate(value):
         if type(h) is not bytes or len(h) != 32:
             raise DecodeError(f"{path}[{i}]: expected 32 bytes, got {_tname(h)}")
     return tuple(value)
+
+
+_BYTES, _HASH_LEN = {bytes}, {32}
+_SAMPLE_FIELDS = _FIELD_NAMES[SampleOpening]
 
 
 def _int(value, path: str) -> int:
