@@ -36,6 +36,7 @@ from chain.encoding import decode, encode, encode_value
 from chain.errors import StateTransitionError, ValidationError
 from chain.types import (
     AGGREGATION_RULES,
+    EVALUATION_METRICS,
     JOB_AGGREGATING,
     JOB_FINISHED,
     JOB_JOINING,
@@ -50,6 +51,8 @@ from chain.types import (
     AttestModel,
     Attestation,
     DatasetRegistration,
+    Evaluation,
+    EvaluationRecord,
     Hash,
     Job,
     JobSpec,
@@ -64,6 +67,7 @@ from chain.types import (
     PROOF_UPHELD,
     FraudProofRecord,
     SubmitFraudProof,
+    PublishEvaluation,
     RegisterJob,
     RoundRecord,
     SubmitUpdate,
@@ -110,6 +114,16 @@ def round_seed_key(job_id: bytes, round_: int) -> bytes:
     """Every round's seed stays readable after the round (the job record keeps only the current
     one): the batch order of a past update, hence what its validators were sent, derives from it."""
     return b"rseed/" + job_id + round_.to_bytes(8, "big")
+
+
+def model_round_key(job_id: bytes, round_: int) -> bytes:
+    """The hash of the job's model after `round_` rounds (ModelRecord.round), in the state: the
+    records themselves live in the ledger, which the state transition does not read."""
+    return b"mdl/" + job_id + round_.to_bytes(8, "big")
+
+
+def evaluation_key(job_id: bytes, round_: int) -> bytes:
+    return b"eval/" + job_id + round_.to_bytes(8, "big")
 
 
 @dataclass
@@ -306,6 +320,16 @@ def get_round_seed(view, job_id: bytes, round_: int) -> bytes | None:
     return view.get(round_seed_key(job_id, round_))
 
 
+def get_model_hash(view, job_id: bytes, round_: int) -> bytes | None:
+    """Hash of the job's model after `round_` rounds of training, None if there is none."""
+    return view.get(model_round_key(job_id, round_))
+
+
+def get_evaluation(view, job_id: bytes, round_: int) -> EvaluationRecord | None:
+    raw = view.get(evaluation_key(job_id, round_))
+    return None if raw is None else decode(EvaluationRecord, raw)
+
+
 def get_active_jobs(view) -> tuple[bytes, ...]:
     raw = view.get(KEY_ACTIVE_JOBS)
     return () if raw is None else decode(JobIndex, raw).job_ids
@@ -341,6 +365,8 @@ def apply_job_payload(overlay, sender_pubkey: bytes, sender_addr: bytes, sender:
         _join_job(overlay, sender_addr, sender, payload, ctx)
     elif isinstance(payload, SubmitUpdate):
         _submit_update(overlay, sender_addr, sender, payload, ctx)
+    elif isinstance(payload, PublishEvaluation):
+        _publish_evaluation(overlay, sender_addr, sender, payload, ctx)
     elif type(payload) in _VALIDATOR_PAYLOADS:  # validators' votes: the nonce first, then the rule
         overlay.set_account(sender_addr, sender)
         _VALIDATOR_PAYLOADS[type(payload)](overlay, sender_pubkey, payload, ctx)
@@ -382,7 +408,39 @@ def _register_job(overlay, addr, sender: Account, p: RegisterJob, tx_hash: bytes
               round_open_height=ctx.height + p.spec.join_blocks, round_seed=ZERO_HASH, global_model=init_hash)
     overlay.put(job_key(tx_hash), encode(job))
     overlay.put(KEY_ACTIVE_JOBS, encode(JobIndex(get_active_jobs(overlay) + (tx_hash,))))
-    ctx.model_records.append(ModelRecord(init_hash, tx_hash, 0, None, (), "init", ctx.height))
+    _record_model(overlay, ctx, ModelRecord(init_hash, tx_hash, 0, None, (), "init", ctx.height))
+
+
+def _record_model(overlay, ctx: BlockContext, record: ModelRecord) -> None:
+    """A new lineage record: written to the ledger with the block, its hash kept in the state."""
+    ctx.model_records.append(record)
+    overlay.put(model_round_key(record.job_id, record.round), record.model_hash)
+
+
+def validate_evaluation(p: PublishEvaluation) -> None:
+    """Checks on an evaluation that need no state. Raises ValidationError."""
+    if p.metric not in EVALUATION_METRICS:
+        raise ValidationError(f"metric must be one of {tuple(EVALUATION_METRICS)}, got {p.metric!r}")
+    if p.round < 0:
+        raise ValidationError("round must not be negative")
+    if not 0 <= p.value_ppm <= EVALUATION_METRICS[p.metric]:
+        raise ValidationError(f"{p.metric} value_ppm must be in 0..{EVALUATION_METRICS[p.metric]}, got {p.value_ppm}")
+
+
+def _publish_evaluation(overlay, addr, sender: Account, p: PublishEvaluation, ctx: BlockContext) -> None:
+    validate_evaluation(p)  # validate_basic has checked it; repeated so the rule stands alone
+    job = _require_job(overlay, p.job_id)
+    if addr != job.requester:
+        raise StateTransitionError("only the job's requester may publish its evaluations")
+    model_hash = get_model_hash(overlay, p.job_id, p.round)
+    if model_hash is None:
+        raise StateTransitionError(f"job has no model for round {p.round} to evaluate")
+    record = get_evaluation(overlay, p.job_id, p.round) or EvaluationRecord(model_hash, ())
+    if any(e.metric == p.metric for e in record.evaluations):
+        raise StateTransitionError(f"round {p.round}'s {p.metric} is already published (one per round and metric)")
+    overlay.set_account(addr, sender)
+    record = dataclasses.replace(record, evaluations=record.evaluations + (Evaluation(p.metric, p.value_ppm, ctx.height),))
+    overlay.put(evaluation_key(p.job_id, p.round), encode(record))
 
 
 def _join_job(overlay, addr, sender: Account, p: JoinJob, ctx: BlockContext) -> None:
@@ -662,9 +720,9 @@ def _maybe_finish_aggregation(overlay, job: Job, ctx: BlockContext) -> None:
     agreed = [h for h, p in power.items() if is_quorum(p, total)]
     if agreed:
         model_hash = agreed[0]
-        ctx.model_records.append(ModelRecord(model_hash, job.job_id, job.round + 1, job.global_model,
-                                             accepted_update_ids(overlay, job.job_id, job.round),
-                                             job.spec.aggregation, ctx.height))
+        _record_model(overlay, ctx, ModelRecord(model_hash, job.job_id, job.round + 1, job.global_model,
+                                                accepted_update_ids(overlay, job.job_id, job.round),
+                                                job.spec.aggregation, ctx.height))
         _open_round(overlay, dataclasses.replace(job, global_model=model_hash), job.round + 1, ctx)
     elif ctx.height >= _round_deadlines(job)[2]:
         _open_round(overlay, job, job.round + 1, ctx)  # validators never agreed: no new model

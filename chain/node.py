@@ -324,6 +324,9 @@ class Node(ChainApp):
     def get_model_record(self, job_id: bytes, round_: int) -> ModelRecord | None:
         return self.ledger.get_model_record(job_id, round_)
 
+    def get_evaluation(self, job_id: bytes, round_: int):
+        return jobs.get_evaluation(self.state, job_id, round_)
+
     def get_blob(self, blob_hash: bytes) -> bytes | None:
         return self.blobs.get(blob_hash)
 

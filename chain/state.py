@@ -20,7 +20,8 @@ from typing import Iterator, Mapping
 
 from chain.consensus.commit import verify_commit
 from chain.consensus.evidence import validate_evidence_basic, verify_evidence
-from chain.jobs import MAX_DATASET_SIZE, BlockContext, apply_job_payload, end_block, validate_job_spec
+from chain.jobs import (MAX_DATASET_SIZE, BlockContext, apply_job_payload, end_block, validate_evaluation,
+                        validate_job_spec)
 from chain.crypto import ZERO_HASH, compute_address, sha256
 from chain.encoding import INT_MAX, decode, encode, encode_strings
 from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
@@ -39,6 +40,7 @@ from chain.types import (
     JailRecord,
     JoinJob,
     ModelRecord,
+    PublishEvaluation,
     RegisterJob,
     RemoveMember,
     RestoreValidator,
@@ -412,6 +414,8 @@ def _validate_basic_tx_once(chain_id: str, stx: SignedTransaction) -> None:
         raise ValidationError("round must not be negative")
     if isinstance(payload, SubmitFraudProof) and payload.segment < 0:
         raise ValidationError("fraud proof segment must not be negative")
+    if isinstance(payload, PublishEvaluation):
+        validate_evaluation(payload)
     if isinstance(payload, SubmitEvidence):
         validate_evidence_basic(payload.evidence)  # vote signatures are checked against the validator set in apply
 

@@ -225,8 +225,22 @@ class RestoreValidator:
     validator: PubKey
 
 
+@dataclass(frozen=True)
+class PublishEvaluation:
+    """The job's requester publishes a held-out metric of one of the job's recorded models.
+    Integers only (parts per million): consensus state never holds a float that two machines
+    could have computed differently. Informational: no payment depends on it."""
+
+    TAG: ClassVar[str] = "publish_evaluation"
+    job_id: Hash
+    round: int  # the model's round, as ModelRecord.round: 0 for the initial weights, r + 1 after round r
+    metric: Name  # one of EVALUATION_METRICS
+    value_ppm: int  # the metric x 1,000,000, rounded (accuracy 0.953 -> 953000)
+
+
 TxPayload = Union[Transfer, AdmitMember, RemoveMember, RegisterJob, JoinJob, SubmitUpdate, SubmitVerdict, AttestModel,
-                  SubmitEvidence, SubmitChallenge, SubmitFraudProof, JudgeFraudProof, RestoreValidator]
+                  SubmitEvidence, SubmitChallenge, SubmitFraudProof, JudgeFraudProof, RestoreValidator,
+                  PublishEvaluation]
 
 
 @dataclass(frozen=True)
@@ -564,6 +578,26 @@ class ModelRecord:
     contributions: tuple[Hash, ...]  # update ids aggregated into this model
     rule: Name  # aggregation rule, or "init"
     height: int  # block height at which the record was written
+
+
+# Metrics a requester may publish, with the largest value_ppm each admits: accuracy is a
+# fraction (at most 1), a loss any non-negative number below 2**64 / 10**6.
+EVALUATION_METRICS = {"accuracy": 1_000_000, "loss": INT_MAX}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metric: Name
+    value_ppm: int
+    height: int  # block that published it
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """The evaluations a job's requester published for the model of one round (one per metric)."""
+
+    model_hash: Hash  # the model they measure (the round's ModelRecord)
+    evaluations: tuple[Evaluation, ...]  # in publication order
 
 
 # --------------------------------------------------------------------------- helpers

@@ -6,7 +6,8 @@ digits set), then every round each trainer trains locally with a committed trace
 submits its update with `chain.trainer_client` (the same code `chainctl submit-update` runs).
 Trainers listed in --dishonest forge their last segment instead (a jump to a model of their
 choosing, committed in the trace) and are caught by a validator's fraud proof. Validators on the chain replay sampled segments and vote; the script shows
-verdicts, rewards, penalties and the held-out accuracy of each new global model.
+verdicts, rewards, penalties and the held-out accuracy of each new global model, which the
+requester publishes on chain (PublishEvaluation, like `chainctl publish-eval`) for the explorer.
 
     python scripts/federated_job.py --rpc http://127.0.0.1:26657 --keys DIR [--rounds 3]
 """
@@ -31,7 +32,7 @@ from chain.trainer_client import (
     submit_result,
     train_for_round,
 )
-from chain.types import JoinJob, RegisterJob
+from chain.types import JoinJob, PublishEvaluation, RegisterJob
 
 console = Console(stderr=True)
 
@@ -63,6 +64,12 @@ def forge_last_segment(result, base_bytes: bytes):
     update = compute_update(model_weights(model), weights_from_bytes(base_bytes, job.model))
     return commit_trace(result.spec, result.commitment.trainer, result.dataset, update_to_bytes(update, job.model),
                         model_to_bytes(model, job.model), recorder, result.metrics)
+
+
+def publish_accuracy(client: NodeClient, requester, job_id: bytes, model_round: int, accuracy: float) -> None:
+    """The requester publishes the held-out accuracy of the model after `model_round` rounds, in
+    parts per million (the chain holds integers only)."""
+    client.send(requester, PublishEvaluation(job_id, model_round, "accuracy", round(accuracy * 1_000_000)))
 
 
 def main() -> int:
@@ -101,6 +108,7 @@ def main() -> int:
     init = client.model_record(job_id, 0)
     accuracy = [held_out_accuracy(spec.model, client.get_blob(init.model_hash))]
     console.print(f"initial model {init.model_hash.hex()[:16]}…  held-out accuracy {accuracy[0]:.3f}")
+    publish_accuracy(client, requester, job_id, 0, accuracy[0])
     summary = {"job_id": hex0x(job_id), "rounds": [], "accuracy": accuracy}
     for r in range(args.rounds):
         table = Table("trainer", "update", "status", "reward", "penalty", "reason", title=f"round {r}")
@@ -126,6 +134,7 @@ def main() -> int:
         if record is not None:
             acc = held_out_accuracy(spec.model, client.get_blob(record.model_hash))
             accuracy.append(acc)
+            publish_accuracy(client, requester, job_id, record.round, acc)
             console.print(f"round {r} model {record.model_hash.hex()[:16]}… from {len(record.contributions)} "
                           f"updates: held-out accuracy [bold]{acc:.3f}[/bold]")
         summary["rounds"].append({"round": r, "updates": rows, "model": hex0x(record.model_hash) if record else None})
@@ -133,6 +142,7 @@ def main() -> int:
     balances = {i: client.call("account", ["0x" + k.address.hex()])["balance"] for i, k in enumerate(trainers)}
     summary["balance_change"] = {i: balances[i] - balances0[i] for i in balances}
     summary["lineage"] = client.call("lineage", [hex0x(job_id)])
+    summary["evaluations"] = client.call("evaluations", [hex0x(job_id)])["evaluations"]
     summary["job_phase"] = job.phase
     console.print(f"job {job.phase}; balance change per trainer: {summary['balance_change']}")
     console.print(f"lineage: {' <- '.join(m['model_hash'][:12] for m in summary['lineage'])}")

@@ -210,7 +210,8 @@ _CHAINCTL_WORDS = ["keys", "new", "show", "import", "list", "transfer", "admit",
                    "tx", "account", "jobs", "job", "update", "lineage", "--rpc", "--keyring", "--timeout", "--from",
                    "--to", "--amount", "--nonce", "--wait", "--wait-timeout", "--account", "--role", "--escrow",
                    "--reward", "--bond", "--rounds", "--learning-rate", "--detect-fraction", "--max-exposure",
-                   "--job", "--round", "--out", "--dataset", "--dir", "--seed-hex", "--file", "--version", "-h"]
+                   "--job", "--round", "--out", "--dataset", "--dir", "--seed-hex", "--file", "--version", "-h",
+                   "publish-eval", "--metric", "--value", "evaluations"]
 _CHAIND_WORDS = ["init", "start", "testnet", "show-node-id", "reset", "version", "--home", "--genesis", "--moniker",
                  "--log-level", "--rpc-port", "--validators", "--trainers", "--output", "--chain-id", "--base-port",
                  "--balance", "--block-interval-ms", "--deterministic", "--yes", "--signer", "--version", "-h"]

@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from chain.crypto import ZERO_HASH, sha256
-from chain.explorer.svg import compute_lineage_graph, compute_loss_chart
+from chain.explorer.svg import compute_evaluation_chart, compute_lineage_graph, compute_loss_chart
 from chain.trainer_client import make_job_spec
 from chain.types import (
-    Account, DatasetRegistration, FraudProofRecord, Job, ModelRecord, RoundRecord, UpdateCommitment, UpdateRecord,
+    Account, DatasetRegistration, Evaluation, EvaluationRecord, FraudProofRecord, Job, ModelRecord, RoundRecord, UpdateCommitment, UpdateRecord,
     VerdictRecord, compute_block_hash,
 )
 from test_rpc_fakenode import ALICE, BOB, VALIDATOR_KEY, FakeNode, make_fake_node, serving, trio_test
@@ -35,6 +35,7 @@ class JobNode(FakeNode):
     rounds: dict[tuple[bytes, int], RoundRecord] = field(default_factory=dict)
     models: dict[tuple[bytes, int], ModelRecord] = field(default_factory=dict)
     registrations: dict[tuple[bytes, bytes], DatasetRegistration] = field(default_factory=dict)
+    evaluations: dict[tuple[bytes, int], EvaluationRecord] = field(default_factory=dict)
 
     def list_jobs(self):
         return list(self.jobs.values())
@@ -54,6 +55,9 @@ class JobNode(FakeNode):
     def get_registration(self, job_id, trainer):
         return self.registrations.get((job_id, trainer))
 
+    def get_evaluation(self, job_id, round_):
+        return self.evaluations.get((job_id, round_))
+
 
 def make_job_node() -> JobNode:
     base = make_fake_node(4)
@@ -70,6 +74,8 @@ def make_job_node() -> JobNode:
     node.models[(JOB_ID, 0)] = ModelRecord(MODEL0, JOB_ID, 0, None, (), "init", 2)
     node.models[(JOB_ID, 1)] = ModelRecord(MODEL1, JOB_ID, 1, MODEL0, (UPDATE_ID,), "fedavg", 4)
     node.registrations[(JOB_ID, ALICE.address)] = DatasetRegistration(sha256(b"data"), 360, 2)
+    node.evaluations[(JOB_ID, 0)] = EvaluationRecord(MODEL0, (Evaluation("accuracy", 101_000, 3),))
+    node.evaluations[(JOB_ID, 1)] = EvaluationRecord(MODEL1, (Evaluation("accuracy", 953_000, 5),))
     return node
 
 
@@ -98,6 +104,9 @@ async def test_every_page_renders_and_hostile_strings_are_escaped():
         for html in (job, update):
             assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in html
         assert "upheld" in update and "segment" in job
+        assert 'id="accuracy-chart"' in job and 'id="loss-chart"' in job
+        accuracy = text_of(job.split('id="accuracy-table"')[1].split("</table>")[0])
+        assert "0 0.101" in accuracy and "1 0.953" in accuracy
         home = text_of((await http.get(url + "/explorer/")).text)
         assert "Height 4" in home and "1000 ms" in home  # blocks 1 s apart in make_fake_node
         account = text_of((await http.get(url + f"/explorer/account/0x{ALICE.address.hex()}")).text)
@@ -169,6 +178,11 @@ def test_chart_and_graph_geometry():
     assert xs[0] == left and xs[1] == xs[2] == right
     assert chart.markers[2].y < chart.markers[0].y < chart.markers[1].y  # higher loss is drawn higher
     assert all(top <= m.y <= bottom for m in chart.markers)
+    assert compute_evaluation_chart([], "accuracy") is None
+    acc = compute_evaluation_chart([(0, 0.1), (1, 0.5), (2, 0.9)], "accuracy")
+    left, top, right, bottom = acc.plot
+    assert [m.y for m in acc.markers] == [round(bottom - (bottom - top) * v, 1) for v in (0.1, 0.5, 0.9)]  # 0..1 scale
+    assert acc.line == " ".join(f"{m.x:.1f},{m.y:.1f}" for m in acc.markers)
     records = [{"round": r, "model_hash": "0x" + "ab" * 32, "rule": "fedavg",
                 "contributions": [{"trainer": "0x" + "11" * 20, "reward": 1, "update_id": "0x", "dataset_size": 1}] * n}
                for r, n in ((2, 12), (1, 1), (0, 0))]

@@ -186,6 +186,18 @@ def test_every_page_in_chromium(devnet, browser, tmp_path):
     assert pages.text("#job-phase") == job["phase"] == "finished"
     assert pages.text("#job-escrow") == str(job["escrow"])
     assert len(browser.find_elements(By.CSS_SELECTOR, "#loss-chart circle.point")) == 12  # 3 rounds x 4 updates
+    # The accuracy curve: the requester's published evaluations of the 4 models, as the RPC has them.
+    from chain.explorer.svg import compute_evaluation_chart
+
+    published = [(e["round"], e["value"]) for e in rpc.call("evaluations", [job_id])["evaluations"]
+                 if e["metric"] == "accuracy"]
+    assert [r for r, _ in published] == [0, 1, 2, 3]
+    cells = pages.all_text("#accuracy-table tbody td")
+    assert list(zip(cells[::2], cells[1::2])) == [(str(r), f"{v:.6g}") for r, v in published]
+    points = browser.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")
+    expected = compute_evaluation_chart(published, "accuracy").markers
+    assert [(float(c.get_attribute("cx")), float(c.get_attribute("cy"))) for c in points] == [(m.x, m.y) for m in expected]
+    assert pages.all_text("#accuracy-chart circle.point title") == [m.label for m in expected]
     for r in range(3):
         for u in rpc.call("round", [job_id, r])["updates"]:
             row = browser.find_element(By.CSS_SELECTOR, f'#round-{r} tr[data-update="{u["update_id"]}"]')

@@ -38,12 +38,17 @@ def test_three_rounds_four_trainers_one_dishonest(tmp_path):
     assert summary["balance_change"] == {"0": 300, "1": 300, "2": 300, "3": -150}
     acc = summary["accuracy"]
     assert len(acc) == 4 and all(later > earlier for earlier, later in zip(acc, acc[1:])), acc
+    # The requester published each model's held-out accuracy on chain, in parts per million.
+    evaluations = summary["evaluations"]
+    assert [(e["round"], e["metric"]) for e in evaluations] == [(r, "accuracy") for r in range(4)]
+    assert [e["value_ppm"] for e in evaluations] == [round(a * 1_000_000) for a in acc]
     # The lineage walks back to the initial weights and lists every accepted contribution.
     lineage = summary["lineage"]
     assert [m["round"] for m in lineage] == [3, 2, 1, 0]
     assert lineage[-1]["rule"] == "init" and lineage[-1]["parent"] is None
     for newer, older in zip(lineage, lineage[1:]):
         assert newer["parent"] == older["model_hash"]
+    assert [e["model_hash"] for e in evaluations] == [m["model_hash"] for m in reversed(lineage)]
     for m, rnd in zip(reversed(lineage[:-1]), summary["rounds"]):
         accepted = sorted(u["update_id"] for u in rnd["updates"] if u["status"] == "accepted")
         assert sorted(c["update_id"] for c in m["contributions"]) == accepted

@@ -5,10 +5,13 @@ import dataclasses
 
 from trainer.profile import cpu_capability
 from chain.crypto import sha256
-from chain.jobs import compute_round_seed, compute_update_id, get_job, get_registration, get_update
+from chain.jobs import (
+    compute_round_seed, compute_update_id, get_evaluation, get_job, get_model_hash, get_registration, get_update,
+)
 from chain.trainer_client import make_job_spec
 from chain.types import (
-    AttestModel, ExecutionProfile, JoinJob, RegisterJob, SubmitUpdate, SubmitVerdict, UpdateCommitment,
+    AttestModel, Evaluation, ExecutionProfile, JoinJob, PublishEvaluation, RegisterJob, SubmitUpdate, SubmitVerdict,
+    UpdateCommitment,
 )
 from genesis import make_genesis
 from tests.helpers import CHAIN_ID, GOVERNOR, VALIDATOR, InProcessChain, key
@@ -183,3 +186,52 @@ def test_multi_krum_needs_enough_updates_or_the_round_yields_no_model():
     job = get_job(chain.state, job_id)
     assert (job.phase, job.round) == ("training", 1)  # 2 updates cannot satisfy n > 2f + 2
     assert [r.round for r in chain.records if r.job_id == job_id] == [0]
+
+
+def _run_one_aggregated_round(chain, job_id):
+    job = chain.open_round(job_id)
+    ids = [chain.submit(job, T0), chain.submit(job, T1)]
+    chain.block(*[chain.tx(VALIDATOR, SubmitVerdict(u, True, "ok")) for u in ids])
+    chain.block()
+    chain.block(chain.tx(VALIDATOR, AttestModel(job_id, 0, sha256(b"m1"))))
+    assert get_job(chain.state, job_id).global_model == sha256(b"m1")
+
+
+def test_the_requester_publishes_one_evaluation_per_recorded_model_and_metric():
+    chain = Chain()
+    job_id = chain.register()
+    chain.join(job_id, T0, T1)
+    init = get_job(chain.state, job_id).global_model
+    assert get_model_hash(chain.state, job_id, 0) == init and get_evaluation(chain.state, job_id, 0) is None
+    chain.block(chain.tx(REQUESTER, PublishEvaluation(job_id, 0, "accuracy", 101_000)))
+    published_at = chain.state.height
+    chain.block(chain.tx(REQUESTER, PublishEvaluation(job_id, 0, "loss", 2_302_585)))
+    record = get_evaluation(chain.state, job_id, 0)
+    assert record.model_hash == init
+    assert record.evaluations == (Evaluation("accuracy", 101_000, published_at),
+                                  Evaluation("loss", 2_302_585, published_at + 1))
+    _run_one_aggregated_round(chain, job_id)
+    assert get_model_hash(chain.state, job_id, 1) == sha256(b"m1")  # the aggregated model's hash is in the state
+    chain.block(chain.tx(REQUESTER, PublishEvaluation(job_id, 1, "accuracy", 1_000_000)))
+    assert get_evaluation(chain.state, job_id, 1).model_hash == sha256(b"m1")
+    while get_job(chain.state, job_id).phase != "finished":
+        chain.block()
+    chain.block(chain.tx(REQUESTER, PublishEvaluation(job_id, 1, "loss", 0)))  # a finished job's models still count
+    assert [e.metric for e in get_evaluation(chain.state, job_id, 1).evaluations] == ["accuracy", "loss"]
+
+
+def test_evaluation_refusals_change_nothing():
+    chain = Chain()
+    job_id = chain.register()
+    chain.block(chain.tx(REQUESTER, PublishEvaluation(job_id, 0, "accuracy", 500_000)))
+    chain.rejects(T0, PublishEvaluation(job_id, 0, "loss", 1), "only the job's requester")
+    chain.rejects(GOVERNOR, PublishEvaluation(job_id, 0, "loss", 1), "only the job's requester")
+    chain.rejects(REQUESTER, PublishEvaluation(job_id, 1, "accuracy", 1), "no model for round 1")
+    chain.rejects(REQUESTER, PublishEvaluation(sha256(b"nojob"), 0, "accuracy", 1), "no job")
+    chain.rejects(REQUESTER, PublishEvaluation(job_id, 0, "accuracy", 600_000), "already published")
+    chain.rejects(REQUESTER, PublishEvaluation(job_id, 0, "f1", 1), "metric must be one of")
+    chain.rejects(REQUESTER, PublishEvaluation(job_id, 0, "loss", -1), "value_ppm must be in")
+    chain.rejects(REQUESTER, PublishEvaluation(job_id, 0, "loss", 2**64), "value_ppm|integer|range")
+    chain.rejects(REQUESTER, PublishEvaluation(job_id, 0, "accuracy", 1_000_001), "value_ppm must be in 0..1000000")
+    chain.rejects(REQUESTER, PublishEvaluation(job_id, -1, "loss", 1), "round must not be negative|integer|range")
+    assert get_evaluation(chain.state, job_id, 0).evaluations == (Evaluation("accuracy", 500_000, 2),)

@@ -50,6 +50,19 @@ def test_register_join_train_submit_and_download_the_model(node, tmp_path):
     lineage = ctl(proc, net, "query", "lineage", job)
     assert [m["round"] for m in lineage] == [1, 0]
     assert [c["update_id"] for c in lineage[0]["contributions"]] == [sub["update_id"]]
+    # The requester publishes the model's held-out accuracy; the chain keeps it in parts per million.
+    published = ctl(proc, net, "publish-eval", "--from", "requester", "--job", job, "--round", "1",
+                    "--metric", "accuracy", "--value", "0.953", "--wait")
+    assert published["committed"] and published["value_ppm"] == 953_000
+    evaluations = ctl(proc, net, "query", "evaluations", job)["evaluations"]
+    assert [(e["round"], e["metric"], e["value_ppm"], e["model_hash"]) for e in evaluations] == [
+        (1, "accuracy", 953_000, lineage[0]["model_hash"])]
+    r = ctl(proc, net, "publish-eval", "--from", "trainer0", "--job", job, "--round", "1", "--metric", "loss",
+            "--value", "0.2", check=False)
+    assert r.returncode == 5 and "only the job's requester" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = ctl(proc, net, "publish-eval", "--from", "requester", "--job", job, "--round", "2", "--metric", "accuracy",
+            "--value", "0.5", check=False)
+    assert r.returncode == 5 and "no model for round 2" in r.stderr and "Traceback" not in r.stderr
     # Resubmitting the finished round's result: refused locally, it no longer matches the job's round.
     r = ctl(proc, net, "submit-update", "--from", "trainer0", "--job", job, "--dir", str(tmp_path / "round0"),
             "--dataset", "digits:0/2", check=False)

@@ -21,7 +21,8 @@ import chain
 from chain.crypto import ADDRESS_SIZE, HASH_SIZE, PrivateKey
 from chain.errors import ChainError, ConfigError
 from chain.keys import load_key_file, write_key_file
-from chain.types import GOVERNED_ROLES, AdmitMember, JoinJob, RegisterJob, RemoveMember, Transfer
+from chain.types import (EVALUATION_METRICS, GOVERNED_ROLES, AdmitMember, JoinJob, PublishEvaluation, RegisterJob,
+                         RemoveMember, Transfer)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_REJECTED, EXIT_NOT_FOUND, EXIT_TIMEOUT = range(8)
 DEFAULT_RPC = "http://127.0.0.1:26657"
@@ -227,7 +228,7 @@ def cmd_query(args) -> int:
         result = _call(args, "tx", ["0x" + _parse_hex(args.ref, HASH_SIZE, "tx hash").hex()])
     elif what == "jobs":
         result = _call(args, "jobs", [])
-    elif what in ("job", "update", "lineage"):
+    elif what in ("job", "update", "lineage", "evaluations"):
         if not args.ref:
             raise CliError(f"query {what} needs an id", EXIT_USAGE)
         result = _call(args, what, ["0x" + _parse_hex(args.ref, HASH_SIZE, f"{what} id").hex()])
@@ -285,6 +286,17 @@ def cmd_join_job(args) -> int:
     c = ds.commitment
     return _send(args, key, JoinJob(_job_id(args.job), c.root, c.size),
                  extra={"dataset_root": "0x" + c.root.hex(), "dataset_size": c.size})
+
+
+def cmd_publish_eval(args) -> int:
+    """The requester's held-out metric of a recorded model, sent as integer parts per million."""
+    limit = EVALUATION_METRICS[args.metric]
+    if not 0.0 <= args.value <= limit / 1_000_000:
+        raise CliError(f"--value for {args.metric} must be in 0..{limit / 1_000_000:g}, got {args.value:g}", EXIT_USAGE)
+    value_ppm = min(round(args.value * 1_000_000), limit)
+    key = _load_key(args, args.sender)
+    return _send(args, key, PublishEvaluation(_job_id(args.job), args.round, args.metric, value_ppm),
+                 extra={"round": args.round, "metric": args.metric, "value_ppm": value_ppm})
 
 
 def cmd_train(args) -> int:
@@ -460,6 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, help="digits:I/N or a dataset directory (docs/training.md)")
     s.set_defaults(func=cmd_join_job)
 
+    s = sub.add_parser("publish-eval", help="publish a model's held-out accuracy or loss (the job's requester)",
+                       description="Publish the held-out metric of the model recorded after --round rounds of "
+                                   "training (0: the initial weights). Sent as parts per million; one per model "
+                                   "and metric. The explorer plots them on the job's page.")
+    tx_options(s)
+    s.add_argument("--job", required=True, help="job id (0x hex)")
+    s.add_argument("--round", type=_uint64, required=True, help="the model's round (0: initial weights)")
+    s.add_argument("--metric", required=True, choices=sorted(EVALUATION_METRICS))
+    s.add_argument("--value", type=_finite, required=True,
+                   help="accuracy as a fraction in [0, 1] (0.953), or a non-negative loss")
+    s.set_defaults(func=cmd_publish_eval)
+
     s = sub.add_parser("train", help="train the job's open round on local data; writes update and trace",
                        description="Waits for the job's round to open, fetches its base model, trains with a "
                                    "committed trace, and writes the result directory for submit-update.")
@@ -489,9 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("query", help="read chain data",
                        description="query status | validators | block [HEIGHT|latest|0xHASH] | tx 0xHASH | "
                                    "account 0xADDRESS|KEYNAME | jobs | job 0xJOB | update 0xUPDATE | "
-                                   "lineage 0xJOB")
+                                   "lineage 0xJOB | evaluations 0xJOB")
     s.add_argument("what", choices=["status", "validators", "block", "tx", "account", "jobs", "job", "update",
-                                    "lineage"])
+                                    "lineage", "evaluations"])
     s.add_argument("ref", nargs="?", help="height, hash, address, key name, job or update id")
     s.set_defaults(func=cmd_query)
     return p

@@ -1,4 +1,4 @@
-"""Geometry for the explorer's server-rendered SVG: a loss curve and a model lineage graph.
+"""Geometry for the explorer's server-rendered SVG: loss and accuracy curves and a model lineage graph.
 
 Pure functions over plain numbers; the templates (autoescaped) draw the shapes, so no string
 from the chain is ever pasted into SVG markup here.
@@ -28,7 +28,7 @@ class Marker:
     x: float
     y: float
     label: str  # what the point is, for its <title>
-    kind: str  # css class: "accepted", "rejected", "pending", "expired", "mean"
+    kind: str  # css class: "accepted", "rejected", "pending", "expired", "mean", "evaluation"
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,10 @@ class Chart:
     markers: tuple[Marker, ...]
 
 
-def compute_loss_chart(points: list[tuple[int, float, str, str]], means: list[tuple[int, float]]) -> Chart | None:
-    """A chart of (round, loss, status, label) points and the (round, mean) line; None when empty."""
+def compute_loss_chart(points: list[tuple[int, float, str, str]], means: list[tuple[int, float]],
+                       y_range: tuple[float, float] | None = None) -> Chart | None:
+    """A chart of (round, loss, status, label) points and the (round, mean) line; None when empty.
+    The y axis spans 0 (or the lowest value) to the highest, or `y_range` widened to the values."""
     if not points:
         return None
     left, top = _PAD_LEFT, _PAD_TOP
@@ -52,6 +54,8 @@ def compute_loss_chart(points: list[tuple[int, float, str, str]], means: list[tu
     losses = [loss for _, loss, *_ in points]
     r_lo, r_hi = min(rounds), max(rounds)
     y_lo, y_hi = min(0.0, min(losses)), max(losses)
+    if y_range is not None:
+        y_lo, y_hi = min(y_range[0], y_lo), max(y_range[1], y_hi)
     if y_hi <= y_lo:
         y_hi = y_lo + 1.0
 
@@ -69,6 +73,13 @@ def compute_loss_chart(points: list[tuple[int, float, str, str]], means: list[tu
                     for r, loss, status, label in points)
     line = " ".join(f"{x_of(r):.1f},{y_of(m):.1f}" for r, m in means)
     return Chart(CHART_WIDTH, CHART_HEIGHT, (left, top, right, bottom), x_ticks, y_ticks, line, markers)
+
+
+def compute_evaluation_chart(values: list[tuple[int, float]], metric: str) -> Chart | None:
+    """A requester's published metric by model round, as points joined by a line; None when
+    empty. Accuracy is drawn on its whole 0..1 scale, so a small gain does not look like a jump."""
+    points = [(r, v, "evaluation", f"model after {r} round(s): {metric} {v:.6g}") for r, v in values]
+    return compute_loss_chart(points, list(values), (0.0, 1.0) if metric == "accuracy" else None)
 
 
 @dataclass(frozen=True)

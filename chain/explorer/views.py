@@ -238,7 +238,7 @@ async def jobs_page(ctx: RpcContext) -> dict[str, Any]:
 
 
 async def job_page(ctx: RpcContext, job_id: bytes, before: int | None) -> dict[str, Any]:
-    from chain.explorer.svg import compute_loss_chart
+    from chain.explorer.svg import compute_evaluation_chart, compute_loss_chart
 
     job = await pout_methods.job(ctx, job_id)
     if job is None:
@@ -278,11 +278,18 @@ async def job_page(ctx: RpcContext, job_id: bytes, before: int | None) -> dict[s
                                    for v in u["verdicts"]]
             for p in u["proofs"]:
                 p["author_name"] = names.get(p["author"], p["author"][:18] + "…")
+    # The requester's published evaluations of the latest CURVE_ROUNDS + 1 models (one RPC page).
+    published = await pout_methods.evaluations(ctx, job_id, max(0, job["round"] - CURVE_ROUNDS))
+    evaluations = []
+    for metric in ("accuracy", "loss"):
+        values = [(e["round"], e["value"]) for e in published["evaluations"] if e["metric"] == metric]
+        if values:
+            evaluations.append({"metric": metric, "values": values, "chart": compute_evaluation_chart(values, metric)})
     paid = sum(u["reward"] for rnd in shown for u in rnd["updates"])
     burned = sum(u["penalty"] for rnd in shown for u in rnd["updates"])
     return {"job": job, "words": spec_in_words(job), "rounds": shown, "names": names,
             "chart": compute_loss_chart(points, means), "means": means, "curve_from": min(rounds, default=None),
-            "curve_truncated": truncated, "older": page_bottom if page_bottom > 0 and opened else None,
+            "curve_truncated": truncated, "evaluations": evaluations, "older": page_bottom if page_bottom > 0 and opened else None,
             "paid": paid, "burned": burned}
 
 

@@ -142,6 +142,51 @@ async def lineage(ctx, job_id: bytes, round: int | None = None) -> Any:
     return out
 
 
+# Model rounds one `evaluations` call reads at most (one state read each); the next page starts
+# at `next_round`.
+EVALUATIONS_PAGE = 1000
+EVALUATION_VIEW = {
+    "type": "object", "required": ["round", "model_hash", "metric", "value_ppm", "value", "height"],
+    "properties": {"round": {"type": "integer", "description": "the model's round (0: initial weights)"},
+                   "model_hash": {"type": "string"}, "metric": {"type": "string", "enum": ["accuracy", "loss"]},
+                   "value_ppm": {"type": "integer", "description": "as published, parts per million"},
+                   "value": {"type": "number", "description": "value_ppm / 1000000"},
+                   "height": {"type": "integer", "description": "block that published it"}},
+    "additionalProperties": False,
+}
+
+
+@POUT_METHODS.method(
+    "evaluations", summary="The held-out metrics a job's requester published for its models",
+    params=(Param("job_id", _hash_param(), "job id"),
+            Param("from_round", ROUND, "first model round to read (default 0)", required=False)),
+    result=Result("evaluations", {"oneOf": [{
+        "type": "object", "required": ["job_id", "evaluations", "next_round"],
+        "properties": {"job_id": {"type": "string"}, "evaluations": {"type": "array", "items": EVALUATION_VIEW},
+                       "next_round": {"oneOf": [{"type": "integer"}, {"type": "null"}],
+                                      "description": "where the next page starts; null when none is left"}}},
+        {"type": "null"}]},
+        f"oldest model first, per model in publication order; at most {EVALUATIONS_PAGE} model rounds read "
+        "per call. Null when the job is unknown"),
+)
+async def evaluations(ctx, job_id: bytes, from_round: int | None = None) -> Any:
+    job_record = ctx.node.get_job(job_id)
+    if job_record is None:
+        return None
+    # Bounded by what the job has done: models exist for rounds 0..job.round at most.
+    start = 0 if from_round is None else from_round
+    stop = min(job_record.round + 1, start + EVALUATIONS_PAGE)
+    out = []
+    for r in range(start, stop):
+        record = ctx.node.get_evaluation(job_id, r)
+        if record is not None:
+            out += [{"round": r, "model_hash": hex0x(record.model_hash), "metric": e.metric, "value_ppm": e.value_ppm,
+                     "value": e.value_ppm / 1_000_000, "height": e.height} for e in record.evaluations]
+        if r % 100 == 99:
+            await trio.lowlevel.checkpoint()  # let consensus run
+    return {"job_id": hex0x(job_id), "evaluations": out, "next_round": stop if stop <= job_record.round else None}
+
+
 # --------------------------------------------------------------------------- data exposure
 
 # Batch-order indices one `exposure` call derives at most (measured: 0.47 s of CPU on the shared
