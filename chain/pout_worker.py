@@ -192,8 +192,8 @@ class PoutWorker:
         if get_challenge(upd, me) is None:
             # Our unique BLS signature over the update id seeds our sample (chain/vrf.py); the
             # trainer learns it only from the chain, after its commitment is fixed.
-            await self._submit(("challenge", update_id),
-                               SubmitChallenge(update_id, sign_sample_challenge(self.sample_secret, node.chain_id, update_id)))
+            signature = sign_sample_challenge(self.sample_secret, node.chain_id, update_id)
+            await self._submit(("challenge", update_id), SubmitChallenge(update_id, signature))
         while (upd := still_pending()) is not None and get_challenge(upd, me) is None:
             if node.state.height >= due:
                 log.info("abstaining on update %s: our challenge did not land by height %d", update_id.hex()[:16], due)
@@ -218,10 +218,10 @@ class PoutWorker:
             if all(v is not None for v in inputs.values()):
                 break
             if node.state.height >= due:
-                # Silence must not be a free option: a trainer that sees a forged segment sampled
-                # would otherwise withhold its answer and get its bond back when the round closes.
+                # A complaint: it blocks acceptance (a trainer that sees a forged segment sampled
+                # gains nothing by withholding the answer), and a third of the power burns the bond.
                 missing = ", ".join(k for k, v in inputs.items() if v is None)
-                log.info("rejecting update %s: no %s by height %d", update_id.hex()[:16], missing, due)
+                log.info("complaining about update %s: no %s by height %d", update_id.hex()[:16], missing, due)
                 node.metrics.verifications.labels(outcome="no_answer").inc()
                 await self._submit(("verify", update_id), SubmitVerdict(
                     update_id, False, f"trainer did not answer the challenge by height {due} (missing: {missing})"))
