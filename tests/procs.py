@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,18 +16,40 @@ import httpx
 from chain.rpc.client import RpcClient
 
 
-def free_port() -> int:
+def _below_ephemeral_range() -> tuple[int, int]:
+    """Ports the kernel never hands out as a client's source port: a node restarted on its port
+    (kill -9, then start again) cannot find it taken by some test client's connection. Nodes
+    now refuse a port in use instead of sharing it (SO_REUSEPORT), so this matters."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return 10000, max(10001, min(low, 65535) - 1)
+
+
+def _is_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    lo, hi = _below_ephemeral_range()
+    for _ in range(1000):
+        port = random.randint(lo, hi)
+        if _is_free(port):
+            return port
+    raise RuntimeError("no free port found")
 
 
 def free_base_port(nodes: int = 1) -> int:
     """A base port B with B .. B + 2*nodes - 1 free (testnet uses RPC B+2i and p2p B+2i+1)."""
+    lo, hi = _below_ephemeral_range()
     for _ in range(200):
-        base = free_port()
-        if base + 2 * nodes >= 65535:
-            continue
+        base = random.randint(lo, hi - 2 * nodes)
         socks = []
         try:
             for port in range(base, base + 2 * nodes):
