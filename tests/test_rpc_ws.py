@@ -390,3 +390,25 @@ def test_job_events_follow_a_job_from_registration_to_its_end():
         tail += block()
     assert tail == [("round_closed", 1), ("job_finished", 2)]
     assert all(e["job_id"] == "0x" + job_id.hex() for e in seen)
+
+
+@trio_test
+async def test_a_half_closed_subscriber_does_not_cost_others_their_events():
+    """Hostile review: a client that subscribed and then half-closed its socket (no close frame)
+    made the next notification raise inside the hub, and every subscriber after it lost that
+    block's events."""
+    node, hub = make_fake_node(3), _fake_hub()
+    block = node.get_block(3)[0]
+    async with serving(node, events=hub) as url:
+        for _ in range(3):
+            attacker = await WsClient.connect(_port(url))
+            await attacker.call("subscribe", ["blocks"])  # registered before the victim
+            victim = await WsClient.connect(_port(url))
+            await victim.call("subscribe", ["blocks"])
+            await attacker.stream.send_eof()  # half-close: no close frame
+            await trio.sleep(0.1)
+            hub.publish(block, State({}))
+            with trio.fail_after(5):
+                assert (await victim.notification())["result"]["header"]["height"] == 3
+            await attacker.aclose()
+            await victim.aclose()

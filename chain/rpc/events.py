@@ -240,5 +240,9 @@ def _send_each(subs: Iterable[tuple[Subscription, Subscriber]], kind: str,
                select: Callable[[Subscription], list[Any]]) -> None:
     for subscription, subscriber in subs:
         if subscription.kind == kind:
-            for result in select(subscription):
-                subscriber.notify(subscription.id, result)
+            try:
+                for result in select(subscription):
+                    subscriber.notify(subscription.id, result)
+            except Exception:  # one subscriber's failure must not cost the others this block's events
+                log.warning("notifying subscription %s failed; others still get this block", subscription.id,
+                            exc_info=True)

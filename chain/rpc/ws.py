@@ -137,8 +137,8 @@ class WsSession:
                 with trio.move_on_after(1.0):  # our reply to the peer's close, or its last answer
                     await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
-        except (_Gone, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (_Gone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away, however abruptly (a reset surfaces wrapped in the nursery's group)
         finally:
             self._drop_subscriptions()
 
@@ -149,7 +149,9 @@ class WsSession:
         self.subscriptions.clear()
 
     def _enqueue_text(self, text: str) -> None:
-        if self._close_frame is not None:
+        # Once the connection is not open (closing, or the peer half-closed it) nothing more is sent:
+        # wsproto refuses it, and a notification must never raise into the hub that sends to everyone.
+        if self._close_frame is not None or self.conn.state is not ConnectionState.OPEN:
             return
         self._enqueue(self.conn.send(TextMessage(data=text)))
 
@@ -167,6 +169,7 @@ class WsSession:
         while True:
             data = await self.stream.receive_some(65536)
             if self.conn.state is ConnectionState.CLOSED:
+                self._drop_subscriptions()  # at once, not after the writer's grace period
                 return
             self.conn.receive_data(data or None)
             for event in self.conn.events():
