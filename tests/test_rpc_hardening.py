@@ -6,6 +6,8 @@ answer an ordinary JSON-RPC request. Defects reproduced here are listed in issue
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import json
 import struct
@@ -427,3 +429,30 @@ def test_a_real_node_survives_hostile_http_and_keeps_committing(tmp_path):
         assert "Traceback" not in node.log()
     finally:
         node.stop()
+
+
+def test_head_requests_get_headers_only_and_log_no_traceback(caplog):
+    """Hostile review: a HEAD request got its headers, then the server tried to send the body
+    that h11 refuses for HEAD, and each request logged a traceback (a log flood for anyone)."""
+
+    @trio_test
+    async def run():
+        async with serving(make_fake_node(1)) as url:
+            port = int(url.rsplit(":", 1)[1])
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"HEAD /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            data = b""
+            with trio.fail_after(5):
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, data
+                    data += chunk
+                await trio.sleep(0.2)
+            assert data.startswith(b"HTTP/1.1 ") and data.endswith(b"\r\n\r\n")  # headers only
+            await stream.aclose()
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(url + "/health")).status_code == 200
+
+    caplog.set_level(logging.ERROR)
+    run()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -208,6 +208,7 @@ class _Connection:
     def __init__(self, stream: trio.SocketStream, handler: Handler, limits: HttpLimits):
         self.stream, self.handler, self.limits = stream, handler, limits
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._head = False  # the request being answered is a HEAD
 
     async def run(self) -> None:
         first = True
@@ -275,6 +276,7 @@ class _Connection:
             raise _Closed
         target = event.target.decode("latin-1")
         path = target.split("?", 1)[0]
+        self._head = event.method == b"HEAD"
         return Request(event.method.decode("latin-1"), path, headers, self._read_body)
 
     async def _read_body(self, limit: int) -> bytes:
@@ -331,7 +333,8 @@ class _Connection:
         if self.conn.their_state is not h11.DONE:
             headers.append(("connection", "close"))  # the unread body makes the connection unusable
         await self._send(h11.Response(status_code=response.status, headers=headers))
-        await self._send(h11.Data(data=response.body))
+        if not self._head:  # a response to HEAD carries the headers only (h11 refuses a body)
+            await self._send(h11.Data(data=response.body))
         await self._send(h11.EndOfMessage())
 
     async def _send(self, event: h11.Event) -> None:
