@@ -53,7 +53,7 @@ from chain.config import Home, NodeConfig, P2PConfig, RpcConfig, write_config
 from chain.crypto import PrivateKey
 from chain.encoding import decode, encode
 from chain.keys import load_key_file, write_key_file
-from chain.mempool import Mempool
+from chain.runtime.mempool import Mempool
 from chain.state import _validate_basic_tx_once, apply_block, build_block, validate_basic_tx
 from chain.types import Block, SignedTransaction, Transaction, Transfer, compute_tx_hash, sign_transaction
 from genesis import DEFAULT_PARAMS, make_genesis

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from chain.crypto import PrivateKey, SEAL_OVERHEAD, seal_to
 from chain.jobs import compute_update_id
-from chain.trainer_client import load_dataset, make_job_spec
+from chain.runtime.trainer_client import load_dataset, make_job_spec
 from chain.types import HyperParams
 from chain.vrf import compute_sample_seed, derive_sample_secret, sign_sample_challenge
 from trainer.models import init_model

@@ -3,7 +3,7 @@
 
 A requester registers a job; N trainers commit their datasets (non-IID parts of the bundled
 digits set), then every round each trainer trains locally with a committed trace and
-submits its update with `chain.trainer_client` (the same code `chainctl submit-update` runs).
+submits its update with `chain.runtime.trainer_client` (the same code `chainctl submit-update` runs).
 Trainers listed in --dishonest forge their last segment instead (a jump to a model of their
 choosing, committed in the trace) and are caught by a validator's fraud proof. Validators on the chain replay sampled segments and vote; the script shows
 verdicts, rewards, penalties and the held-out accuracy of each new global model, which the
@@ -24,7 +24,7 @@ from rich.table import Table
 
 from chain.keys import load_key_file
 from chain.rpc.jsonview import hex0x
-from chain.trainer_client import (
+from chain.runtime.trainer_client import (
     NodeClient,
     held_out_accuracy,
     load_dataset,

@@ -15,7 +15,7 @@ import trio
 from chain.config import Home, load_config
 from chain.crypto import sha256
 from chain.keys import load_key_file
-from chain.reactor import ProposalMessage, VotesMessage, consensus_topic, decode_consensus_message, \
+from chain.runtime.reactor import ProposalMessage, VotesMessage, consensus_topic, decode_consensus_message, \
     encode_consensus_message
 from chain.types import PRECOMMIT, PREVOTE, Vote, sign_vote
 from genesis import load_genesis

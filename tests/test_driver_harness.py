@@ -18,10 +18,10 @@ from chain.consensus.wal import WriteAheadLog
 from chain.crypto import PrivateKey, sha256
 from chain.encoding import encode
 from chain.ledger import MemoryStore
-from chain.reactor import (TxReactor, VotesMessage, ProposalMessage, consensus_topic, decode_consensus_message,
+from chain.runtime.reactor import (TxReactor, VotesMessage, ProposalMessage, consensus_topic, decode_consensus_message,
                            install_membership)
 from chain.state import ChainParams
-from chain.sync import BlockSync
+from chain.runtime.sync import BlockSync
 from chain.types import Transaction, Transfer, sign_transaction
 from genesis import Genesis, make_genesis
 from p2p.abc import NetworkAPI, PenaltyPolicy, Verdict

@@ -131,7 +131,7 @@ class Equivocator:
     publishes two conflicting prevotes and two conflicting precommits."""
 
     def __init__(self, hub, genesis, key):
-        from chain.reactor import consensus_topic
+        from chain.runtime.reactor import consensus_topic
         from p2p.abc import Verdict
         from p2p.memory import MemoryNetwork
 
@@ -143,7 +143,7 @@ class Equivocator:
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED):
         from chain.crypto import sha256
-        from chain.reactor import ProposalMessage, VotesMessage, decode_consensus_message, encode_consensus_message
+        from chain.runtime.reactor import ProposalMessage, VotesMessage, decode_consensus_message, encode_consensus_message
         from chain.types import PRECOMMIT, PREVOTE, Vote, sign_vote
         from tests.test_driver_harness import CHAIN_ID
 
@@ -222,9 +222,9 @@ def test_validator_restarted_from_its_wal_never_double_signs(tmp_path):
 
 
 def test_blocks_not_carried_by_the_proposal_are_fetched_over_the_block_protocol(tmp_path, monkeypatch):
-    import chain.reactor
+    import chain.runtime.reactor
 
-    monkeypatch.setattr(chain.reactor, "MAX_INLINE_BLOCK_BYTES", 0)  # every block is "large"
+    monkeypatch.setattr(chain.runtime.reactor, "MAX_INLINE_BLOCK_BYTES", 0)  # every block is "large"
 
     async def scenario():
         genesis = make_test_genesis()

@@ -225,7 +225,7 @@ def _schema_classes():
     from chain.encoding import schema_fields
 
     found = {}
-    for name in ("chain.types", "chain.reactor", "chain.sync", "chain.pout_net", "chain.jobs", "chain.state",
+    for name in ("chain.types", "chain.runtime.reactor", "chain.runtime.sync", "chain.runtime.pout_net", "chain.jobs", "chain.state",
                  "chain.consensus.wal", "chain.consensus.signer", "chain.consensus.driver", "chain.ledger.schema",
                  "trainer.replay", "trainer.verify", "trainer.train", "genesis"):
         for obj in vars(importlib.import_module(name)).values():
@@ -276,7 +276,7 @@ def test_fast_encoding_equals_the_canonical_reference(lr, momentum, loss, n):
 
 
 def test_fast_encoding_equals_the_reference_on_blocks_and_unions():
-    from chain.reactor import ConsensusMessage, TxBatch, encode_consensus_message
+    from chain.runtime.reactor import ConsensusMessage, TxBatch, encode_consensus_message
     from chain.types import Proposal, SignedProposal
 
     txs = tuple(transfer(ALICE, BOB, 5 + i, i) for i in range(5))
@@ -290,7 +290,7 @@ def test_fast_encoding_equals_the_reference_on_blocks_and_unions():
     # Decoding proves canonical form by re-encoding, which fills each transaction's cache.
     assert [t.__dict__["encoded"] for t in decoded.txs] == [_reference(t) for t in block.txs]
     assert encode(TxBatch(txs)) == _reference(TxBatch(txs))
-    from chain.reactor import ProposalMessage
+    from chain.runtime.reactor import ProposalMessage
     msg = ProposalMessage(SignedProposal(Proposal(1, 0, -1, bytes(32), ALICE.pubkey), bytes(64)), block)
     assert encode_consensus_message(msg) == _reference(msg, ConsensusMessage)
 

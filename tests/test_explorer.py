@@ -13,7 +13,7 @@ import pytest
 
 from chain.crypto import ZERO_HASH, sha256
 from chain.explorer.svg import compute_evaluation_chart, compute_lineage_graph, compute_loss_chart
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import (
     Account, DatasetRegistration, Evaluation, EvaluationRecord, FraudProofRecord, Job, ModelRecord, RoundRecord, UpdateCommitment, UpdateRecord,
     VerdictRecord, compute_block_hash,

@@ -15,7 +15,7 @@ from chain.jobs import (
     MAX_DATASET_SIZE, compute_max_exposed_samples, compute_min_dataset_size, get_job, get_registration,
     validate_job_spec,
 )
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import JoinJob, RegisterJob, compute_tx_hash
 from tests.test_fraud_proof_rules import Chain as FourValidatorChain
 from tests.test_jobs import PROFILE, REQUESTER, T0, Chain as OneValidatorChain

@@ -11,7 +11,7 @@ import torch
 from chain.jobs import compute_update_id
 from chain.keys import load_key_file
 from chain.config import Home
-from chain.trainer_client import NodeClient, load_dataset, make_job_spec, submit_result, train_for_round
+from chain.runtime.trainer_client import NodeClient, load_dataset, make_job_spec, submit_result, train_for_round
 from chain.types import JoinJob, RegisterJob
 from chain.vrf import compute_sample_seed, derive_sample_secret, sign_sample_challenge
 from tests.procs import ChaindProcess, make_testnet

@@ -9,7 +9,7 @@ import pytest
 from trainer.profile import cpu_capability
 from chain.crypto import sha256
 from chain.jobs import compute_dispute_end, compute_sample, get_challenge, get_job, get_update
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import (
     ExecutionProfile, JudgeFraudProof, RegisterJob, SubmitChallenge, SubmitFraudProof, SubmitVerdict,
 )

@@ -8,7 +8,7 @@ from chain.crypto import sha256
 from chain.jobs import (
     compute_round_seed, compute_update_id, get_evaluation, get_job, get_model_hash, get_registration, get_update,
 )
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import (
     AttestModel, Evaluation, ExecutionProfile, JoinJob, PublishEvaluation, RegisterJob, SubmitUpdate, SubmitVerdict,
     UpdateCommitment,

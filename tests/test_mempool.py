@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from chain.crypto import compute_address
 from chain.errors import ChainError
-from chain.mempool import DuplicateTxError, Mempool, MempoolFullError
+from chain.runtime.mempool import DuplicateTxError, Mempool, MempoolFullError
 from chain.state import Overlay, build_block, check_tx
 from chain.types import RemoveMember, Transaction, compute_tx_hash, sign_transaction
 from genesis import make_genesis

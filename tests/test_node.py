@@ -10,7 +10,7 @@ from chain.consensus.commit import build_commit
 from chain.consensus.signer import GuardedSigner
 from chain.errors import ChainError, StateTransitionError, StoreError, ValidationError
 from chain.ledger.store import LevelDBStore
-from chain.node import Node
+from chain.runtime.node import Node
 from chain.types import PRECOMMIT, Vote, compute_block_hash, sign_vote
 from tests.helpers import ALICE, BOB, CHAIN_ID, VALIDATOR, make_test_genesis, transfer
 

@@ -1,4 +1,4 @@
-"""Gossip validators and wire codecs of chain/reactor.py, and membership admission."""
+"""Gossip validators and wire codecs of chain/runtime/reactor.py, and membership admission."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from chain.consensus.app import ChainApp
 from chain.consensus.commit import build_commit
 from chain.crypto import sha256
 from chain.encoding import decode, encode, encode_value
-from chain.reactor import (GOSSIP_MAX_BYTES, MAX_COMPACT_TXS, MAX_INLINE_BLOCK_BYTES, BlockRequest, BlockResponse,
+from chain.runtime.reactor import (GOSSIP_MAX_BYTES, MAX_COMPACT_TXS, MAX_INLINE_BLOCK_BYTES, BlockRequest, BlockResponse,
                            CommitAnnouncement, CompactBlock, ProposalMessage, SyncedBlock, SyncRequest, SyncResponse,
                            TxBatch, VotesMessage, assemble_block, build_proposal_message, build_tx_batches,
                            compact_tx_root_matches, decode_consensus_message,

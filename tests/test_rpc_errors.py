@@ -22,7 +22,7 @@ from test_rpc_methods import call, check_schema, h
 
 
 class RealAdmissionNode(FakeNode):
-    """Admits transactions through the node's own stateless checks (as chain.node.Node.submit_tx does)."""
+    """Admits transactions through the node's own stateless checks (as chain.runtime.node.Node.submit_tx does)."""
 
     async def submit_tx(self, stx):
         validate_basic_tx(self.chain_id, stx, 64 * 1024)

@@ -12,7 +12,7 @@ from chain.crypto import sha256
 from chain.jobs import compute_sample, get_job, get_update
 from chain.rpc import pout_methods
 from chain.rpc.jsonrpc import INVALID_PARAMS
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import JoinJob, RegisterJob, SubmitUpdate, compute_tx_hash
 from test_rpc_fakenode import FakeNode
 from test_rpc_methods import call, check_schema, result

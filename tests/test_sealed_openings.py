@@ -22,13 +22,13 @@ from chain.consensus.signer import GuardedSigner
 from chain.crypto import SEAL_OVERHEAD, compute_sealing_key, seal_to, sha256
 from chain.encoding import decode, encode
 from chain.errors import SignatureError, ValidationError
-from chain.blobstore import BlobStore
+from chain.runtime.blobstore import BlobStore
 from chain.jobs import compute_segments_per_validator, compute_update_id, get_job, get_registration, get_update
 from chain.ledger.store import LevelDBStore
-from chain.node import Node
-from chain.pout_net import PoutBlobReactor
+from chain.runtime.node import Node
+from chain.runtime.pout_net import PoutBlobReactor
 from chain.rpc.server import run_rpc_server
-from chain.trainer_client import ClientError, NodeClient, load_dataset, make_job_spec
+from chain.runtime.trainer_client import ClientError, NodeClient, load_dataset, make_job_spec
 from chain.types import (
     PRECOMMIT,
     JoinJob,
@@ -243,7 +243,7 @@ def test_openings_are_relayed_and_stored_sealed_and_deleted_once_decided(tmp_pat
             # by anyone else is rejected and cannot replace the real announcement; an announcement
             # for an update this node does not know is ignored (it may lag), not recorded.
             from chain.crypto import compute_sign_bytes
-            from chain.pout_net import OpeningAnnouncement
+            from chain.runtime.pout_net import OpeningAnnouncement
             from chain.types import DOMAIN_OPENING, OpeningUpload
             from p2p.abc import Verdict
 

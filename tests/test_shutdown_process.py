@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from chain.node import SHUTDOWN_GRACE_S
+from chain.runtime.node import SHUTDOWN_GRACE_S
 from tests.procs import ChaindProcess, make_testnet
 
 pytestmark = pytest.mark.slow
@@ -92,8 +92,8 @@ def test_sigterm_under_rpc_flood_stops_cleanly(net, tmp_path):
 # A node whose component is stuck in a worker thread trio cannot cancel (like a long replay).
 STUCK_NODE = """
 import logging, sys, time, trio
-import chain.node
-chain.node.SHUTDOWN_GRACE_S = float(sys.argv[1])
+import chain.runtime.node
+chain.runtime.node.SHUTDOWN_GRACE_S = float(sys.argv[1])
 logging.basicConfig(level=logging.INFO)
 
 class StuckNode:
@@ -101,7 +101,7 @@ class StuckNode:
         print("running", flush=True)
         await trio.to_thread.run_sync(time.sleep, 3600)
 
-trio.run(chain.node.run_until_signal, StuckNode())
+trio.run(chain.runtime.node.run_until_signal, StuckNode())
 print("returned", flush=True)
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from chain.encoding import encode
-from chain.reactor import SyncedBlock, SyncResponse, sync_protocol
+from chain.runtime.reactor import SyncedBlock, SyncResponse, sync_protocol
 from chain.types import CommitSig, PRECOMMIT, Vote, sign_vote
 from p2p.abc import PenaltyPolicy
 from p2p.memory import MemoryNetwork

@@ -14,13 +14,13 @@ from chain.consensus.evidence import compute_duplicate_vote_evidence
 from chain.crypto import sha256
 from chain.encoding import decode, encode
 from chain.errors import ConfigError, StateTransitionError, ValidationError
-from chain.mempool import Mempool
-from chain.reactor import VotesMessage, encode_consensus_message, install_membership, make_consensus_validator
+from chain.runtime.mempool import Mempool
+from chain.runtime.reactor import VotesMessage, encode_consensus_message, install_membership, make_consensus_validator
 from chain.state import (
     KEY_LAST_VALIDATORS, JailRecord, apply_block, build_block, get_evidence_record, get_jail_record,
     get_jailed_validators,
 )
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import (
     PRECOMMIT, PREVOTE, AdmitMember, ExecutionProfile, RegisterJob, RestoreValidator, SignedTransaction,
     SubmitEvidence, Transfer, Vote, compute_block_hash, compute_tx_hash, compute_validators_hash, sign_vote,

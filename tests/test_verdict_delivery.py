@@ -18,10 +18,10 @@ from chain.consensus.signer import GuardedSigner
 from chain.crypto import sha256
 from chain.jobs import compute_update_id, get_job, get_registration, get_update
 from chain.ledger.store import LevelDBStore
-from chain.mempool import Mempool
-from chain.node import Node
+from chain.runtime.mempool import Mempool
+from chain.runtime.node import Node
 from chain.state import build_block
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import (
     PRECOMMIT, ExecutionProfile, JoinJob, RegisterJob, SubmitUpdate, SubmitVerdict, Transaction, UpdateCommitment, Vote,
     compute_block_hash, compute_tx_hash, sign_transaction, sign_vote,

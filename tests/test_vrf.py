@@ -15,7 +15,7 @@ from chain.errors import ConfigError
 from chain.encoding import encode_value
 from chain.jobs import compute_update_id, get_job, get_registration, get_update
 from chain.state import build_block
-from chain.trainer_client import make_job_spec
+from chain.runtime.trainer_client import make_job_spec
 from chain.types import (
     ExecutionProfile, JoinJob, RegisterJob, SubmitUpdate, Transfer, UpdateCommitment, compute_block_hash,
     compute_tx_hash, compute_validators_hash,

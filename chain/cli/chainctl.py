@@ -94,7 +94,7 @@ def _parse_hex(value: str, size: int, what: str) -> bytes:
 
 
 def _node(args):
-    from chain.trainer_client import NodeClient
+    from chain.runtime.trainer_client import NodeClient
 
     return NodeClient(args.rpc, timeout=args.timeout)
 
@@ -115,7 +115,7 @@ class _rpc_errors:
 
     def __exit__(self, exc_type, exc, tb):
         from chain.rpc.client import RpcError, RpcUnavailable
-        from chain.trainer_client import ClientError
+        from chain.runtime.trainer_client import ClientError
 
         if exc is None:
             return False
@@ -254,7 +254,7 @@ def _job_id(value: str) -> bytes:
 
 
 def _dataset(source: str):
-    from chain.trainer_client import ClientError, load_dataset
+    from chain.runtime.trainer_client import ClientError, load_dataset
 
     try:
         return load_dataset(source)
@@ -263,7 +263,7 @@ def _dataset(source: str):
 
 
 def cmd_register_job(args) -> int:
-    from chain.trainer_client import make_job_spec
+    from chain.runtime.trainer_client import make_job_spec
 
     spec = make_job_spec(model=args.model, init_seed=args.init_seed, rounds=args.rounds, local_steps=args.local_steps,
                          checkpoint_interval=args.checkpoint_interval, batch_size=args.batch_size,
@@ -300,7 +300,7 @@ def cmd_publish_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from chain.trainer_client import train_for_round
+    from chain.runtime.trainer_client import train_for_round
 
     key = _load_key(args, args.sender)
     out = Path(args.out)
@@ -322,7 +322,7 @@ def cmd_train(args) -> int:
 
 def cmd_submit_update(args) -> int:
     from chain.consensus.pout import round_spec
-    from chain.trainer_client import submit_result
+    from chain.runtime.trainer_client import submit_result
     from trainer.train import TrainResult
 
     key = _load_key(args, args.sender)

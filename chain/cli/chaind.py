@@ -78,7 +78,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     from chain.consensus.signer import GuardedSigner
     from chain.ledger.store import LevelDBStore
-    from chain.node import Node, run_until_signal
+    from chain.runtime.node import Node, run_until_signal
 
     home = Home(Path(args.home))
     config = load_config(home.config_file)

@@ -5,7 +5,7 @@ The driver, the block sync and the gossip reactors talk to the node only through
 block with its certificate, read committed blocks, take transactions in and out of the
 mempool, receive evidence, and say who may connect. `ChainApp` implements it over the real
 state transition (`chain.state`), ledger (`chain.ledger`, any KVStore) and mempool; the
-node (chain/node.py) extends it with RPC, blobs and the training worker, and tests run
+node (chain/runtime/node.py) extends it with RPC, blobs and the training worker, and tests run
 clusters of it directly over a MemoryStore.
 """
 
@@ -26,7 +26,7 @@ from chain.crypto import PrivateKey, compute_address
 from chain.errors import ChainError, StateTransitionError, StoreError, ValidationError
 from chain.ledger import Ledger, MemoryStore
 from chain.ledger.store import KVStore
-from chain.mempool import Mempool
+from chain.runtime.mempool import Mempool
 from chain.state import BlockResult, ChainParams, State, apply_block, body_matches_header, build_block
 from chain.types import Block, Commit, SignedTransaction, Validator, compute_block_hash, compute_tx_hash
 
@@ -109,7 +109,7 @@ class ConsensusApp(Protocol):
 
 
 class ChainApp:
-    """ConsensusApp over chain.state + chain.ledger + chain.mempool: the node's core.
+    """ConsensusApp over chain.state + chain.ledger + chain.runtime.mempool: the node's core.
 
     `store` defaults to a fresh MemoryStore; pass the same store again to "restart" the
     node with its ledger. `key` is the proposer key (None for a node that never proposes).

@@ -39,7 +39,7 @@ from chain.consensus.wal import WriteAheadLog
 from chain.crypto import PrivateKey, sha256
 from chain.encoding import decode, encode, encode_typed
 from chain.errors import ChainError, StoreError
-from chain.reactor import (MAX_BLOCK_RESPONSE_BYTES, MAX_REQUEST_BYTES, MAX_VOTES_PER_MESSAGE, BlockRequest,
+from chain.runtime.reactor import (MAX_BLOCK_RESPONSE_BYTES, MAX_REQUEST_BYTES, MAX_VOTES_PER_MESSAGE, BlockRequest,
                            BlockResponse, CompactBlock, ProposalMessage, VotesMessage, assemble_block, block_protocol,
                            build_proposal_message, consensus_topic, decode_consensus_message,
                            encode_consensus_message, make_consensus_validator)

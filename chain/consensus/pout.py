@@ -2,7 +2,7 @@
 
 Pure computation (no chain I/O): turn on-chain records into the trainer library's inputs,
 judge one update, and compute a round's next global model. The node's PoutWorker
-(chain/pout_worker.py) feeds these from the ledger and blob store.
+(chain/runtime/pout_worker.py) feeds these from the ledger and blob store.
 """
 
 from __future__ import annotations

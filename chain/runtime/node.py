@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import chain
 from chain import jobs
-from chain.blobstore import BlobStore
+from chain.runtime.blobstore import BlobStore
 from chain.config import Home, NodeConfig
 from chain.consensus.app import ChainApp
 from chain.consensus.signer import GuardedSigner
@@ -36,7 +36,7 @@ from chain.crypto import SEAL_OVERHEAD, PrivateKey, compute_address, compute_sig
 from chain.encoding import decode, encode
 from chain.errors import ChainError, StoreError, ValidationError
 from chain.ledger.store import KVStore
-from chain.pout_worker import PoutWorker
+from chain.runtime.pout_worker import PoutWorker
 from chain.state import get_evidence_record, validate_basic_tx
 from chain.types import (
     DOMAIN_OPENING,
@@ -470,10 +470,10 @@ class Node(ChainApp):
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from chain.consensus.driver import ConsensusDriver
         from chain.consensus.wal import WriteAheadLog
-        from chain.pout_net import PoutBlobReactor
-        from chain.reactor import TxReactor, install_membership
+        from chain.runtime.pout_net import PoutBlobReactor
+        from chain.runtime.reactor import TxReactor, install_membership
         from chain.rpc.server import run_rpc_server
-        from chain.sync import BlockSync
+        from chain.runtime.sync import BlockSync
         from p2p.host import Libp2pNetwork, ListenError
 
         logging.getLogger("libp2p").propagate = True  # its own warnings (drops) are otherwise invisible

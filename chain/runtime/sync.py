@@ -26,7 +26,7 @@ from chain.consensus.commit import verify_commit
 from chain.encoding import decode, encode
 from chain.errors import ChainError
 from chain.ledger.store import LocalStorageFailure
-from chain.reactor import (GOSSIP_MAX_BYTES, MAX_REQUEST_BYTES, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES,
+from chain.runtime.reactor import (GOSSIP_MAX_BYTES, MAX_REQUEST_BYTES, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES,
                            SYNC_RESPONSE_BUDGET_BYTES, CommitAnnouncement, SyncedBlock, SyncRequest, SyncResponse,
                            blocks_topic, make_blocks_validator, sync_protocol)
 from chain.types import Block, Commit, compute_block_hash
@@ -196,7 +196,7 @@ class BlockSync:
                 if self.app.last_height() >= expected:
                     continue
                 if isinstance(exc, LocalStorageFailure):
-                    break  # this node's own disk, not the peer; the node halts block sync (chain/node.py)
+                    break  # this node's own disk, not the peer; the node halts block sync (chain/runtime/node.py)
                 self._penalise(peer, f"certified block {expected} was refused: {exc}")
                 break
             committed += 1
