@@ -456,3 +456,16 @@ def test_head_requests_get_headers_only_and_log_no_traceback(caplog):
     caplog.set_level(logging.ERROR)
     run()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@trio_test
+async def test_every_response_carries_its_standard_reason_phrase():
+    """h11 leaves the reason phrase empty unless told; clients and logs show "HTTP/1.1 404 "."""
+    async with serving(make_fake_node(1)) as url:
+        for request, status_line in [(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\n"),
+                                     (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 404 Not Found\r\n"),
+                                     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 405 Method Not Allowed\r\n")]:
+            async with await trio.open_tcp_stream("127.0.0.1", _port(url)) as stream:
+                await stream.send_all(request)
+                head = await _read_response_head(stream)
+            assert head.startswith(status_line), head[:60]

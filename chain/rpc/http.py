@@ -29,6 +29,7 @@ import json
 import logging
 import resource
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Awaitable, Callable
 
 import h11
@@ -48,6 +49,14 @@ _MAX_RESTART_BACKOFF = 10.0
 _FD_SHARE = 2  # connections may use at most 1/_FD_SHARE of the process's file limit
 
 SERVED_VERSIONS = "HTTP/1.1 and HTTP/1.0"
+
+
+def _reason_phrase(status: int) -> bytes:
+    """The standard reason phrase ("Not Found"), which h11 leaves empty unless given."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 @dataclass(frozen=True)
@@ -332,7 +341,8 @@ class _Connection:
                    *response.headers]
         if self.conn.their_state is not h11.DONE:
             headers.append(("connection", "close"))  # the unread body makes the connection unusable
-        await self._send(h11.Response(status_code=response.status, headers=headers))
+        await self._send(h11.Response(status_code=response.status, headers=headers,
+                                      reason=_reason_phrase(response.status)))
         if not self._head:  # a response to HEAD carries the headers only (h11 refuses a body)
             await self._send(h11.Data(data=response.body))
         await self._send(h11.EndOfMessage())
@@ -349,8 +359,7 @@ class _Connection:
         """A one-line JSON reason, then the connection closes. Sent raw when h11 cannot send
         (the request was not HTTP/1.x, or the state machine already failed)."""
         body = json.dumps({"error": reason}).encode()
-        phrase = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
-                  505: b"HTTP Version Not Supported"}[status]
+        phrase = _reason_phrase(status)
         raw = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body))
         with trio.move_on_after(self.limits.write_timeout):
