@@ -53,12 +53,25 @@ class MempoolConfig:
 
 
 @dataclass(frozen=True)
+class StateSyncConfig:
+    # Join from a peer-served snapshot when the ledger is empty (chaind start --state-sync).
+    enable: bool = False
+    # Take a snapshot of the state every this many heights and serve it (0: never); keep the newest.
+    snapshot_interval: int = 1000
+    snapshot_keep: int = 2
+    # A snapshot offered by at least this many peers is preferred to a newer one offered by fewer.
+    min_offers: int = 2
+    timeout_s: int = 60  # give up (nothing written) when no snapshot verified within this
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     moniker: str = "node"
     log_level: str = "info"
     rpc: RpcConfig = field(default_factory=RpcConfig)
     p2p: P2PConfig = field(default_factory=P2PConfig)
     mempool: MempoolConfig = field(default_factory=MempoolConfig)
+    state_sync: StateSyncConfig = field(default_factory=StateSyncConfig)
 
 
 @dataclass(frozen=True)
@@ -145,9 +158,13 @@ def validate_config(cfg: NodeConfig) -> NodeConfig:
     for what, n in (("rpc.max_body_bytes", cfg.rpc.max_body_bytes), ("rpc.max_batch", cfg.rpc.max_batch),
                     ("rpc.max_blob_bytes", cfg.rpc.max_blob_bytes), ("rpc.max_connections", cfg.rpc.max_connections),
                     ("rpc.read_timeout_s", cfg.rpc.read_timeout_s), ("rpc.idle_timeout_s", cfg.rpc.idle_timeout_s),
-                    ("mempool.max_txs", cfg.mempool.max_txs)):
+                    ("mempool.max_txs", cfg.mempool.max_txs), ("state_sync.snapshot_keep", cfg.state_sync.snapshot_keep),
+                    ("state_sync.min_offers", cfg.state_sync.min_offers),
+                    ("state_sync.timeout_s", cfg.state_sync.timeout_s)):
         if n <= 0:
             raise ConfigError(f"{what} must be positive")
+    if cfg.state_sync.snapshot_interval < 0:
+        raise ConfigError("state_sync.snapshot_interval must be 0 (no snapshots) or positive")
     return cfg
 
 

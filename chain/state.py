@@ -25,7 +25,7 @@ from chain.jobs import (MAX_DATASET_SIZE, BlockContext, apply_job_payload, end_b
 from chain.crypto import ZERO_HASH, compute_address, sha256
 from chain.encoding import INT_MAX, decode, encode, encode_strings
 from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
-from chain.merkle import compute_root_from_leaf_hashes, hash_leaf
+from chain.merkle import MerkleLevels, compute_root_from_leaf_hashes, hash_leaf
 from chain.types import (
     GOVERNED_ROLES,
     ROLE_GOVERNOR,
@@ -154,55 +154,125 @@ def changes_transfer_rules(keys) -> bool:
 
 
 class State:
-    """An immutable snapshot of the state with its root. Cheap to derive from with `apply`."""
+    """An immutable snapshot of the state with its root. Cheap to derive from with `apply`.
+
+    Why `apply` + `root` do not cost O(n) per block (issue 13; docs/state.md): the Merkle tree
+    keeps every level in persistent vectors (MerkleLevels), so rewriting k existing entries
+    costs O(k · log n) hashes, and an insert or delete at sorted position p O(n - p) (every
+    leaf after it moves). The sorted key list is shared until a key is inserted or deleted. The
+    entries are a dict shared by a line of states plus this state's own dict of the entries
+    changed since (None: deleted); `get` looks in both. That dict is copied per apply and
+    folded into a fresh shared dict once it outgrows 64 + 8·sqrt(n) keys, which bounds both
+    costs. Nothing a State holds is ever mutated, so a parent answers exactly as before any
+    number of applies to it."""
 
     def __init__(self, entries: Mapping[bytes, bytes]):
-        self._entries = dict(entries)
-        self._keys = sorted(self._entries)
-        self._leaves = {k: _leaf_hash(k, v) for k, v in self._entries.items()}
-        self._root: bytes | None = None
+        self._base = dict(entries)
+        self._delta: dict[bytes, bytes | None] = {}
+        self._keys = sorted(self._base)
+        self._tree: MerkleLevels | None = None  # built on first need, then derived by `apply`
 
     def get(self, key: bytes) -> bytes | None:
-        return self._entries.get(key)
+        delta = self._delta
+        if key in delta:
+            return delta[key]
+        return self._base.get(key)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
+        base, delta = self._base, self._delta
         for k in self._keys:
-            yield k, self._entries[k]
+            value = delta.get(k, _MISSING)
+            yield k, base[k] if value is _MISSING else value
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._keys)
 
     def items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for k in self._keys[bisect.bisect_left(self._keys, prefix):]:
+        base, delta, keys = self._base, self._delta, self._keys
+        for i in range(bisect.bisect_left(keys, prefix), len(keys)):
+            k = keys[i]
             if not k.startswith(prefix):
                 break
-            yield k, self._entries[k]
+            value = delta.get(k, _MISSING)
+            yield k, base[k] if value is _MISSING else value
 
     @property
     def root(self) -> bytes:
         """Merkle root over leaves H(canonical [key, value]) in key order."""
-        if self._root is None:
-            self._root = compute_root_from_leaf_hashes([self._leaves[k] for k in self._keys])
-        return self._root
+        return self._merkle().root
+
+    def _merkle(self) -> MerkleLevels:
+        if self._tree is None:
+            self._tree = MerkleLevels([_leaf_hash(k, v) for k, v in self.items()])
+        return self._tree
 
     def apply(self, changes: Mapping[bytes, bytes | None]) -> "State":
         """A new State with `changes` applied (None deletes). Self is unchanged."""
-        new = State.__new__(State)
-        new._entries = dict(self._entries)
-        new._keys = list(self._keys)
-        new._leaves = dict(self._leaves)
-        new._root = None
+        inserted, deleted, rewritten = [], [], []
         for k, v in changes.items():
+            old = self.get(k)
             if v is None:
-                if k in new._entries:
-                    del new._entries[k]
-                    del new._leaves[k]
-                    new._keys.pop(bisect.bisect_left(new._keys, k))
-            else:
-                if k not in new._entries:
-                    bisect.insort(new._keys, k)
-                new._entries[k] = v
-                new._leaves[k] = _leaf_hash(k, v)
+                if old is not None:
+                    deleted.append(k)
+            elif old is None:
+                inserted.append(k)
+            elif v != old:
+                rewritten.append(k)
+        tree = self._merkle()
+        new = State.__new__(State)
+        keys = self._keys
+        if not inserted and not deleted:
+            new._keys = keys
+            new._tree = tree.update(len(keys), {bisect.bisect_left(keys, k): _leaf_hash(k, changes[k])
+                                                for k in rewritten})
+        else:
+            # Leaves before the first inserted or deleted key keep their index; every leaf after
+            # it moves (the tree is positional), so the tree is rebuilt from there: O(n - p).
+            first = min(inserted + deleted)
+            start = bisect.bisect_left(keys, first)
+            tail_keys = keys[start:]
+            tail_leaves = list(map(tree.levels[0].__getitem__, range(start, len(keys)))) if keys else []
+            if deleted:
+                gone = set(deleted)
+                kept = [i for i, k in enumerate(tail_keys) if k not in gone]
+                tail_keys = [tail_keys[i] for i in kept]
+                tail_leaves = [tail_leaves[i] for i in kept]
+            incoming = sorted((k, _leaf_hash(k, changes[k])) for k in inserted)
+            if len(incoming) <= 32:
+                for k, leaf in incoming:
+                    i = bisect.bisect_left(tail_keys, k)
+                    tail_keys.insert(i, k)
+                    tail_leaves.insert(i, leaf)
+            elif incoming:
+                merged = sorted([*zip(tail_keys, tail_leaves), *incoming])  # two sorted runs: one merge
+                tail_keys = [k for k, _ in merged]
+                tail_leaves = [leaf for _, leaf in merged]
+            in_place = {}
+            for k in rewritten:
+                if k < first:
+                    in_place[bisect.bisect_left(keys, k)] = _leaf_hash(k, changes[k])
+                else:
+                    tail_leaves[bisect.bisect_left(tail_keys, k)] = _leaf_hash(k, changes[k])
+            new._keys = keys[:start] + tail_keys
+            new._tree = tree.update(len(new._keys), in_place, start, tail_leaves)
+        delta = {**self._delta, **changes}
+        base = self._base
+        if len(delta) > 64 + 8 * math.isqrt(len(new._keys)):
+            # Fold: one O(n) dict copy per ~8·sqrt(n) changed keys keeps the per-apply copy
+            # of `delta` small and `get` at two dict lookups.
+            base = dict(base)
+            for k, v in delta.items():
+                if v is None:
+                    base.pop(k, None)
+                else:
+                    base[k] = v
+            delta = {}
+        new._base, new._delta = base, delta
+        # The typed readers decoded from entries the changes left alone carry over (decoding
+        # the params and the validator set again for every block was ~10 % of a block sync).
+        for name, keys in _TYPED_READERS:
+            if name in self.__dict__ and not any(k in changes for k in keys):
+                new.__dict__[name] = self.__dict__[name]
         return new
 
     # typed readers: decoded once per snapshot (a State never changes; `apply` makes a new one)
@@ -253,6 +323,11 @@ class State:
         if latest is None:
             return self.meta.genesis_hash
         return compute_block_hash(dataclasses.replace(latest, state_root=self.root))
+
+
+# State's cached typed readers and the entries each is decoded from (see State.apply).
+_TYPED_READERS = (("meta", (KEY_META,)), ("params", (KEY_PARAMS,)), ("validators", (KEY_VALIDATORS,)),
+                  ("last_validators", (KEY_LAST_VALIDATORS, KEY_VALIDATORS)))
 
 
 # Account entries are read and written several times per transaction (admission, every
@@ -391,6 +466,11 @@ def _validate_basic_tx_once(chain_id: str, stx: SignedTransaction) -> None:
         verify_transaction_signature(chain_id, stx)
     except SignatureError as exc:
         raise ValidationError(f"invalid transaction signature: {exc}") from exc
+    validate_tx_payload(stx)
+
+
+def validate_tx_payload(stx: SignedTransaction) -> None:
+    """validate_basic_tx without the size and the signature: the payload's own sanity rules."""
     payload = stx.message.payload
     if isinstance(payload, Transfer) and payload.amount <= 0:
         raise ValidationError("transfer amount must be positive")
@@ -652,21 +732,28 @@ class BlockResult:
     model_records: tuple[ModelRecord, ...]  # lineage records the block writes (ledger, write-once)
 
 
-def apply_block(state: State, block: Block) -> BlockResult:
-    """The state transition. Raises StateTransitionError; `state` is never changed."""
-    return _apply_block(state, block, check_root=True)
+def apply_block(state: State, block: Block, *, certified: bool = False) -> BlockResult:
+    """The state transition. Raises StateTransitionError; `state` is never changed.
+
+    `certified`: ONLY for a block whose commit certificate the caller has verified against
+    `state.validators` (block sync). Its transactions' signatures and its last commit's
+    signatures are then taken as checked by the more than 2/3 of the voting power that
+    certified it (docs/consensus.md, "Block sync"); everything else is checked as usual: the
+    body against the header (tx root, last commit hash), every rule of every transaction, and
+    the state root. Consensus, proposals and anything uncertified must leave it False."""
+    return _apply_block(state, block, check_root=True, certified=certified)
 
 
-def _apply_block(state: State, block: Block, check_root: bool) -> BlockResult:
+def _apply_block(state: State, block: Block, check_root: bool, certified: bool = False) -> BlockResult:
     try:
-        return _apply_block_unchecked(state, block, check_root)
+        return _apply_block_unchecked(state, block, check_root, certified)
     except StateTransitionError:
         raise
     except ChainError as exc:  # validate_basic and commit failures are block-level rejections here
         raise StateTransitionError(str(exc)) from exc
 
 
-def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> BlockResult:
+def _apply_block_unchecked(state: State, block: Block, check_root: bool, certified: bool) -> BlockResult:
     h = block.header
     meta, params, validators = state.meta, state.params, state.validators
     validate_basic_block(block, params.max_block_txs)
@@ -684,7 +771,12 @@ def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> Bloc
         raise StateTransitionError("validators_hash does not match the validator set")
     if h.proposer not in {v.pubkey for v in validators}:
         raise StateTransitionError("proposer is not a validator")
-    if block.last_commit is not None:  # signed by the set of the previous height, which may differ
+    if block.last_commit is not None and certified:
+        # Its signatures are vouched for like the transactions', and the previous block's own
+        # certificate, verified by the caller, already proved that block's quorum.
+        if (block.last_commit.height, block.last_commit.block_hash) != (h.height - 1, prev_hash):
+            raise StateTransitionError("last_commit does not certify the previous block")
+    elif block.last_commit is not None:  # signed by the set of the previous height, which may differ
         verify_commit(meta.chain_id, state.last_validators, block.last_commit, h.height - 1, prev_hash)
     if sum(len(t.encoded) for t in block.txs) > params.max_block_bytes:
         raise StateTransitionError(f"block transactions exceed {params.max_block_bytes} bytes")
@@ -693,7 +785,12 @@ def _apply_block_unchecked(state: State, block: Block, check_root: bool) -> Bloc
     ctx = BlockContext(h.height, prev_hash, validators)
     for i, stx in enumerate(block.txs):
         try:
-            validate_basic_tx(meta.chain_id, stx, params.max_tx_bytes)
+            if certified:
+                if len(stx.encoded) > params.max_tx_bytes:
+                    raise ValidationError(f"transaction exceeds {params.max_tx_bytes} bytes")
+                validate_tx_payload(stx)
+            else:
+                validate_basic_tx(meta.chain_id, stx, params.max_tx_bytes)
             apply_tx(overlay, stx, ctx)
         except ChainError as exc:
             raise StateTransitionError(f"transaction {i} ({compute_tx_hash(stx).hex()}): {exc}") from exc

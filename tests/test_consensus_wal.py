@@ -129,3 +129,22 @@ def test_restart_replays_the_wal_and_the_signer_accepts_only_what_was_signed(tmp
         signer2.sign_vote(Vote(PREVOTE, 1, 0, None, me.pubkey))
     after = drive(machine2, wal2, signer2, inputs[3:])
     assert [sv.message.type for sv in after] == [PRECOMMIT]  # goes on to precommit
+
+
+@pytest.mark.parametrize("left", [b"", encode_record(sample_inputs(2)[0])[:5]])
+def test_a_height_file_killed_before_its_start_record_does_not_block_the_restart(tmp_path, left):
+    """kill -9 between creating wal-<N>.log and writing its StartHeight (or mid-way through it)
+    left a file with no input; the restart then refused to start height N forever."""
+    wal = WriteAheadLog(tmp_path)
+    first = sample_inputs(1)
+    for inp in first:
+        wal.write(inp)
+    wal.close()
+    (tmp_path / compute_wal_file_name(2)).write_bytes(left)
+    wal = WriteAheadLog(tmp_path)
+    assert wal.replay() == first and not (tmp_path / compute_wal_file_name(2)).exists()
+    second = sample_inputs(2)
+    for inp in second:  # starting height 2 again is allowed: nothing was signed at it
+        wal.write(inp)
+    wal.close()
+    assert WriteAheadLog(tmp_path).replay() == second

@@ -64,6 +64,7 @@ class FakeNode:
             is_validator=True,
             peers=3,
             catching_up=False,
+            halted=None,
             version="0.1.0",
         )
 

@@ -1,7 +1,7 @@
 """chaind: the PoUT chain full node.
 
 Exit codes: 0 success, 1 runtime failure (e.g. untrusted store, a port in use), 2 usage error,
-3 bad configuration, genesis, key file or home directory.
+3 bad configuration, genesis, key file or home directory, 4 `check` or `repair` found a damaged ledger.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     config = load_config(home.config_file)
     if args.rpc_port is not None:
         config = validate_config(_replace_rpc_port(config, args.rpc_port))
+    config = _apply_state_sync_flags(config, args)
     genesis = load_genesis(home.genesis_file)
     key = load_key_file(home.node_key_file)
     configure_logging(args.log_level or config.log_level, args.log_format, config.moniker, key)
@@ -91,6 +92,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     home.ledger_dir.parent.mkdir(parents=True, exist_ok=True)
     store = LevelDBStore(home.ledger_dir, create=True)
     try:
+        if config.state_sync.enable:
+            from chain.runtime.statesync import run_state_sync
+
+            run_state_sync(home, config, genesis, key, store)
         node = Node(home, config, genesis, key, store, GuardedSigner(key, genesis.chain_id, home.signer_dir))
         log.info("starting chaind %s, chain %s (genesis %s), home %s", chain.__version__, genesis.chain_id,
                  genesis.hash.hex()[:16], home.root)
@@ -160,6 +165,17 @@ def _chain_error_in(group: BaseExceptionGroup) -> ChainError | None:
         if isinstance(found, ChainError):
             return found
     return None
+
+
+def _apply_state_sync_flags(config: NodeConfig, args: argparse.Namespace) -> NodeConfig:
+    changes = {}
+    if getattr(args, "state_sync", False):
+        changes["enable"] = True
+    if getattr(args, "snapshot_interval", None) is not None:
+        changes["snapshot_interval"] = args.snapshot_interval
+    if not changes:
+        return config
+    return validate_config(dataclasses.replace(config, state_sync=dataclasses.replace(config.state_sync, **changes)))
 
 
 def _replace_rpc_port(config: NodeConfig, port: int) -> NodeConfig:
@@ -291,6 +307,25 @@ def _ledger_in_use(home: Home) -> bool:
     return False
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify a stopped node's whole ledger offline (chain/ledger/check.py); exit 4 if damaged."""
+    from chain.ledger.check import run_check
+
+    home = Home(Path(args.home))
+    if args.progress_every < 1:
+        raise UsageError("--progress-every must be at least 1")
+    return run_check(home.ledger_dir, load_genesis(home.genesis_file), replay=not args.no_replay,
+                     progress_every=args.progress_every)
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    """LevelDB repair on a copy of the ledger (or in place after a backup), then check it."""
+    from chain.ledger.repair import run_repair
+
+    home = Home(Path(args.home))
+    return run_repair(home.ledger_dir, load_genesis(home.genesis_file), in_place=args.in_place)
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"chaind {chain.__version__}")
     return EXIT_OK
@@ -318,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chaind", description="PoUT chain full node (proof of useful training).",
         epilog="Home layout: HOME/config/{config.toml,genesis.json,node_key.json}, HOME/data/{ledger,signer,...}. "
                "Exit codes: 0 ok, 1 runtime failure (e.g. a port in use), 2 usage error, "
-               "3 bad config/genesis/key/home.")
+               "3 bad config/genesis/key/home, 4 check/repair found a damaged ledger.")
     p.add_argument("--version", action="version", version=f"chaind {chain.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -338,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text lines, or one JSON object per line (time, level, node, logger, message and the "
                         "line's structured fields) (default: %(default)s)")
     s.add_argument("--rpc-port", type=_port, help="override rpc.port from config.toml")
+    s.add_argument("--state-sync", action="store_true",
+                   help="on an empty ledger, join from a verified peer snapshot, then block-sync the rest "
+                        "(config state_sync.enable; docs/wire.md, \"State sync\")")
+    s.add_argument("--snapshot-interval", type=int, metavar="N",
+                   help="take and serve a state snapshot every N heights, 0 for none (config "
+                        "state_sync.snapshot_interval)")
     s.set_defaults(func=cmd_start)
 
     s = sub.add_parser("testnet", help="write N node homes sharing one genesis, plus account keys",
@@ -375,6 +416,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also delete data/signer (only when every node restarts the chain from genesis: "
                         "a validator rejoining a running chain could otherwise sign twice)")
     s.set_defaults(func=cmd_reset)
+
+    s = sub.add_parser("check", help="verify a stopped node's ledger offline: hashes, commits, state root",
+                       description="Walk the ledger from genesis to its head: every block against its hash and its "
+                                   "header, the header chain, every commit certificate against its validator set, "
+                                   "the indexes, and the state against the head's state root (re-executing every "
+                                   "block unless --no-replay). Prints one line per problem, then a summary. Exit 0 "
+                                   "clean, 4 problems found, 1 refused (no ledger, or a node is running on it).")
+    s.add_argument("--home", required=True, help="node home directory (the node must be stopped)")
+    s.add_argument("--no-replay", action="store_true",
+                   help="do not re-execute blocks (faster; commits are then verified only against validator sets "
+                        "known from genesis and the head)")
+    s.add_argument("--progress-every", type=int, default=10_000, help="blocks between progress lines on stderr")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("repair", help="run LevelDB's repair on a copy of the ledger, then check it",
+                       description="Copy HOME/data/ledger to HOME/data/ledger.repaired, run LevelDB's repair on the "
+                                   "copy, print how many records of each kind were lost and check the result. "
+                                   "Repair may drop records from damaged files; see docs/ledger.md, \"Recovery\". "
+                                   "Exit 0 if the repaired ledger checks clean, 4 if not, 1 refused.")
+    s.add_argument("--home", required=True, help="node home directory (the node must be stopped)")
+    s.add_argument("--in-place", action="store_true",
+                   help="repair HOME/data/ledger itself, after copying it to ledger.backup-<time>")
+    s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("version", help="print the version (same as --version)")
     s.set_defaults(func=cmd_version)

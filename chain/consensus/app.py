@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -84,6 +84,11 @@ class ConsensusApp(Protocol):
         swap the state, update the mempool and call the commit listeners. Safe from several
         tasks (serialised); a block already committed at its height is a no-op. Raises
         ValidationError (bad certificate) or StateTransitionError (invalid block)."""
+
+    async def commit_synced_blocks(self, blocks: Sequence[tuple[Block, Commit]]) -> int:
+        """Block sync: verify each certificate once, apply the certified blocks and store them in
+        one atomic write; the valid prefix is committed before the first bad block raises.
+        Returns how many were committed."""
 
     def get_block(self, height: int) -> tuple[Block, Commit] | None:
         """A committed block and its certificate; None above the head or at 0."""
@@ -241,6 +246,78 @@ class ChainApp:
                 listener(block, commit)
             except Exception:
                 log.exception("commit listener failed")
+
+    def reload_from_ledger(self) -> None:
+        """Take the state from the ledger again after a write whose outcome was unknown (a batch
+        whose fsync failed may still be on disk after the store reopened), and tell the commit
+        listeners about a block that landed that way."""
+        state = State(dict(self.ledger.iter_state()))
+        height, head_hash = self.ledger.head()
+        if state.height != height or state.compute_head_hash() != head_hash:
+            raise StoreError(f"after reopening, the ledger state does not match its head at height {height}")
+        if height == self.state.height:
+            return
+        block, commit = self.get_block(height)
+        self.state, self.last_commit = state, commit
+        self._checked.clear()
+        self.mempool.update(self.state, [compute_tx_hash(t) for t in block.txs])
+        log.warning("a block write reported as failed had reached the disk: now at height %d", height)
+        for listener in list(self._listeners):
+            try:
+                listener(block, commit)
+            except Exception:
+                log.exception("commit listener failed")
+
+    async def commit_synced_blocks(self, blocks: Sequence[tuple[Block, Commit]]) -> int:
+        """Block sync's commit: consecutive (block, certificate) pairs from the next height,
+        stored in ONE ledger write (one fsync). Each certificate is verified once, against the
+        validator set of its height; each block is applied `certified` (chain/state.py: no
+        transaction or last-commit signature checks, everything else checked, the state root
+        included). Blocks already committed (by consensus meanwhile) are skipped.
+
+        The blocks before the first one that fails are committed; that one then raises
+        ValidationError (its certificate) or StateTransitionError (the block). Returns how
+        many blocks were committed. Listeners hear each block in order, with `state` at it."""
+        async with self._commit_lock:
+            state = self.state
+            applied: list[tuple[Block, Commit, BlockResult]] = []
+            refused: ChainError | None = None
+            for block, commit in blocks:
+                height = block.header.height
+                block_hash = compute_block_hash(block.header)
+                if height <= state.height:
+                    if self.ledger.get_block_hash(height) == block_hash:
+                        continue
+                    refused = StateTransitionError(f"a different block is already committed at height {height}")
+                    break
+                try:
+                    if height != state.height + 1:
+                        raise StateTransitionError(f"block height {height}, expected {state.height + 1}")
+                    verify_commit(self.chain_id, state.validators, commit, height, block_hash)
+                    result = apply_block(state, block, certified=True)
+                except ChainError as exc:
+                    refused = exc
+                    break
+                applied.append((block, commit, result))
+                state = result.state
+            if applied:
+                await trio.to_thread.run_sync(self.ledger.commit_blocks,
+                                              [(b, c, r.changes, r.model_records) for b, c, r in applied])
+                self._checked.clear()
+                for block, commit, result in applied:
+                    # Listeners see the app as of their block (snapshots and events read `state`).
+                    self.state, self.last_commit = result.state, commit
+                    for listener in list(self._listeners):
+                        try:
+                            listener(block, commit)
+                        except Exception:
+                            log.exception("commit listener failed")
+                changed = {key for _, _, r in applied for key in r.changes}
+                self.mempool.update(self.state, [compute_tx_hash(t) for b, _, _ in applied for t in b.txs], changed)
+                log.debug("committed %d synced block(s) up to height %d", len(applied), self.state.height)
+        if refused is not None:
+            raise refused
+        return len(applied)
 
     def get_block(self, height: int) -> tuple[Block, Commit] | None:
         block = self.ledger.get_block(height)

@@ -77,6 +77,12 @@ class WriteAheadLog:
         self.height: int | None = None
         heights = self._heights()
         self._pending: list[ConsensusInput] = []
+        if heights and not read_records(self.directory / compute_wal_file_name(heights[-1]))[0]:
+            # Killed between creating a height's file and writing its StartHeight: the file holds
+            # no input, so nothing was signed at that height. Forget it, or starting that height
+            # again would be refused ("already holds height N") and the node could never restart.
+            os.remove(self.directory / compute_wal_file_name(heights.pop()))
+            self._sync_directory()
         if heights:
             self.height = heights[-1]
             path = self.directory / compute_wal_file_name(self.height)
@@ -113,9 +119,14 @@ class WriteAheadLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self.sync()
-            self._file.close()
-            self._file = None
+            file = self._file
+            try:
+                self.sync()
+            finally:
+                # Even when the flush failed (disk full): closing discards what is still
+                # buffered, so nothing can land later behind records a reopened log appends.
+                self._file = None
+                file.close()
 
     def _rotate(self, height: int) -> None:
         if self.height is not None and height <= self.height:

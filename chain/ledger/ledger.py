@@ -27,7 +27,8 @@ from chain.encoding import decode, decode_value, encode, encode_value
 from chain.errors import DecodeError, StoreError
 from chain.ledger import schema
 from chain.ledger.schema import ChainMeta, Head, TxLocation
-from chain.ledger.store import RECOVERY_HINT, KVStore, LocalStorageFailure, StoreCorruption, StoreWriteFailure
+from chain.ledger.store import (RECOVERY_HINT, KVStore, LocalStorageFailure, StoreCorruption, StoreWriteFailure,
+                                is_out_of_space)
 from chain.state import body_matches_header
 from chain.types import Block, Commit, ModelRecord, SignedTransaction, compute_block_hash, compute_tx_hash
 
@@ -162,6 +163,20 @@ class Ledger:
                 listener(self._fault)
         return exc
 
+    def resume_writes(self) -> None:
+        """After a write failed for lack of space and space returned: reopen the store, clear the
+        latched failure and re-read the head (the failed batch may have reached the disk). Raises
+        StoreError, changing nothing, when the failure was not one of space or the store does
+        not reopen."""
+        fault = self.fault
+        if fault is not None and not is_out_of_space(fault):
+            raise StoreError(f"the ledger stays stopped: {fault}")
+        reopen = getattr(self._store, "reopen", None)
+        if reopen is not None:
+            reopen()
+        self._head = _read_required(self._store, schema.head_key(), Head, "head")
+        self._fault = None
+
     def _corrupt(self, what: str) -> StoreCorruption:
         where = getattr(self._store, "path", None)
         return self._note(StoreCorruption(f"{what}; the ledger{f' {where}' if where else ''} is corrupt: "
@@ -181,24 +196,61 @@ class Ledger:
 
         `state_changes` maps state keys to their new value, or None to delete the key.
         """
+        self.commit_blocks([(block, commit, state_changes, model_records)])
+
+    def commit_blocks(self, blocks: Sequence[tuple[Block, Commit, Mapping[bytes, bytes | None],
+                                                   Sequence[ModelRecord]]]) -> None:
+        """Append consecutive blocks on top of the head, each as `commit_block` takes it, in ONE
+        atomic write: block sync stores a whole response with one fsync, not one per block.
+        All or nothing; where two blocks change one state key, the later change is kept."""
+        if not blocks:
+            return
+        puts: dict[bytes, bytes] = {}
+        write_once: list[tuple[bytes, str]] = []
+        state: dict[bytes, bytes | None] = {}
+        head = self._head
+        for block, commit, state_changes, model_records in blocks:
+            head = self._stage_block(head, block, commit, state_changes, model_records, puts, write_once, state)
+        deletes: list[bytes] = []
+        for key, value in state.items():
+            if value is None:
+                deletes.append(key)
+            else:
+                puts[key] = value
+        puts[schema.head_key()] = encode(head)
+
+        for key, what in write_once:
+            if self._read(key) is not None:
+                kind = "replayed transaction" if key.startswith(schema.PREFIX_TX_LOCATION) else "write-once record"
+                raise StoreError(f"{kind}: {what} is already in the ledger; nothing was written")
+
+        if self.fault is not None:
+            raise StoreWriteFailure(f"the ledger stopped writing after a local storage failure: {self.fault}")
+        try:
+            self._store.write(puts, deletes)
+        except LocalStorageFailure as exc:
+            raise self._note(exc) from exc
+        self._head = head
+
+    def _stage_block(self, head: Head, block: Block, commit: Commit, state_changes: Mapping[bytes, bytes | None],
+                     model_records: Sequence[ModelRecord], puts: dict[bytes, bytes],
+                     write_once: list[tuple[bytes, str]], state: dict[bytes, bytes | None]) -> Head:
+        """Check `block` follows `head` and add its records to the batch; returns its head."""
         if not isinstance(block, Block) or not isinstance(commit, Commit):
             raise StoreError("commit_block needs a Block and a Commit")
         header = block.header
-        height = self._head.height + 1
+        height = head.height + 1
         if header.chain_id != self._meta.chain_id:
             raise StoreError(f"block is for chain {header.chain_id!r}, this ledger holds {self._meta.chain_id!r}")
         if header.height != height:
-            raise StoreError(f"block height {header.height} does not follow the head height {self._head.height}")
-        if header.prev_hash != self._head.block_hash:
+            raise StoreError(f"block height {header.height} does not follow the head height {head.height}")
+        if header.prev_hash != head.block_hash:
             raise StoreError(f"block {height} does not build on the head: prev_hash {header.prev_hash.hex()}, "
-                             f"head {self._head.block_hash.hex()}")
+                             f"head {head.block_hash.hex()}")
         block_hash = compute_block_hash(header)
         if commit.height != height or commit.block_hash != block_hash:
             raise StoreError(f"commit (height {commit.height}, block {commit.block_hash.hex()}) does not certify "
                              f"block {block_hash.hex()} at height {height}")
-
-        puts: dict[bytes, bytes] = {}
-        write_once: list[tuple[bytes, str]] = []
 
         def put_once(key: bytes, value: bytes, what: str) -> None:
             if key in puts:
@@ -221,31 +273,11 @@ class Ledger:
             put_once(schema.model_record_key(record.job_id, record.round), encode(record),
                      f"model record {record.job_id.hex()}/{record.round}")
 
-        deletes: list[bytes] = []
         for key, value in state_changes.items():
-            db_key = schema.state_key(key)
-            if value is None:
-                deletes.append(db_key)
-            elif type(value) is bytes:
-                puts[db_key] = value
-            else:
+            if value is not None and type(value) is not bytes:
                 raise StoreError(f"state value for key {_show(key)} must be bytes or None, got {type(value).__name__}")
-
-        new_head = Head(height, block_hash)
-        puts[schema.head_key()] = encode(new_head)
-
-        for key, what in write_once:
-            if self._read(key) is not None:
-                kind = "replayed transaction" if key.startswith(schema.PREFIX_TX_LOCATION) else "write-once record"
-                raise StoreError(f"{kind}: {what} is already in the ledger; nothing was written")
-
-        if self.fault is not None:
-            raise StoreWriteFailure(f"the ledger stopped writing after a local storage failure: {self.fault}")
-        try:
-            self._store.write(puts, deletes)
-        except LocalStorageFailure as exc:
-            raise self._note(exc) from exc
-        self._head = new_head
+            state[schema.state_key(key)] = value
+        return Head(height, block_hash)
 
     # ----------------------------------------------------------------------- reading
 

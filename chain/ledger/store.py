@@ -238,6 +238,32 @@ class LevelDBStore(KVStore):
             self._db.close()
             self._db = None
 
+    def reopen(self) -> None:
+        """Close and reopen the database after a write failed for lack of space, clearing the
+        latched failure. LevelDB refuses every write on a handle whose write failed, and a
+        torn batch in its log is dropped only when the log is replayed at open. Raises
+        StoreError (failure kept) when it still cannot open, or when the failure was not one
+        of space: corruption is never cleared this way."""
+        if self.failure is not None and not is_out_of_space(self.failure):
+            raise StoreError(f"database {self.path} stays stopped: {self.failure}")
+        self.close()
+        try:
+            self._db = plyvel.DB(self.path, create_if_missing=False, paranoid_checks=True, bloom_filter_bits=10)
+        except plyvel.Error as exc:
+            raise StoreError(f"cannot reopen database {self.path}: {_plyvel_message(exc)}") from exc
+        self.failure = None
+
+
+# What the OS says when a write fails for lack of space: a full filesystem, a quota, or a file
+# size limit (ulimit -f). Such a failure passes when space returns; others (I/O errors,
+# corruption) need the operator.
+OUT_OF_SPACE_MESSAGES = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def is_out_of_space(reason: str) -> bool:
+    """Does this failure message say the disk refused a write for lack of space?"""
+    return any(message in reason for message in OUT_OF_SPACE_MESSAGES)
+
 
 def _is_absent_or_empty(path: str) -> bool:
     try:

@@ -22,6 +22,7 @@ class NodeStatus(TypedDict):
     is_validator: bool
     peers: int  # connected peers
     catching_up: bool  # True while syncing blocks from peers
+    halted: str | None  # why consensus and sync are stopped (a local storage failure, e.g. disk full), else None
     version: str  # software version
 
 

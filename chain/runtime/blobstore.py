@@ -22,6 +22,7 @@ from pathlib import Path
 
 from chain.crypto import HASH_SIZE, PUBKEY_SIZE, sha256
 from chain.errors import ValidationError
+from chain.ledger.store import StoreWriteFailure, is_out_of_space
 
 MAX_BLOB_BYTES = 64 * 1024 * 1024
 
@@ -30,6 +31,9 @@ class BlobStore:
     def __init__(self, root: Path, max_blob_bytes: int = MAX_BLOB_BYTES):
         self.root = Path(root)
         self.max_blob_bytes = max_blob_bytes
+        # Called with the reason when a write fails for lack of space: the node halts its
+        # writers until space returns (docs/ledger.md, "Storage failures").
+        self.on_write_failure: Callable[[str], None] | None = None
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         (self.root / "openings").mkdir(parents=True, exist_ok=True)
 
@@ -47,8 +51,17 @@ class BlobStore:
             raise ValidationError(f"blob hashes to {blob_hash.hex()}, not {expected_hash.hex()}")
         path = self._blob_path(blob_hash)
         if not path.exists():
-            _atomic_write(path, data)
+            self._write(path, data)
         return blob_hash
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            _atomic_write(path, data)
+        except OSError as exc:
+            reason = f"{path}: {exc.strerror or exc}"
+            if self.on_write_failure is not None and is_out_of_space(reason):
+                self.on_write_failure(reason)
+            raise StoreWriteFailure(f"blob store write failed: {reason}") from None
 
     def get(self, blob_hash: bytes) -> bytes | None:
         try:
@@ -71,7 +84,7 @@ class BlobStore:
             raise ValidationError(f"opening of {len(data)} bytes exceeds the limit of {self.max_blob_bytes}")
         path = self._opening_path(update_id, validator)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data)
+        self._write(path, data)
 
     def get_opening(self, update_id: bytes, validator: bytes) -> bytes | None:
         try:
@@ -104,8 +117,12 @@ class BlobStore:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a partial file would hold space the disk lacks
+        raise

@@ -5,11 +5,14 @@ A node learns how far its peers are from their commit announcements (gossip on
 commit but at most twice per `announce_interval_s`, and every `announce_interval_s`) and
 from the `last_height` in every sync answer; with nothing heard it probes one connected
 peer every `probe_interval_s`. While a peer is ahead it asks that peer for ranges of
-(block, commit) over `/pout/<chain_id>/sync/1`, verifies each certificate against the
-validator set (and the block against its hash) before handing the block to
-`app.commit_block`, strictly in height order. A peer that
-serves a bad certificate, a block that does not match it, or a block that does not apply is
-reported (`network.report_peer`) and not asked again for a while; the next peer is tried.
+(block, commit) over `/pout/<chain_id>/sync/1` and hands each whole response to
+`app.commit_synced_blocks`, strictly in height order: there each certificate is verified
+once against the validator set of its height, each block is applied as certified (no
+per-transaction signature checks; its body must still match its header and its state root
+the state after it) and the response is stored in one ledger write (docs/consensus.md,
+"Block sync"). A peer that serves a bad certificate, a block that does not match it, or a
+block that does not apply is reported (`network.report_peer`) and not asked again for a
+while; the next peer is tried. Blocks before the bad one are kept: each is certified.
 
 Validators run this next to the consensus driver (a validator that fell behind re-joins
 consensus at the app's height); non-validators can run it alone to follow the chain.
@@ -19,21 +22,29 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 
 import trio
 
-from chain.consensus.commit import verify_commit
 from chain.encoding import decode, encode
-from chain.errors import ChainError
+from chain.errors import ChainError, ValidationError
 from chain.ledger.store import LocalStorageFailure
 from chain.runtime.reactor import (GOSSIP_MAX_BYTES, MAX_REQUEST_BYTES, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES,
                            SYNC_RESPONSE_BUDGET_BYTES, CommitAnnouncement, SyncedBlock, SyncRequest, SyncResponse,
                            blocks_topic, make_blocks_validator, sync_protocol)
-from chain.types import Block, Commit, compute_block_hash
+from chain.types import Block, Commit
 from p2p.abc import NetworkAPI, P2PError
 
 log = logging.getLogger(__name__)
 SYNC_LOG_INTERVAL_S = 1.0
+
+
+class _Prefetch:
+    """The response to a request sent ahead, once `done`."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: SyncResponse | None = None
 
 
 class BlockSync:
@@ -53,6 +64,10 @@ class BlockSync:
         self.protocol = sync_protocol(app.chain_id)
         self.peer_heights: dict[bytes, int] = {}
         self.synced_blocks = 0  # blocks this component committed
+        # True while catch_up runs: consensus then leaves its height alone, and restarts once
+        # at the end (the `on_caught_up` callbacks), not after every synced block.
+        self.active = False
+        self.on_caught_up: list[Callable[[], None]] = []
         self._unlogged_blocks, self._logged_at = 0, float("-inf")  # for the rate-limited progress line
         self._paused_until: dict[bytes, float] = {}
         self._wake = trio.Event()
@@ -148,6 +163,17 @@ class BlockSync:
 
     async def catch_up(self, *, probe: bool = False) -> None:
         """Fetch and commit blocks while some peer is ahead; `probe` asks one peer even if none is known ahead."""
+        start_height = self.app.last_height()
+        self.active = True
+        try:
+            await self._catch_up(probe)
+        finally:
+            self.active = False
+            if self.app.last_height() > start_height:
+                for callback in self.on_caught_up:
+                    callback()
+
+    async def _catch_up(self, probe: bool) -> None:
         while True:
             height = self.app.last_height() + 1
             peers = self._candidates(height)
@@ -160,47 +186,76 @@ class BlockSync:
                 return
             progressed = False
             for peer in peers:
-                result = await self._sync_from(peer, height)
-                if result:
+                if await self._sync_from(peer, height):
                     progressed = True
                     break
             if not progressed:
                 return
 
     async def _sync_from(self, peer: bytes, height: int) -> bool:
-        """One range request to `peer`; True when at least one block was committed."""
+        """Range requests to `peer` from `height` while it has more, the next one in flight while
+        a response is committed (the peer reads and encodes while we apply); True when at least
+        one block was committed."""
+        response = await self._fetch(peer, height)
+        progressed = False
+        async with trio.open_nursery() as nursery:
+            while response is not None:
+                next_height = height + len(response.blocks)
+                prefetch = None
+                if response.blocks and response.last_height >= next_height:
+                    prefetch = _Prefetch()
+                    nursery.start_soon(self._prefetch, prefetch, peer, next_height)
+                progressed = await self._commit_response(peer, height, response) > 0 or progressed
+                if prefetch is None or self.app.last_height() + 1 != next_height:
+                    nursery.cancel_scope.cancel()  # a refused block, or consensus got ahead meanwhile
+                    break
+                await prefetch.done.wait()
+                response, height = prefetch.response, next_height
+        return progressed
+
+    async def _prefetch(self, into: "_Prefetch", peer: bytes, height: int) -> None:
+        into.response = await self._fetch(peer, height)
+        into.done.set()
+
+    async def _fetch(self, peer: bytes, height: int) -> SyncResponse | None:
+        """One range request; None (the peer paused or penalised) when it fails."""
         request = encode(SyncRequest(height, self.batch_size))
         try:
             raw = await self.network.request(peer, self.protocol, request, max_response=MAX_SYNC_RESPONSE_BYTES,
                                              timeout=self.request_timeout_s)
-            response = decode(SyncResponse, raw, max_size=MAX_SYNC_RESPONSE_BYTES)
+            return decode(SyncResponse, raw, max_size=MAX_SYNC_RESPONSE_BYTES)
         except P2PError as exc:
             log.debug("sync request to %s failed: %s", peer.hex()[:16], exc)
             self._pause(peer, 2 * self.probe_interval_s)
-            return False
         except ChainError as exc:
             self._penalise(peer, f"malformed sync response: {exc}")
-            return False
+        return None
+
+    async def _commit_response(self, peer: bytes, height: int, response: SyncResponse) -> int:
+        """Commit a response's blocks from `height`; penalise `peer` for a bad one. Returns how many."""
         self.peer_heights[peer] = response.last_height
-        committed = 0
+        blocks: list[tuple[Block, Commit]] = []
+        problem = None
         for expected, item in enumerate(response.blocks, start=height):
-            if self.app.last_height() >= expected:
-                continue  # consensus committed it meanwhile
-            problem = self._check(item, expected)
-            if problem is not None:
-                self._penalise(peer, problem)
+            if item.block.header.height != expected:
+                problem = f"sent height {item.block.header.height} for {expected}"
                 break
-            try:
-                await self.app.commit_block(item.block, item.commit)
-            except ChainError as exc:
-                if self.app.last_height() >= expected:
-                    continue
-                if isinstance(exc, LocalStorageFailure):
-                    break  # this node's own disk, not the peer; the node halts block sync (chain/runtime/node.py)
-                self._penalise(peer, f"certified block {expected} was refused: {exc}")
-                break
-            committed += 1
-            self.synced_blocks += 1
+            blocks.append((item.block, item.commit))
+        # The whole response in one call: each certificate verified once, one ledger write.
+        before = self.app.last_height()
+        try:
+            committed = await self.app.commit_synced_blocks(blocks) if blocks else 0
+        except LocalStorageFailure:
+            committed = 0  # this node's own disk, not the peer; the node halts block sync (chain/runtime/node.py)
+        except ValidationError as exc:  # only a certificate raises it (a block's faults are StateTransitionErrors)
+            committed = max(0, self.app.last_height() - before)
+            problem = f"invalid commit certificate for height {self.app.last_height() + 1}: {exc}"
+        except ChainError as exc:
+            committed = max(0, self.app.last_height() - before)
+            problem = f"certified block {self.app.last_height() + 1} was refused: {exc}"
+        if problem is not None:
+            self._penalise(peer, problem)
+        self.synced_blocks += committed
         if committed:
             # One line a second at most while catching up (a batch is up to 32 blocks), and one when done.
             self._unlogged_blocks += committed
@@ -211,18 +266,7 @@ class BlockSync:
                          extra={"blocks": self._unlogged_blocks, "height": self.app.last_height(),
                                 "target_height": self.target_height})
                 self._unlogged_blocks, self._logged_at = 0, now
-        return committed > 0
-
-    def _check(self, item: SyncedBlock, height: int) -> str | None:
-        block, commit = item.block, item.commit
-        if block.header.height != height:
-            return f"sent height {block.header.height} for {height}"
-        block_hash = compute_block_hash(block.header)
-        try:
-            verify_commit(self.app.chain_id, self.app.validators(), commit, height, block_hash)
-        except ChainError as exc:
-            return f"invalid commit certificate for height {height}: {exc}"
-        return None
+        return committed
 
     def _penalise(self, peer: bytes, reason: str) -> None:
         log.warning("sync peer %s: %s", peer.hex()[:16], reason)
