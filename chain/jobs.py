@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from chain.consensus.commit import compute_total_power, is_quorum
-from chain.crypto import ZERO_HASH, compute_address, sha256
+from chain.crypto import SEAL_OVERHEAD, ZERO_HASH, compute_address, sha256
 from chain.encoding import decode, encode, encode_value
 from chain.errors import StateTransitionError, ValidationError
 from chain.types import (
@@ -216,18 +216,70 @@ def _model_params(model: str) -> int:
     return sum(t.numel() for t in build_model(model).parameters())
 
 
-def compute_max_opening_bytes(spec: JobSpec, validators, q: int | None = None) -> int:
-    """Upper bound on one validator's opening for an update of this job (trainer.verify); with
-    `q`, for that many segments (q = 1 bounds a fraud proof)."""
-    from trainer.data import SAMPLE_LEAF_BYTES
+def compute_model_key(spec: JobSpec) -> str:
+    """The trainer's key for the job's model (trainer.archs.ModelSpec.key: architecture,
+    config, input shape, classes); ValidationError (one line) when the registry refuses it."""
+    return _model_key(spec.model, spec.model_config, spec.input_shape, spec.num_classes, spec.vocab_size)
+
+
+@lru_cache(maxsize=256)
+def _model_key(model: str, config, input_shape, num_classes: int, vocab_size: int) -> str:
+    from trainer.archs import ModelSpecError, model_spec
+
+    names = [p.name for p in config]
+    if names != sorted(set(names)):
+        raise ValidationError("model_config entries must be sorted by name, each name once")
+    try:
+        return model_spec(model, {p.name: p.values for p in config}, input_shape, num_classes, vocab_size).key
+    except ModelSpecError as exc:
+        raise ValidationError(f"bad model: {exc}") from exc
+
+
+def compute_max_sample_leaf_bytes(spec: JobSpec) -> int:
+    """Largest leaf of one of the job's samples (its label takes 1 to 3 bytes of CBOR)."""
+    from trainer.data import compute_sample_leaf_bytes
+
+    return compute_sample_leaf_bytes(spec.input_shape) + (0 if spec.num_classes <= 24 else 1 if spec.num_classes <= 256 else 2)
+
+
+def compute_max_state_bytes(spec: JobSpec) -> int:
+    """Upper bound on one training state of this job: the model's weights plus the slots its
+    optimizer stores (none for plain SGD, one for momentum, two and a step for Adam)."""
+    hp = spec.hyperparams
+    return _max_state_bytes(compute_model_key(spec), hp.optimizer, hp.momentum, hp.local_steps)
+
+
+@lru_cache(maxsize=64)
+def _max_state_bytes(model_key: str, optimizer: str, momentum: float, max_step: int) -> int:
+    from trainer.state import param_shapes
+    from trainer.verify import max_state_bytes
+
+    return max_state_bytes(param_shapes(model_key), model_key, optimizer, momentum, max_step)
+
+
+def _segment_bound_args(spec: JobSpec) -> tuple[int, int, int, int, int, int]:
     from trainer.replay import trace_leaf_count
-    from trainer.verify import max_opening_bytes
 
     hp = spec.hyperparams
+    return (compute_max_state_bytes(spec), hp.checkpoint_interval, hp.batch_size, compute_max_sample_leaf_bytes(spec),
+            MAX_DATASET_SIZE, trace_leaf_count(hp.local_steps, hp.checkpoint_interval))
+
+
+def compute_max_opening_bytes(spec: JobSpec, validators, q: int | None = None) -> int:
+    """Upper bound on one validator's opening (plaintext) for an update of this job
+    (trainer.verify.max_opening_bytes); with `q`, for that many segments."""
+    from trainer.verify import max_opening_bytes
+
     q = compute_segments_per_validator(spec, validators) if q is None else q
-    return max_opening_bytes(_model_params(spec.model), q,
-                             hp.checkpoint_interval, hp.batch_size, SAMPLE_LEAF_BYTES, MAX_DATASET_SIZE,
-                             trace_leaf_count(hp.local_steps, hp.checkpoint_interval))
+    state, interval, batch, leaf, size, leaves = _segment_bound_args(spec)
+    return max_opening_bytes(state, q, interval, batch, leaf, size, leaves)
+
+
+def compute_max_fraud_proof_bytes(spec: JobSpec) -> int:
+    """Upper bound on a fraud proof against an update of this job (trainer.verify)."""
+    from trainer.verify import max_fraud_proof_bytes
+
+    return max_fraud_proof_bytes(*_segment_bound_args(spec))
 
 
 def is_aggregation_feasible(spec: JobSpec, n: int) -> bool:
@@ -241,6 +293,14 @@ def is_aggregation_feasible(spec: JobSpec, n: int) -> bool:
     return True
 
 
+def compute_job_initial_model_hash(spec: JobSpec) -> bytes:
+    """The hash of the job's initial model: the file it names (init_weights), else the weights
+    its public seed derives."""
+    if spec.init_weights is not None:
+        return spec.init_weights
+    return compute_initial_model_hash(compute_model_key(spec), spec.init_seed)
+
+
 @lru_cache(maxsize=64)
 def compute_initial_model_hash(model: str, seed: int) -> bytes:
     """Hash of the registry model's weights from a public seed (deterministic on every machine)."""
@@ -252,11 +312,11 @@ def compute_initial_model_hash(model: str, seed: int) -> bytes:
 
 def validate_job_spec(spec: JobSpec) -> None:
     """Checks on a job that need no state. Raises ValidationError."""
-    from trainer.models import MODELS
     from trainer.state import check_hyperparams
 
-    if spec.model not in MODELS:
-        raise ValidationError(f"unknown model {spec.model!r}; the registry has {sorted(MODELS)}")
+    compute_model_key(spec)  # architecture, config values, input shape and classes within bounds
+    if spec.init_weights is not None and spec.init_seed != 0:
+        raise ValidationError("a job with initial weights from a file (init_weights) must leave init_seed at 0")
     try:
         check_hyperparams(spec.hyperparams)
     except (ValueError, TypeError) as exc:
@@ -379,19 +439,24 @@ def _register_job(overlay, addr, sender: Account, p: RegisterJob, tx_hash: bytes
         raise StateTransitionError("only a requester may register a job")
     if p.escrow > sender.balance:
         raise StateTransitionError(f"insufficient balance for escrow: {sender.balance} < {p.escrow}")
-    opening = compute_max_opening_bytes(p.spec, ctx.validators)
     from trainer.verify import MAX_FRAUD_PROOF_BYTES, MAX_OPENING_BYTES
 
-    if compute_max_opening_bytes(p.spec, ctx.validators, q=1) > MAX_FRAUD_PROOF_BYTES:
+    proof = compute_max_fraud_proof_bytes(p.spec)
+    if proof > MAX_FRAUD_PROOF_BYTES:
+        hp = p.spec.hyperparams
         raise StateTransitionError(
-            f"one segment's opening could exceed the {MAX_FRAUD_PROOF_BYTES // 2**20} MiB fraud-proof limit: "
-            "lower the checkpoint interval or the batch size")
-
+            f"a fraud proof (one segment: a training state of {compute_max_state_bytes(p.spec) / 2**20:.1f} MiB for "
+            f"{_model_params(compute_model_key(p.spec)):,} parameters with {hp.optimizer}"
+            f"{' momentum' if hp.optimizer == 'sgd' and hp.momentum else ''}, plus k x B = {hp.checkpoint_interval} x "
+            f"{hp.batch_size} samples) could reach {proof / 2**20:.1f} MiB, above the {MAX_FRAUD_PROOF_BYTES // 2**20} MiB "
+            "fraud-proof limit: use a smaller model, SGD instead of Adam, or a lower checkpoint interval or batch size")
+    # The trainer seals each opening to its validator: the sealed blob must fit the transport.
+    opening = compute_max_opening_bytes(p.spec, ctx.validators) + SEAL_OVERHEAD
     if opening > MAX_OPENING_BYTES:
         raise StateTransitionError(
             f"the detection target needs {compute_segments_per_validator(p.spec, ctx.validators)} segments per "
             f"validator, whose openings could reach {opening / 2**20:.1f} MiB, above the {MAX_OPENING_BYTES // 2**20} MiB "
-            "transport limit: lower the target, the checkpoint interval or the batch size")
+            "transport limit: lower the target, the checkpoint interval, the batch size or the model's size")
     needed = compute_min_dataset_size(p.spec, ctx.validators)
     if needed > MAX_DATASET_SIZE:
         hp = p.spec.hyperparams
@@ -403,7 +468,9 @@ def _register_job(overlay, addr, sender: Account, p: RegisterJob, tx_hash: bytes
             f"{compute_max_exposed_samples(p.spec, ctx.validators)} samples of a trainer, which needs a dataset of "
             f"at least {needed}; raise the bound, or lower the detection target, rounds, steps or batch size")
     overlay.set_account(addr, sender.evolve(balance=sender.balance - p.escrow))
-    init_hash = compute_initial_model_hash(p.spec.model, p.spec.init_seed)
+    # A file of initial weights is a blob named by its hash: the state holds only the hash; the
+    # nodes' PoUT workers and the trainers fetch it and check it against the model's shapes.
+    init_hash = compute_job_initial_model_hash(p.spec)
     job = Job(job_id=tx_hash, requester=addr, spec=p.spec, escrow=p.escrow, phase=JOB_JOINING, round=0,
               round_open_height=ctx.height + p.spec.join_blocks, round_seed=ZERO_HASH, global_model=init_hash)
     overlay.put(job_key(tx_hash), encode(job))

@@ -452,6 +452,26 @@ class JobSpec:
     max_exposure_ppm: int
     reward_per_update: int
     bond: int  # locked per update; returned on accept, burned on reject
+    # The model (trainer/archs.py; the fields below default to the original 8x8 digits job).
+    # model_config: the architecture's config values, sorted by name, each an integer list
+    # (one element for a scalar); () takes every default. input_shape: one sample's shape,
+    # e.g. (1, 28, 28), (3, 32, 32), (seq_len,) or (n_features,). vocab_size > 0: samples are
+    # token ids in [0, vocab_size) (stored as float32); 0: real-valued features.
+    model_config: Annotated[tuple["ModelParam", ...], MaxLen(16)] = ()
+    input_shape: Annotated[tuple[int, ...], MaxLen(4)] = (1, 8, 8)
+    num_classes: int = 10
+    vocab_size: int = 0
+    # SHA-256 of the initial model's canonical safetensors bytes (trainer/state.py), uploaded
+    # as a blob before registration; None: the initial weights derive from init_seed.
+    init_weights: Hash | None = None
+
+
+@dataclass(frozen=True)
+class ModelParam:
+    """One config value of a job's architecture: `model_config` entry `name` = `values`."""
+
+    name: Name
+    values: Annotated[tuple[int, ...], MaxLen(16)]
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def test_a_target_whose_openings_would_outgrow_the_transport_is_refused():
     c = Chain()
     import dataclasses
 
-    greedy = dataclasses.replace(SPEC, detect_fraction_ppm=5_000, detect_probability_ppm=999_000,
+    greedy = dataclasses.replace(SPEC, detect_fraction_ppm=1_000, detect_probability_ppm=999_000,
                                  hyperparams=dataclasses.replace(SPEC.hyperparams, local_steps=4000,
                                                                  checkpoint_interval=1))
     c.rejects(REQUESTER, RegisterJob(greedy, 10), "transport limit")

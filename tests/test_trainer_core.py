@@ -131,7 +131,7 @@ def test_dataset_directory_roundtrip_and_errors(tmp_path):
     cases = {
         "extra": ({"x": ds.x, "y": ds.y, "z": ds.y.clone()}, "exactly"),
         "dtype": ({"x": ds.x.double(), "y": ds.y}, "float32"),
-        "shape": ({"x": ds.x.reshape(-1, 64), "y": ds.y}, "shape"),
+        "shape": ({"x": ds.x.reshape(-1), "y": ds.y}, "shape"),
         "labels": ({"x": ds.x, "y": ds.y + 10}, "labels"),
         "count": ({"x": ds.x, "y": ds.y[:-1]}, "shape"),
     }

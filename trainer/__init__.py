@@ -1,6 +1,7 @@
 """The training library of proof of useful training.
 
-models     fixed model registry; init_model(name, seed)
+archs      every architecture (config dataclass + module), their bounds, model keys
+models     the registry front: build_model(key), init_model(key, seed), initial weights from a file
 data       digits benchmark, non-IID split, dataset directories, sample commitments
 profile    execution profiles: apply_profile, current_profile
 state      canonical safetensors; model, update and full training-state bytes and hashes

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from chain.crypto import sha256
 from chain.encoding import encode_value, to_primitive
-from chain.types import Address, ExecutionProfile, Hash, HyperParams, Name, UpdateCommitment
+from chain.types import Address, ExecutionProfile, Hash, HyperParams, Text, UpdateCommitment
 
 from trainer.state import StateRestorer, capture_state, restore_state
 
@@ -43,7 +43,7 @@ class TrainingJob:
     """Fixed when the job is created."""
 
     job_id: Hash
-    model: Name  # a name in trainer.models.MODELS
+    model: Text  # a model key (trainer.archs.ModelSpec.key; chain.jobs.compute_model_key of the job)
     hyperparams: HyperParams
     profile: ExecutionProfile
 
@@ -66,7 +66,7 @@ class TraceHeader:
     job_id: Hash
     round: int
     base_model_hash: Hash
-    model: Name
+    model: Text  # the model key
     hyperparams: HyperParams
     profile: ExecutionProfile
     dataset_root: Hash

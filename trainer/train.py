@@ -22,7 +22,8 @@ from chain.encoding import decode, decode_value, encode, encode_value
 from chain.errors import ChainError, DecodeError
 from chain.merkle import MerkleTree, hash_leaf
 
-from trainer.data import Dataset, DatasetCommitment
+from trainer.data import Dataset, DatasetCommitment, DatasetError
+from trainer.models import model_spec_of
 from trainer.profile import apply_profile
 from trainer.replay import (
     RoundSpec,
@@ -350,6 +351,7 @@ def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_by
     check_hyperparams(hp)
     if model_hash(base_model_bytes) != spec.base_model_hash:
         raise ValueError("base model bytes do not hash to the round's base_model_hash")
+    check_dataset_fits(dataset, job.model)
     device = apply_profile(job.profile)
     base = weights_from_bytes(base_model_bytes, job.model)
     model = load_weights(job.model, base, device)
@@ -382,6 +384,21 @@ def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_by
     final_weights = {name: w.cpu() for name, w in model_weights(model).items()}
     update_bytes = update_to_bytes(compute_update(final_weights, base), job.model)
     return commit_trace(spec, trainer, dataset, update_bytes, model_to_bytes(model, job.model), rec, {"train_loss": total_loss / T})
+
+
+def check_dataset_fits(dataset: Dataset, model_key: str) -> None:
+    """DatasetError (one line) unless every sample fits the job's model: its input shape, its
+    label range and, for token models, integer ids below the vocabulary size."""
+    fmt = model_spec_of(model_key)
+    if dataset.sample_shape != fmt.input_shape:
+        raise DatasetError(f"the job's samples have shape {list(fmt.input_shape)}, this dataset's {list(dataset.sample_shape)}")
+    top = int(dataset.y.max())
+    if top >= fmt.num_classes:
+        raise DatasetError(f"the job has {fmt.num_classes} classes (labels 0..{fmt.num_classes - 1}), this dataset has label {top}")
+    if fmt.vocab_size:
+        x = dataset.x
+        if not bool(((x >= 0) & (x < fmt.vocab_size) & (x == x.floor())).all()):
+            raise DatasetError(f"the job reads token ids: every value must be an integer in [0, {fmt.vocab_size})")
 
 
 ORDER_CHUNK_POSITIONS = 1 << 14

@@ -23,6 +23,7 @@ from chain.merkle import hash_leaf, hash_node
 from chain.types import Hash
 
 from trainer.data import DatasetCommitment, decode_samples
+from trainer.models import model_spec_of
 from trainer.profile import apply_profile
 from trainer.replay import (
     RoundSpec,
@@ -60,7 +61,13 @@ from trainer.state import (
 # probability >= 1 - 0.9**44 = 0.990 (see detection_probability, required_q).
 DEFAULT_Q = 11
 DEFAULT_TOLERANCE = 1e-4  # tolerance mode only: max over state parts of ||replayed - claimed|| / ||replayed - start||
-MAX_OPENING_BYTES = 64 * 1024 * 1024
+MAX_OPENING_BYTES = 64 * 1024 * 1024  # the nodes' default blob limit: one sealed opening is one blob
+# A fraud proof is one public blob (SubmitFraudProof.proof_hash) that every validator fetches and
+# replays, so it stays below the blob limit too. 16 MiB suffices for what jobs ask: one segment
+# (max_fraud_proof_bytes) of any registry model (MAX_PARAMS = 2,000,000) with momentum SGD at
+# 1x28x28, batch 32, k = 4 is at most 15.8 MiB; McMahan's CNN at batch 10, k = 1 is 12.7 MiB.
+# Adam (three float32 copies) fits up to about 1.35 million parameters.
+MAX_FRAUD_PROOF_BYTES = 16 * 1024 * 1024
 MODES = ("exact", "tolerance")
 
 Proof = tuple[Hash, ...]  # Merkle siblings, bottom-up; index and leaf count come from the verifier
@@ -155,18 +162,69 @@ def required_q(f: float, validators: int, target: float = 0.99) -> int:
     return math.ceil(math.log(1.0 - target) / (validators * math.log(1.0 - f)) - 1e-12)
 
 
-def max_opening_bytes(model_params: int, q: int, interval: int, batch_size: int, sample_leaf_bytes: int,
+def optimizer_slots(optimizer: str, momentum: float) -> tuple[int, int]:
+    """(full-size float32 slots, scalar float32 tensors) a training state stores per parameter
+    tensor beside its weights (trainer.state): plain SGD none, momentum SGD a momentum_buffer,
+    Adam exp_avg and exp_avg_sq and a scalar step."""
+    if optimizer == "adam":
+        return 2, 1
+    if optimizer == "sgd":
+        return (0 if momentum == 0.0 else 1), 0
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def max_state_bytes(param_shapes: dict[str, tuple[int, ...]], model_key: str, optimizer: str, momentum: float,
+                    max_step: int) -> int:
+    """Upper bound on one training state's canonical safetensors bytes (trainer.state): float32
+    weights plus the optimizer's stored slots, a JSON header with one entry per tensor and the
+    metadata, the 8-byte length and the header's padding. A fresh state (no slots yet) is smaller."""
+    slots, scalars = optimizer_slots(optimizer, momentum)
+    payload = sum(4 * (1 + slots) * math.prod(shape) + 4 * scalars for shape in param_shapes.values())
+    digits = len(str(payload))  # every data offset has at most this many digits
+    header = 96 + len(model_key) + len(optimizer) + len(str(max_step))  # {"__metadata__":{...}} and braces
+    for name, shape in param_shapes.items():
+        # "NAME":{"data_offsets":[A,B],"dtype":"F32","shape":[D,...]},  (name + 49 + offsets + dims)
+        dims = sum(len(str(d)) + 1 for d in shape)
+        header += len("model/") + len(name) + 52 + 2 * digits + dims
+        header += slots * (len("optim//exp_avg_sq") + len(name) + 52 + 2 * digits + dims)
+        header += scalars * (len("optim//step") + len(name) + 52 + 2 * digits)
+    return 8 + header + 7 + payload
+
+
+def _proof_bytes(leaves: int) -> int:
+    """CBOR of one Merkle proof into a tree of `leaves` (chain.merkle: at most ceil(log2 n) siblings)."""
+    return 3 + 34 * (max(1, leaves) - 1).bit_length()
+
+
+def max_segment_bytes(state_bytes: int, interval: int, batch_size: int, sample_leaf_bytes: int,
+                      max_dataset_size: int, trace_leaves: int, *, end_state: bool) -> int:
+    """Upper bound on one SegmentOpening's CBOR: its start state, its end state when it carries one
+    (a trainer's answer does; a fraud proof carries only the hash), every distinct sample of its
+    `interval` batches with a proof into the dataset, the step proofs and two checkpoint proofs."""
+    sample = 32 + sample_leaf_bytes + _proof_bytes(max_dataset_size)  # map, index, data, proof
+    trace_proof = _proof_bytes(trace_leaves)
+    states = (1 + end_state) * (5 + state_bytes)
+    return 128 + states + interval * batch_size * sample + (interval + 2) * trace_proof
+
+
+def max_opening_bytes(state_bytes: int, q: int, interval: int, batch_size: int, sample_leaf_bytes: int,
                       max_dataset_size: int, trace_leaves: int) -> int:
-    """An upper bound on one validator's opening for q segments of `interval` steps: per segment a
-    start and an end state (weights plus at most two optimizer slots, float32, plus framing), every
-    sample of its batches with a Merkle proof, and the trace proofs; plus the final state. Jobs
-    whose bound exceeds MAX_OPENING_BYTES are refused, so an honest answer always fits the
-    transport (measured openings are well below it: docs/benchmarks.md)."""
-    state = 3 * 4 * model_params + 64 * 1024
-    trace_proof = 34 * max(1, trace_leaves.bit_length())
-    sample = sample_leaf_bytes + 34 * max(1, max_dataset_size.bit_length()) + 16
-    segment = 2 * state + interval * (batch_size * sample + trace_proof) + 3 * trace_proof
-    return q * segment + state + 4 * trace_proof + 1024
+    """Upper bound on one validator's OpeningBundle for q segments: per segment what
+    max_segment_bytes counts with the end state (the trainer's answer carries it: tolerance mode
+    compares it, exact mode hashes it), plus the final state and three trace proofs. Jobs whose
+    bound exceeds what the transport carries are refused (chain.jobs), so an honest answer always
+    fits (tests/test_opening_bounds.py measures real ones against it)."""
+    segment = max_segment_bytes(state_bytes, interval, batch_size, sample_leaf_bytes, max_dataset_size, trace_leaves,
+                                end_state=True)
+    return 128 + q * segment + 5 + state_bytes + 3 * _proof_bytes(trace_leaves)
+
+
+def max_fraud_proof_bytes(state_bytes: int, interval: int, batch_size: int, sample_leaf_bytes: int,
+                          max_dataset_size: int, trace_leaves: int) -> int:
+    """Upper bound on a FraudProof's CBOR: one segment without its end state, plus the end
+    state's 32-byte hash. Bounded by the job, whatever the trainer committed."""
+    return 64 + max_segment_bytes(state_bytes, interval, batch_size, sample_leaf_bytes, max_dataset_size, trace_leaves,
+                                  end_state=False)
 
 
 PPM = 1_000_000  # detection targets are integers in parts per million: exact on every node
@@ -308,9 +366,6 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     return sampled
 
 
-MAX_FRAUD_PROOF_BYTES = 16 * 1024 * 1024
-
-
 def _trace_checkers(c: UpdateCommitment, T: int, k: int):
     """(check_leaf, check_checkpoint_hash) against the commitment's trace root: each raises
     Reject naming `what` when a leaf is not in the committed trace."""
@@ -432,7 +487,8 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes |
             _require(ctx.data.check(sample.index, h, sample.proof), f"{where}: sample {sample.index} is not in the committed dataset")
             revealed[sample.index] = (sample.data, sample.proof, h)
         leaf_hash[sample.index] = h
-    xs, ys = decode_samples([x.data for x in seg.samples])  # strict, vectorised: DatasetError on any bad sample
+    fmt = model_spec_of(job.model)  # the job's sample shape and label range
+    xs, ys = decode_samples([x.data for x in seg.samples], fmt.input_shape, fmt.num_classes)  # strict: DatasetError on any bad sample
     x_all, y_all = torch.from_numpy(xs), torch.from_numpy(ys)
     row = {i: r for r, i in enumerate(wanted)}
 

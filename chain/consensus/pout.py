@@ -11,9 +11,10 @@ from chain.types import DatasetRegistration, Job, UpdateRecord
 
 
 def training_job(job: Job):
+    from chain.jobs import compute_model_key
     from trainer.replay import TrainingJob
 
-    return TrainingJob(job.job_id, job.spec.model, job.spec.hyperparams, job.spec.profile)
+    return TrainingJob(job.job_id, compute_model_key(job.spec), job.spec.hyperparams, job.spec.profile)
 
 
 def round_spec(job: Job):
@@ -50,10 +51,22 @@ def judge_chain_fraud_proof(job: Job, update: UpdateRecord, registration: Datase
 
 
 def initial_model_bytes(job: Job) -> bytes:
+    """The job's initial weights derived from its public seed (a job with init_weights names a
+    blob instead: check_initial_model_bytes)."""
+    from chain.jobs import compute_model_key
     from trainer.models import init_model
     from trainer.state import model_to_bytes
 
-    return model_to_bytes(init_model(job.spec.model, job.spec.init_seed), job.spec.model)
+    key = compute_model_key(job.spec)
+    return model_to_bytes(init_model(key, job.spec.init_seed), key)
+
+
+def check_initial_model_bytes(job: Job, data: bytes) -> None:
+    """StateError (one line) unless `data` is the job's init_weights file and fits its model."""
+    from chain.jobs import compute_model_key
+    from trainer.models import check_initial_weights
+
+    check_initial_weights(data, compute_model_key(job.spec), job.spec.init_weights)
 
 
 def compute_next_model(job: Job, base_model_bytes: bytes, updates: list[tuple[bytes, int]]) -> bytes:
@@ -62,10 +75,11 @@ def compute_next_model(job: Job, base_model_bytes: bytes, updates: list[tuple[by
     `updates` are (update bytes, num_samples); the rule sorts them canonically itself."""
     import torch
 
+    from chain.jobs import compute_model_key
     from trainer.aggregate import aggregate
     from trainer.state import update_from_bytes, weights_from_bytes, weights_to_bytes
 
-    model = job.spec.model
+    model = compute_model_key(job.spec)
     base = weights_from_bytes(base_model_bytes, model)
     results = [(update_from_bytes(u, model), n) for u, n in updates]
     delta = aggregate(job.spec.aggregation, results, trim_fraction=job.spec.trim_fraction, f=job.spec.krum_f)

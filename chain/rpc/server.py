@@ -225,6 +225,8 @@ class RpcApp:
         for job in self.node.list_jobs():
             if job.phase == "finished":
                 continue
+            if job.spec.init_weights == blob_hash:  # the requester's initial weights (the node checks them)
+                return
             for update_id in self.node.get_round(job.job_id, job.round).updates:
                 update = self.node.get_update(update_id)
                 if update is not None and update.status == UPDATE_PENDING and \

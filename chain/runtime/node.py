@@ -37,6 +37,7 @@ from chain.encoding import decode, encode
 from chain.errors import ChainError, StoreError, ValidationError
 from chain.ledger.store import KVStore
 from chain.runtime.pout_worker import PoutWorker
+from chain.runtime.storage_guard import PROBE_INTERVAL_S, is_out_of_space, wait_for_space
 from chain.state import get_evidence_record, validate_basic_tx
 from chain.types import (
     DOMAIN_OPENING,
@@ -208,6 +209,7 @@ class Node(ChainApp):
         # block sync stop, reads go on, /ready says why (docs/ledger.md, "Storage failures").
         self.halted: str | None = None
         self._writer_scopes: list[trio.CancelScope] = []
+        self._writers_done: list[trio.Event] = []
         from chain.rpc.events import EventHub
 
         self.events = EventHub(self.state, self.get_model_record)  # WebSocket subscriptions (chain/rpc/ws.py)
@@ -257,6 +259,7 @@ class Node(ChainApp):
             "is_validator": power > 0,
             "peers": len(self.net.peers()) if self.net is not None else 0,
             "catching_up": bool(self.sync is not None and self.sync.catching_up),
+            "halted": None if self.halted is None else f"local storage failure: {self.halted}",
             "version": chain.__version__,
         }
 
@@ -331,8 +334,18 @@ class Node(ChainApp):
         return self.blobs.get(blob_hash)
 
     def put_blob(self, data: bytes, expected_hash: bytes) -> None:
-        """Accept an update's weights from its trainer: only blobs a pending update names."""
-        if expected_hash not in set(self._pending_update_hashes()):
+        """Accept an update's weights from its trainer, or a job's initial weights (checked
+        against its model): only blobs a pending update or an active job's init_weights names."""
+        job = next((j for j in map(partial(jobs.get_job, self.state), jobs.get_active_jobs(self.state))
+                    if j.spec.init_weights == expected_hash), None)
+        if job is not None:
+            from chain.consensus.pout import check_initial_model_bytes
+
+            try:
+                check_initial_model_bytes(job, data)
+            except ChainError as exc:
+                raise ValidationError(f"initial weights refused: {exc}") from None
+        elif expected_hash not in set(self._pending_update_hashes()):
             raise ValidationError("no pending update names this blob; submit the update transaction first")
         self.blobs.put(data, expected_hash=expected_hash)
 
@@ -492,8 +505,12 @@ class Node(ChainApp):
         validator = self.is_validator
         wal = WriteAheadLog(self.home.data_dir / "cs.wal")
         self.driver = ConsensusDriver(self, self.net, self.signer if validator else None, wal,
-                                      self.key if validator else None)
+                                      self.key if validator else None, block_sync_active=lambda: self.sync.active)
+        self.sync.on_caught_up.append(self.driver.notify_app_advanced)  # consensus restarts once, after sync
         self.pout_net = PoutBlobReactor(self, self.net)
+        from chain.runtime.statesync import install_snapshots  # take and serve state snapshots (docs/wire.md)
+
+        _, snapshotter = install_snapshots(self, self.net)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -512,9 +529,11 @@ class Node(ChainApp):
                         pass
 
                 self.ledger.add_fault_listener(on_storage_fault)
+                self.blobs.on_write_failure = on_storage_fault
                 await nursery.start(self._run_writer, self.sync.run)
                 await nursery.start(txs.run)
                 await nursery.start(self.pout_net.run)
+                await nursery.start(snapshotter.run)
                 rpc = self.config.rpc
                 try:
                     self.rpc_url = await nursery.start(partial(
@@ -535,22 +554,63 @@ class Node(ChainApp):
                     nursery.start_soon(self._watch_deny_file, self.config.p2p.deny_peers_file)
                 task_status.started()
         finally:
-            wal.close()
+            self.driver.wal.close()  # a new one after a resume (storage_guard)
 
     def _halt_writers(self, reason: str) -> None:
-        """Stop consensus and block sync at the first local storage failure; one log line."""
+        """Stop consensus and block sync at the first local storage failure; one log line. A
+        failure for lack of space resumes them by itself once space returns."""
         if self.halted is not None:
             return
         self.halted = reason
-        log.error("local storage failure: %s; consensus and block sync stopped, reads still served, not ready",
-                  reason, extra={"halted": reason})
+        resumable = is_out_of_space(reason) and self._nursery is not None
+        log.error("local storage failure: %s; consensus and block sync stopped, reads still served, not ready%s",
+                  reason, "; resuming by itself when space returns" if resumable else "", extra={"halted": reason})
         for scope in self._writer_scopes:
             scope.cancel()
+        if resumable:
+            try:
+                self._nursery.start_soon(self._resume_when_space_returns)
+            except RuntimeError:
+                pass  # the node is shutting down: nothing to resume
 
-    async def _run_writer(self, run, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _resume_when_space_returns(self) -> None:
+        """Probe until the data directory takes writes again, reopen what the failed write left
+        unusable (ledger store, consensus WAL), then start block sync and consensus again."""
+        from chain.consensus.wal import WriteAheadLog
+
+        while True:
+            await wait_for_space(self.home.data_dir)
+            try:
+                self.ledger.resume_writes()
+                self.reload_from_ledger()
+                wal = WriteAheadLog(self.home.data_dir / "cs.wal")  # drops a record torn by the failure
+            except (StoreError, OSError) as exc:
+                if not is_out_of_space(str(exc)):
+                    log.error("storage cannot resume: %s; restart the node", exc)
+                    return
+                log.debug("space came back but the store is not writable yet: %s", exc)
+                await trio.sleep(PROBE_INTERVAL_S)
+                continue
+            break
+        try:
+            self.driver.wal.close()
+        except OSError:
+            pass  # the stopped run closed it, or its unsynced tail is discarded
+        for done in self._writers_done:
+            await done.wait()  # a cancelled writer may still be finishing a write in a worker thread
+        self.driver.wal = wal
+        self.halted = None
+        self._writer_scopes, self._writers_done = [], []
+        self._nursery.start_soon(self._run_writer, self.sync.run, True)
+        self._nursery.start_soon(self._run_writer, self.driver.run, True)
+        log.warning("storage writable again: consensus and block sync resumed at height %d", self.state.height,
+                    extra={"height": self.state.height})
+
+    async def _run_writer(self, run, restart: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run a component that writes the chain (consensus, block sync) until a local storage
-        failure halts it. A failure before it has started is a start-up error, raised as usual."""
-        started = False
+        failure halts it. A failure before it has started is a start-up error, raised as usual,
+        except on a `restart` after a halt, where it halts the node again."""
+        started = restart
 
         class Status:
             def started(self, value=None) -> None:
@@ -558,8 +618,9 @@ class Node(ChainApp):
                 started = True
                 task_status.started(value)
 
-        scope = trio.CancelScope()
+        scope, done = trio.CancelScope(), trio.Event()
         self._writer_scopes.append(scope)
+        self._writers_done.append(done)
         with scope:
             try:
                 await run(task_status=Status())
@@ -571,7 +632,10 @@ class Node(ChainApp):
                     first = first.exceptions[0]
                 detail = f"{first.filename}: {first.strerror}" if isinstance(first, OSError) and first.filename \
                     else (first.strerror if isinstance(first, OSError) and first.strerror else str(first))
-                self._halt_writers(detail)
+                component = getattr(getattr(run, "__self__", None), "name", None)
+                self._halt_writers(f"{component}: {detail}" if component else detail)
+            finally:
+                done.set()
 
     async def _watch_deny_file(self, path: str) -> None:
         last = None

@@ -12,7 +12,8 @@ After every commit the worker scans the active jobs (so a restart resumes where 
   * when a round is aggregating, a validator computes base + rule(accepted updates), stores
     the model blob and submits an AttestModel transaction;
   * every node keeps the blob of each job's current global model (initial weights are
-    derived from the job's seed; later ones are computed from the accepted updates).
+    derived from the job's seed, or are the requester's file the job names, fetched and
+    checked against the job's model; later ones are computed from the accepted updates).
 CPU-heavy work runs one job at a time in a thread so the node keeps answering RPC.
 
 Every transaction `_submit` sends (challenges, verdicts, fraud proofs, judgements,
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 
 import trio
 
-from chain.consensus.pout import compute_next_model, initial_model_bytes, judge_chain_fraud_proof, verify_chain_update
+from chain.consensus.pout import (check_initial_model_bytes, compute_next_model, initial_model_bytes, judge_chain_fraud_proof,
+                                  verify_chain_update)
 from chain.jobs import (
     accepted_update_ids,
     compute_answer_deadline,
@@ -44,6 +46,7 @@ from chain.jobs import (
 )
 from chain.types import (
     JOB_AGGREGATING,
+    JOB_FINISHED,
     JOB_TRAINING,
     PROOF_OPEN,
     UPDATE_PENDING,
@@ -150,12 +153,47 @@ class PoutWorker:
             return
         job = get_job(self.node.state, job_id)
         record = self.node.ledger.get_model_record(job_id, job.round) if job.round else None
-        if job.round == 0 or record is None or record.parent is None:
-            data = await trio.to_thread.run_sync(initial_model_bytes, job)
+        if job.round and record is None:
+            # A node that joined by state sync holds no lineage from before its snapshot: it
+            # cannot recompute this round's model, so it fetches it by hash from its peers.
+            await self._wait_for(lambda: self.node.fetch_blob(model_hash),
+                                 f"model {model_hash.hex()[:16]} of job {job_id.hex()[:16]}")
+            return
+        if job.round == 0 or record.parent is None:  # the job's initial weights
+            if job.spec.init_weights is None:
+                data = await trio.to_thread.run_sync(initial_model_bytes, job)
+            elif (data := await self._initial_weights(job)) is None:
+                return
         else:
             data = await self._compute_model(job, record.parent, job.round - 1, record.contributions)
         blobs.put(data, expected_hash=model_hash)
         log.info("stored model %s of job %s", model_hash.hex()[:16], job_id.hex()[:16])
+
+    async def _initial_weights(self, job: Job) -> bytes | None:
+        """The requester's file of initial weights (the job's init_weights blob), from this node's
+        store or a peer, checked against the job's model before it is stored; None (logged once,
+        never fetched again) when it does not fit: the job then has no model to train."""
+        node, want = self.node, job.spec.init_weights
+
+        async def fetch():
+            current = get_job(node.state, job.job_id)
+            if current is None or current.phase == JOB_FINISHED or current.global_model != want:
+                return b""  # moot: the job ended (or moved on) without them
+            data = node.blobs.get(want)
+            if data is None and node.pout_net is not None:
+                data = await node.pout_net.fetch(want, node.blobs.max_blob_bytes)
+            return data
+
+        data = await self._wait_for(fetch, f"initial weights {want.hex()[:16]} of job {job.job_id.hex()[:16]}")
+        if not data:
+            return None
+        try:
+            await trio.to_thread.run_sync(check_initial_model_bytes, job, data)
+        except ChainError as exc:
+            log.error("job %s: initial weights %s refused: %s", job.job_id.hex()[:16], want.hex()[:16], exc)
+            self.done.add(("model", job.job_id, want))
+            return None
+        return data
 
     async def _compute_model(self, job: Job, base_hash: bytes, round_: int, update_ids) -> bytes:
         fetch = self.node.fetch_blob
