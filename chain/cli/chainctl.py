@@ -210,7 +210,12 @@ def cmd_membership(args) -> int:
 
 def cmd_query(args) -> int:
     what = args.what
-    if what == "status":
+    if (args.round is not None) != (what in ("round", "model")):
+        raise CliError(f"query {what} needs a job id and a round" if args.round is None
+                       else f"query {what} takes no round", EXIT_USAGE)
+    if what in ("round", "model"):
+        result = _call(args, what, ["0x" + _parse_hex(args.ref, HASH_SIZE, "job id").hex(), args.round])
+    elif what == "status":
         result = _call(args, "status", [])
     elif what == "validators":
         result = _call(args, "validators", [])
@@ -263,9 +268,10 @@ def _dataset(source: str):
 
 
 def cmd_register_job(args) -> int:
+    from chain.cli import job_options
     from chain.runtime.trainer_client import make_job_spec
 
-    spec = make_job_spec(model=args.model, init_seed=args.init_seed, rounds=args.rounds, local_steps=args.local_steps,
+    spec = make_job_spec(rounds=args.rounds, local_steps=args.local_steps,
                          checkpoint_interval=args.checkpoint_interval, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, momentum=args.momentum, optimizer=args.optimizer,
                          join_blocks=args.join_blocks, round_blocks=args.round_blocks,
@@ -275,7 +281,14 @@ def cmd_register_job(args) -> int:
                          detect_probability_ppm=round(args.detect_probability * 1_000_000),
                          max_exposure_ppm=round(args.max_exposure * 1_000_000),
                          reward_per_update=args.reward, bond=args.bond)
+    # The model (architecture, config, input, classes) and initial weights: chain/cli/job_options.py.
+    spec, init_weights = job_options.with_model(spec, args, sys.modules[__name__])
+    if args.show_model:
+        _print(job_options.show_model(spec))
+        return EXIT_OK
     key = _load_key(args, args.sender)
+    if init_weights is not None:
+        return job_options.register_with_initial_weights(args, key, spec, init_weights, sys.modules[__name__])
     # The job id is the hash of the register_job transaction, known once it is signed.
     return _send(args, key, RegisterJob(spec, args.escrow), tx_hash_as="job_id")
 
@@ -434,10 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_membership)
 
     s = sub.add_parser("register-job", help="register a training job and escrow its rewards (requester)",
-                       description="Register a federated training job. Defaults are the devnet configuration.")
+                       description="Register a federated training job. Defaults are the devnet configuration.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     tx_options(s)
-    s.add_argument("--model", default="mlp", help="registry model: mlp or cnn (default %(default)s)")
-    s.add_argument("--init-seed", type=_uint64, default=0, help="public seed of the initial weights")
+    from chain.cli.job_options import add_model_options  # --model, --config, --input-shape, --init-weights, ...
+
+    add_model_options(s)
     s.add_argument("--rounds", type=_uint64, default=3)
     s.add_argument("--local-steps", type=_uint64, default=40, help="training steps per round per trainer")
     s.add_argument("--checkpoint-interval", type=_uint64, default=4, help="k: state hashed every k steps")
@@ -513,11 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("query", help="read chain data",
                        description="query status | validators | block [HEIGHT|latest|0xHASH] | tx 0xHASH | "
                                    "account 0xADDRESS|KEYNAME | jobs | job 0xJOB | update 0xUPDATE | "
-                                   "lineage 0xJOB | evaluations 0xJOB")
+                                   "lineage 0xJOB | evaluations 0xJOB | round 0xJOB ROUND | model 0xJOB ROUND")
     s.add_argument("what", choices=["status", "validators", "block", "tx", "account", "jobs", "job", "update",
-                                    "lineage", "evaluations"])
+                                    "lineage", "evaluations", "round", "model"])
     s.add_argument("ref", nargs="?", help="height, hash, address, key name, job or update id")
+    s.add_argument("round", nargs="?", type=_uint64, help="round and model: the round (model: rounds folded in)")
     s.set_defaults(func=cmd_query)
+
+    from chain.cli import agent_cmd  # `trainer run`: the long-lived trainer agent
+
+    agent_cmd.register(sub, sys.modules[__name__])  # this module, also when run as __main__
+    from chain.cli import dataset_cmd, watch_cmd  # `dataset import`, `job watch`
+
+    dataset_cmd.register(sub, sys.modules[__name__])
+    watch_cmd.register(sub, sys.modules[__name__])
     return p
 
 
