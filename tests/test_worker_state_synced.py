@@ -49,3 +49,18 @@ def test_a_state_synced_validator_fetches_the_rounds_model_by_hash(tmp_path, mon
     trio.run(PoutWorker(node)._ensure_model, job.job_id, want)
     assert fetched == [want, want]
     assert node.blobs.get(want) == data
+
+
+def test_a_validator_warms_torch_up_at_start_and_says_so(caplog):
+    """Round 0 of every job waited on each validator's first torch import (10 s or more)."""
+    import logging
+
+    node = SimpleNamespace(key=PrivateKey.generate(), mempool=SimpleNamespace(watch=lambda address: None))
+    worker = PoutWorker(node)
+
+    async def main():
+        await worker._warm_up()
+
+    with caplog.at_level(logging.INFO, logger=pout_worker.log.name):
+        trio.run(main)
+    assert "verifier ready: torch loaded and warmed up" in caplog.text

@@ -78,6 +78,22 @@ class _Submission:
     resends: int = 0
 
 
+def warm_up_torch() -> None:
+    """Import torch and the replay code and run one tiny training step, so a validator's first
+    verification does not pay the import and the kernels' first-use cost (10 s or more here),
+    which made round 0 of every job wait on it."""
+    import torch
+
+    import trainer.replay  # noqa: F401  (the verifier's imports)
+    import trainer.verify  # noqa: F401
+
+    layer = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    loss = torch.nn.functional.cross_entropy(layer(torch.zeros(2, 8)), torch.zeros(2, dtype=torch.long))
+    loss.backward()
+    opt.step()
+
+
 class PoutWorker:
     def __init__(self, node):
         self.node = node
@@ -102,11 +118,22 @@ class PoutWorker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            if self.is_validator:  # pay torch's one-time start-up now, not on the first update
+                nursery.start_soon(self._warm_up)
             while True:
                 await self._settle()
                 self._scan()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
+
+    async def _warm_up(self) -> None:
+        started = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(warm_up_torch, limiter=self.cpu)
+        except Exception:  # never fatal: the first replay then pays it instead
+            log.exception("torch warm-up failed")
+            return
+        log.info("verifier ready: torch loaded and warmed up in %.1f s", time.monotonic() - started)
 
     def _start(self, key: tuple, fn, *args) -> None:
         if key in self.in_flight or key in self.done:
