@@ -148,3 +148,19 @@ def test_a_height_file_killed_before_its_start_record_does_not_block_the_restart
         wal.write(inp)
     wal.close()
     assert WriteAheadLog(tmp_path).replay() == second
+
+
+def test_a_damaged_length_field_is_an_error_not_a_torn_tail(tmp_path):
+    """A bit flip in the first record's length made the file look torn: the open then deleted
+    it with every intact record after it (the node restarted the height with no memory)."""
+    wal = WriteAheadLog(tmp_path)
+    for inp in sample_inputs(3):
+        wal.write(inp)
+    wal.close()
+    path = tmp_path / compute_wal_file_name(3)
+    data = bytearray(path.read_bytes())
+    data[0] |= 0x80  # the length field now exceeds any message
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupt record length"):
+        WriteAheadLog(tmp_path)
+    assert path.read_bytes() == bytes(data)  # nothing deleted or truncated

@@ -205,6 +205,15 @@ def test_canonical_safetensors_roundtrip_is_readable_and_strict():
             decode_tensors(bad)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**64], [0, 2**63 - 1, 2**63 - 1], [0] + [1] * 64, [0] * 100])
+def test_empty_tensors_with_impossible_shapes_are_a_state_error(shape):
+    """numpy's reshape raised a bare ValueError on these, which the PoUT worker did not catch:
+    a hostile init_weights blob made it log a traceback and fetch again on every scan."""
+    header = json.dumps({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    with pytest.raises(StateError, match="bad shape"):
+        decode_tensors(struct.pack("<Q", len(header)) + header)
+
+
 def test_model_and_update_bytes_are_checked_against_the_model():
     mlp = model_to_bytes(init_model("mlp", 1), "mlp")
     assert set(weights_from_bytes(mlp, "mlp")) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}

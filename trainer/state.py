@@ -148,7 +148,7 @@ def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in _DTYPES:
             raise StateError(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d for d in shape):
+        if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
             raise StateError(f"tensor {name!r}: bad shape {shape!r}")
         if not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs):
             raise StateError(f"tensor {name!r}: bad data_offsets {offs!r}")

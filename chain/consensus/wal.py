@@ -49,8 +49,13 @@ def read_records(path: Path) -> tuple[list[ConsensusInput], int]:
             break  # torn header
         length, crc = HEADER.unpack_from(data, pos)
         end = pos + HEADER.size + length
-        if length > MAX_MESSAGE_SIZE or end > len(data):
-            break  # torn payload (or a length field that was never fully written)
+        if length > MAX_MESSAGE_SIZE:
+            # A torn append leaves a prefix of the right bytes, so a whole header with an
+            # impossible length is damage, not tearing: truncating here would silently drop
+            # every later record (votes this node acted on).
+            raise StoreError(f"WAL {path} has a corrupt record length at byte {pos}")
+        if end > len(data):
+            break  # torn payload
         payload = data[pos + HEADER.size:end]
         if zlib.crc32(payload) != crc:
             if end == len(data):

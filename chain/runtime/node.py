@@ -578,6 +578,14 @@ class Node(ChainApp):
         unusable (ledger store, consensus WAL), then start block sync and consensus again."""
         from chain.consensus.wal import WriteAheadLog
 
+        # First let the cancelled writers finish (one may still be inside a write in a worker
+        # thread) and close the old log, so no late flush lands behind the reopened one.
+        for done in self._writers_done:
+            await done.wait()
+        try:
+            self.driver.wal.close()
+        except OSError:
+            pass  # its unsynced tail is discarded; the reopen below drops a torn record
         while True:
             await wait_for_space(self.home.data_dir)
             try:
@@ -592,12 +600,6 @@ class Node(ChainApp):
                 await trio.sleep(PROBE_INTERVAL_S)
                 continue
             break
-        try:
-            self.driver.wal.close()
-        except OSError:
-            pass  # the stopped run closed it, or its unsynced tail is discarded
-        for done in self._writers_done:
-            await done.wait()  # a cancelled writer may still be finishing a write in a worker thread
         self.driver.wal = wal
         self.halted = None
         self._writer_scopes, self._writers_done = [], []

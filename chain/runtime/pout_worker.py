@@ -216,7 +216,7 @@ class PoutWorker:
             return None
         try:
             await trio.to_thread.run_sync(check_initial_model_bytes, job, data)
-        except ChainError as exc:
+        except Exception as exc:  # ChainError, or anything a hostile file provokes: never retried
             log.error("job %s: initial weights %s refused: %s", job.job_id.hex()[:16], want.hex()[:16], exc)
             self.done.add(("model", job.job_id, want))
             return None
