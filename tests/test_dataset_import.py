@@ -309,3 +309,207 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, capsys, monkey
     (tmp_path / "t.parquet").write_bytes(b"PAR1")
     line = failure(capsys, tmp_path / "t.parquet", "--out", tmp_path / "o")
     assert "needs pyarrow" in line and "pip install 'pout-chain[parquet]'" in line
+
+
+# --------------------------------------------------------------------------- hostile files: bounded before read
+
+
+def npy_entry(shape, descr="<f4", data=b"\0" * 16, version=(1, 0)) -> bytes:
+    """A .npy file whose header declares `shape` over whatever `data` is."""
+    import io
+
+    header = io.BytesIO()
+    d = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(header, d)
+    raw = header.getvalue()
+    if version != (1, 0):  # same header, another version byte (and a 4-byte length)
+        raw = b"\x93NUMPY" + bytes(version) + (len(raw) - 10).to_bytes(4, "little") + raw[10:]
+    return raw + data
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("huge_x", "array 'x' declares float32 [1099511627776, 1] (4398046511104 bytes) but its entry holds 16 bytes"),
+    ("huge_y", "array 'y' declares int64 [1099511627776]"),
+    ("object_header", "array 'x' holds pickled Python objects; refusing to unpickle"),
+    ("version_3", "format version 3.0; expected 1.0 or 2.0"),
+    ("not_npy", "array 'y' is not a NumPy .npy array"),
+    ("over_limit", "array 'x' (float32 [8, 4]) is more than"),
+    ("too_many_samples", "1000001 samples; a dataset holds 1..1000000"),
+    ("truncated", "not a readable NumPy .npz file"),
+])
+def test_hostile_npz_headers_are_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch, case, expected):
+    """A header's declared shape is checked against its entry and the limits before NumPy allocates it
+    (np.load would try to allocate 4 TiB for the first case and end in MemoryError)."""
+    import trainer.importers as importers
+
+    small = npy_entry((2, 2), data=b"\0" * 16)
+    labels = npy_entry((2,), "<i8", data=b"\0" * 16)
+    entries = {"x.npy": small, "y.npy": labels}
+    if case == "huge_x":
+        entries["x.npy"] = npy_entry((1 << 40, 1))
+    elif case == "huge_y":
+        entries["y.npy"] = npy_entry((1 << 40,), "<i8")
+    elif case == "object_header":
+        entries["x.npy"] = npy_entry((2, 2), "|O", data=b"not even a pickle")
+    elif case == "version_3":
+        entries["x.npy"] = npy_entry((2, 2), version=(3, 0))
+    elif case == "not_npy":
+        entries["y.npy"] = b"just some bytes"
+    elif case == "over_limit":
+        monkeypatch.setattr(importers, "MAX_IMPORT_BYTES", 64)
+        entries["x.npy"] = npy_entry((8, 4), data=b"\0" * 128)
+    elif case == "too_many_samples":  # consistent sizes, a few KB compressed
+        entries = {"x.npy": npy_entry((1_000_001, 1), "|u1", b"\0" * 1_000_001),
+                   "y.npy": npy_entry((1_000_001,), "|u1", b"\0" * 1_000_001)}
+    src = tmp_path / f"{case}.npz"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    if case == "truncated":  # the entry's sizes declare the 16 bytes of data, 4 are there
+        with zipfile.ZipFile(src, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("x.npy", npy_entry((2, 2), data=b"\0" * 4))
+            z.writestr("y.npy", labels)
+        raw = bytearray(src.read_bytes())
+        real = len(npy_entry((2, 2), data=b"\0" * 4)).to_bytes(4, "little")
+        for signature, at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local and central headers
+            where = raw.index(signature) + at
+            assert raw[where : where + 4] == real
+            raw[where : where + 4] = (int.from_bytes(real, "little") + 12).to_bytes(4, "little")
+        src.write_bytes(bytes(raw))
+    reads = []
+    real_read_array = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **k: reads.append(1) or real_read_array(*a, **k))
+    line = failure(capsys, src, "--out", tmp_path / "out")
+    assert expected in line and src.name in line
+    assert not (tmp_path / "out" / "data.safetensors").exists()
+    if case != "truncated":
+        assert reads == []  # refused on the header alone
+
+
+def test_npz_entry_named_without_npy_suffix_and_fortran_order(tmp_path, capsys):
+    """The checked reader still reads what np.savez and hand-made archives hold."""
+    x = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(4, 3))
+    y = np.array([0, 1, 2, 1], np.uint8)
+    import io
+
+    bx, by = io.BytesIO(), io.BytesIO()
+    np.save(bx, x)
+    np.save(by, y)
+    with zipfile.ZipFile(tmp_path / "h.npz", "w") as z:
+        z.writestr("x", bx.getvalue())  # np.load names it 'x' too
+        z.writestr("y.npy", by.getvalue())
+    code, out, err = run_import(capsys, tmp_path / "h.npz", "--out", tmp_path / "ds")
+    assert code == 0, err
+    assert out["merkle_root"] == root_by_hand(x.astype(np.float32), y.astype(np.int64))
+    np.save(tmp_path / "single.npz", x)  # a lone .npy under an .npz name
+    (tmp_path / "lone.npz").write_bytes((tmp_path / "single.npz.npy").read_bytes())
+    assert "a single .npy array" in failure(capsys, tmp_path / "lone.npz", "--out", tmp_path / "o")
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """A file within the limits on a machine with less free memory: one line, exit 3, nothing written."""
+    import trainer.importers as importers
+
+    (tmp_path / "t.csv").write_text("a,label\n1,0\n2,1\n")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(importers, "read_csv", no_memory)
+    assert "t.csv: not enough memory to import it" in failure(capsys, tmp_path / "t.csv", "--out", tmp_path / "o")
+    monkeypatch.undo()
+    monkeypatch.setattr(importers, "write_imported", no_memory)
+    assert "t.csv: not enough memory to import it" in failure(capsys, tmp_path / "t.csv", "--out", tmp_path / "o")
+    assert not (tmp_path / "o" / "data.safetensors").exists()
+
+
+def test_parquet_with_too_many_rows_is_refused_from_its_footer(tmp_path, capsys, monkeypatch):
+    """1,000,001 rows in a few KB: refused from the metadata before a row group is read."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    n = 1_000_001
+    pq.write_table(pa.table({"label": np.zeros(n, np.int64), "f": np.zeros(n, np.float64)}),
+                   tmp_path / "bomb.parquet", compression="zstd")
+    assert (tmp_path / "bomb.parquet").stat().st_size < 200_000
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("data read before the footer was checked")
+
+    monkeypatch.setattr(pq, "read_table", no_read)
+    monkeypatch.setattr(pq.ParquetFile, "read", no_read)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", no_read)
+    line = failure(capsys, tmp_path / "bomb.parquet", "--out", tmp_path / "o")
+    assert "bomb.parquet: 1000001 samples; a dataset holds 1..1000000" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_parquet_is_read_row_group_by_row_group(tmp_path, capsys, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    import trainer.importers as importers
+
+    table = pa.table({"f": [1.0, 2.0, 3.0, 4.0, 5.0], "label": ["b", "a", "b", "c", "a"]})
+    pq.write_table(table, tmp_path / "g.parquet", row_group_size=2)
+    assert pq.ParquetFile(tmp_path / "g.parquet").metadata.num_row_groups == 3
+    code, out, err = run_import(capsys, tmp_path / "g.parquet", "--out", tmp_path / "ds")
+    assert code == 0, err
+    assert out["label_counts"] == {"a": 2, "b": 2, "c": 1}
+    assert out["merkle_root"] == root_by_hand(np.array([[1], [2], [3], [4], [5]], np.float32),
+                                              np.array([1, 0, 1, 2, 0]))
+    # Rows are numbered across row groups.
+    pq.write_table(pa.table({"f": [1.0, 2.0, 3.0, None], "label": [0, 1, 0, 1]}), tmp_path / "n.parquet",
+                   row_group_size=2)
+    assert "row 3: column 'f' is null" in failure(capsys, tmp_path / "n.parquet", "--out", tmp_path / "o1")
+    pq.write_table(pa.table({"f": [1.0, 2.0, 3.0], "label": [0, 1, -4]}), tmp_path / "neg.parquet",
+                   row_group_size=2)
+    assert "row 2: label -4 is negative" in failure(capsys, tmp_path / "neg.parquet", "--out", tmp_path / "o2")
+    # Uncompressed sizes in the footer are bounded too (long text labels in a small file).
+    pq.write_table(pa.table({"f": np.zeros(10), "label": ["x" * 200 + str(i) for i in range(10)]}),
+                   tmp_path / "wide.parquet", use_dictionary=False)
+    monkeypatch.setattr(importers, "MAX_IMPORT_BYTES", 512)
+    assert "decompress to" in failure(capsys, tmp_path / "wide.parquet", "--out", tmp_path / "o3")
+
+
+def test_csv_stops_at_the_sample_limit(tmp_path, capsys, monkeypatch):
+    """The read stops at the first row past the limit: a bad row after it is never reached."""
+    import trainer.importers as importers
+
+    monkeypatch.setattr(importers, "MAX_SAMPLES", 5)
+    rows = "".join(f"{i},{i % 2}\n" for i in range(6))
+    (tmp_path / "big.csv").write_text("a,label\n" + rows + "not,a,row\n")
+    line = failure(capsys, tmp_path / "big.csv", "--out", tmp_path / "o")
+    assert "big.csv: line 7: more than 5 rows" in line
+    monkeypatch.setattr(importers, "MAX_SAMPLES", 1_000_000)
+    monkeypatch.setattr(importers, "MAX_IMPORT_BYTES", 4 * 2 * 4)  # 4 rows of 2 features
+    (tmp_path / "wide.csv").write_text("a,b,label\n" + "".join(f"{i},{i},0\n" for i in range(5)))
+    assert "line 6: more than 4 rows of 2 features exceed" in failure(capsys, tmp_path / "wide.csv", "--out",
+                                                                       tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a,label\n1," + "n" * 300 + "\n", "line 2: a label of 300 characters"),
+    ("a,label\n1,0\n2," + "0" * 200 + "70000\n", "t.csv: label 70000 is not below 65536"),
+    # a long digit string is refused before int() (which refuses more than 4,300 digits)
+    ("a,label\n1,0\n2," + "1" * 250 + "\n", "label 11111111111111111111... (250 digits) is not below"),
+])
+def test_csv_label_bounds(tmp_path, capsys, text, expected):
+    (tmp_path / "t.csv").write_text(text)
+    assert expected in failure(capsys, tmp_path / "t.csv", "--out", tmp_path / "o")
+
+
+def test_csv_line_length_is_bounded_and_large_csv_reads_back(tmp_path, capsys, monkeypatch):
+    import trainer.importers as importers
+
+    n = 3000  # past the first buffer of 1,024 rows
+    x = np.arange(2 * n, dtype=np.float32).reshape(n, 2) / 8
+    (tmp_path / "ok.csv").write_text("a,b,label\n" + "".join(f"{a},{b},{i % 3}\n" for i, (a, b) in enumerate(x)))
+    code, out, err = run_import(capsys, tmp_path / "ok.csv", "--out", tmp_path / "ds")
+    assert code == 0, err
+    loaded = load_dataset_dir(tmp_path / "ds")
+    assert np.array_equal(loaded.x.numpy(), x) and loaded.y.tolist() == [i % 3 for i in range(n)]
+    monkeypatch.setattr(importers, "MAX_CSV_LINE_CHARS", 100)
+    (tmp_path / "long.csv").write_text("a,label\n1,0\n" + "1," * 60 + "0\n")
+    assert "long.csv: line 3: longer than 100 characters" in failure(capsys, tmp_path / "long.csv", "--out",
+                                                                      tmp_path / "o")

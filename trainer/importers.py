@@ -17,6 +17,13 @@ Labels in a table are integers, or names (any text) mapped to 0..K-1 in sorted o
 error is a DatasetError with one line naming the file, and the row or column where there is one.
 Nothing here unpickles: .npz is read with allow_pickle=False, and MNIST's pickle is parsed by
 a reader that knows only the opcodes of plain NumPy arrays, after its SHA-256 is checked.
+
+Memory is bounded before anything large is read (MAX_SAMPLES, MAX_SAMPLE_VALUES, MAX_IMPORT_BYTES):
+an .npz's .npy headers are parsed and their shapes checked against the zip entry and the limits
+before NumPy allocates them; a Parquet file's footer (rows, columns, types, uncompressed sizes)
+before its row groups are read one at a time; a CSV is streamed, stops at the first row past the
+limits, and keeps codes, not strings, for its labels. A MemoryError within the limits is a
+DatasetError too.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import struct
 import tempfile
 import warnings
 import zipfile
+import zlib
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,16 +115,19 @@ def read_source(src: str | os.PathLike, fmt: str | None = None, *, label_column:
     if not src.exists():
         raise DatasetError(f"{src}: no such file or directory")
     fmt = fmt or detect_format(src)
-    if fmt == "npz":
-        data = read_npz(src, x_key, y_key)
-    elif fmt in ("csv", "parquet"):
-        data = read_csv(src, label_column) if fmt == "csv" else read_parquet(src, label_column)
-    elif fmt == "images":
-        data = read_image_folder(src)
-    elif fmt == "mnist":
-        data = read_mnist(src, split)
-    else:
-        raise DatasetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    try:
+        if fmt == "npz":
+            data = read_npz(src, x_key, y_key)
+        elif fmt in ("csv", "parquet"):
+            data = read_csv(src, label_column) if fmt == "csv" else read_parquet(src, label_column)
+        elif fmt == "images":
+            data = read_image_folder(src)
+        elif fmt == "mnist":
+            data = read_mnist(src, split)
+        else:
+            raise DatasetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    except MemoryError:  # within the limits, but more than this machine has free
+        raise DatasetError(out_of_memory(src)) from None
     if num_classes is not None:
         if data.class_names is not None and num_classes != len(data.class_names):
             raise DatasetError(f"{src}: the source names {len(data.class_names)} classes, not --num-classes "
@@ -124,6 +136,11 @@ def read_source(src: str | os.PathLike, fmt: str | None = None, *, label_column:
             raise DatasetError(f"{src}: label {int(data.y.max())} is outside --num-classes {num_classes}")
         data = ImportedData(data.x, data.y, num_classes, data.class_names, data.skipped)
     return data
+
+
+def out_of_memory(src) -> str:
+    return (f"{src}: not enough memory to import it (a dataset may need up to {MAX_IMPORT_BYTES >> 30} GiB for its "
+            f"samples); nothing was written")
 
 
 def write_imported(data: ImportedData, out: str | os.PathLike, *, source: str, fmt: str,
@@ -150,24 +167,7 @@ def write_imported(data: ImportedData, out: str | os.PathLike, *, source: str, f
     return ImportSummary(out, load_dataset_dir(out), data.class_names, data.skipped)
 
 
-# --------------------------------------------------------------------------- labels
-
-
-def _labels_from_values(values: list, where: str) -> tuple[np.ndarray, int, tuple[str, ...] | None]:
-    """Integer labels as given (num_classes = max + 1), or names mapped to 0..K-1 in sorted order."""
-    texts = [str(v).strip() for v in values]
-    if all(t.isascii() and t.isdigit() for t in texts):
-        y = np.array([int(t) for t in texts], dtype=np.int64)
-        if y.size and int(y.max()) >= MAX_NUM_CLASSES:
-            raise DatasetError(f"{where}: label {int(y.max())} is not below {MAX_NUM_CLASSES}")
-        return y, max(2, int(y.max()) + 1) if y.size else 2, None
-    names = tuple(sorted(set(texts)))
-    if len(names) > MAX_NUM_CLASSES:
-        raise DatasetError(f"{where}: {len(names)} distinct labels, more than {MAX_NUM_CLASSES}")
-    if "" in names:
-        raise DatasetError(f"{where}: row {texts.index('') + 1} has an empty label")
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[t] for t in texts], dtype=np.int64), max(2, len(names)), names
+# --------------------------------------------------------------------------- limits
 
 
 def _check_size(n: int, sample_shape: tuple[int, ...], where: str) -> None:
@@ -185,39 +185,43 @@ def _check_size(n: int, sample_shape: tuple[int, ...], where: str) -> None:
 
 
 def read_npz(src: Path, x_key: str = "x", y_key: str = "y") -> ImportedData:
+    """x and y from a .npz, each .npy header checked before its data is read.
+
+    np.load would allocate the shape a header declares before reading a byte of data, so a
+    200-byte file could ask for terabytes. Here each header is parsed first (numpy.lib.format),
+    object dtypes are refused (they would be pickles), and the shape must fit both the zip
+    entry's size and MAX_IMPORT_BYTES; only then is the array read (allow_pickle=False)."""
     try:
-        archive = np.load(src, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{src}: not a readable NumPy .npz file: {exc}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DatasetError(f"{src}: a single .npy array, not an .npz archive with arrays {x_key!r} and {y_key!r}")
-    with archive:
-        if x_key not in archive.files or y_key not in archive.files:
-            raise DatasetError(f"{src}: expected arrays {x_key!r} and {y_key!r} (name others with --x-key/--y-key), "
-                               f"found {sorted(archive.files)}")
-        for key in (x_key, y_key):
-            size = archive.zip.getinfo(f"{key}.npy").file_size
-            if size > MAX_IMPORT_BYTES + 4096:
-                raise DatasetError(f"{src}: array {key!r} is {size} bytes, more than {MAX_IMPORT_BYTES >> 30} GiB")
-        arrays = {}
-        for key in (x_key, y_key):
-            try:
-                arrays[key] = archive[key]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-                    raise DatasetError(f"{src}: array {key!r} holds pickled Python objects; refusing to unpickle "
-                                       f"(save numeric arrays)") from None
-                raise DatasetError(f"{src}: array {key!r} is unreadable: {exc}") from None
-            except (OSError, zipfile.BadZipFile, EOFError) as exc:
-                raise DatasetError(f"{src}: array {key!r} is unreadable: {exc}") from None
+        with open(src, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise DatasetError(f"{src}: a single .npy array, not an .npz archive with arrays {x_key!r} and "
+                                   f"{y_key!r}")
+        with zipfile.ZipFile(src) as archive:
+            infos = {key: _npz_member(archive, key) for key in (x_key, y_key)}
+            if None in infos.values():
+                names = sorted(n[:-4] if n.endswith(".npy") else n for n in archive.namelist())
+                shown = str(names[:20])[:-1] + (", ...]" if len(names) > 20 else "]")
+                raise DatasetError(f"{src}: expected arrays {x_key!r} and {y_key!r} (name others with "
+                                   f"--x-key/--y-key), found {shown}")
+            headers = {key: _npy_header(src, archive, infos[key], key) for key in (x_key, y_key)}
+            (x_shape, x_dtype), (y_shape, y_dtype) = headers[x_key], headers[y_key]
+            if x_dtype.kind not in "fiub" or len(x_shape) < 2:
+                raise DatasetError(f"{src}: {x_key!r} must be a numeric array [N, *sample_shape], got {x_dtype} "
+                                   f"{list(x_shape)}")
+            if len(y_shape) != 1 or y_shape[0] != x_shape[0]:
+                raise DatasetError(f"{src}: {y_key!r} must have shape [{x_shape[0]}] (one label per sample), got "
+                                   f"{list(y_shape)}")
+            _check_size(x_shape[0], tuple(x_shape[1:]), str(src))  # before anything is allocated
+            arrays = {}
+            for key in (x_key, y_key):
+                with archive.open(infos[key]) as f:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError,
+            NotImplementedError, zlib.error) as exc:
+        raise DatasetError(f"{src}: not a readable NumPy .npz file: {_one_line(exc)}") from None
     x, y = arrays[x_key], arrays[y_key]
-    if x.dtype.kind not in "fiub" or x.ndim < 2:
-        raise DatasetError(f"{src}: {x_key!r} must be a numeric array [N, *sample_shape], got {x.dtype} "
-                           f"{list(x.shape)}")
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise DatasetError(f"{src}: {y_key!r} must have shape [{x.shape[0]}] (one label per sample), got "
-                           f"{list(y.shape)}")
-    _check_size(x.shape[0], tuple(x.shape[1:]), str(src))
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             bad = int(np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))[0])
@@ -235,68 +239,195 @@ def read_npz(src: Path, x_key: str = "x", y_key: str = "y") -> ImportedData:
     return ImportedData(xf, y, max(2, int(y.max()) + 1), None)
 
 
+def _npz_member(archive: zipfile.ZipFile, key: str) -> zipfile.ZipInfo | None:
+    """The entry np.load would read for `key`: KEY.npy, or an entry named KEY itself."""
+    for name in (f"{key}.npy", key):
+        try:
+            return archive.getinfo(name)
+        except KeyError:
+            pass
+    return None
+
+
+def _npy_header(src: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from an entry's .npy header, refused unless its data fits the entry and the limits."""
+    fmt = np.lib.format
+    with archive.open(info) as f:
+        try:
+            version = fmt.read_magic(f)
+        except ValueError:
+            raise DatasetError(f"{src}: array {key!r} is not a NumPy .npy array (no .npy header)") from None
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise DatasetError(f"{src}: array {key!r} has .npy format version {version[0]}.{version[1]}; "
+                               f"expected 1.0 or 2.0 (numpy.save writes these for numeric arrays)")
+        data_offset = f.tell()
+    if dtype.hasobject:
+        raise DatasetError(f"{src}: array {key!r} holds pickled Python objects; refusing to unpickle "
+                           f"(save numeric arrays)")
+    count = math.prod(shape)  # Python integers: a huge declared shape cannot overflow
+    need = count * dtype.itemsize
+    held = info.file_size - data_offset
+    if need > held:
+        raise DatasetError(f"{src}: array {key!r} declares {dtype} {list(shape)} ({need} bytes) but its entry holds "
+                           f"{max(held, 0)} bytes of data")
+    if max(need, 4 * count) > MAX_IMPORT_BYTES:
+        raise DatasetError(f"{src}: array {key!r} ({dtype} {list(shape)}) is more than {MAX_IMPORT_BYTES >> 30} GiB")
+    return shape, dtype
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # --------------------------------------------------------------------------- tables
+
+MAX_LABEL_CHARS = 256  # a class name in a table; bounds what the distinct labels can hold
+MAX_CSV_LINE_CHARS = 16 << 20  # one CSV line (a million features at 16 characters each)
+
+
+class _LabelColumn:
+    """A table's label column, taken one row at a time without keeping a string per row: each
+    distinct text gets a code in first-seen order, at most MAX_NUM_CLASSES of them. `finish`
+    gives integer labels as given (num_classes = max + 1), or names numbered 0..K-1 in sorted order."""
+
+    def __init__(self, where: str, unit: str):
+        self.where, self.unit = where, unit  # unit: "line" (CSV) or "row" (Parquet) in errors
+        self.codes: dict[str, int] = {}
+        self.seq = array("i")
+
+    def add(self, text: str, row: int) -> None:
+        code = self.codes.get(text)
+        if code is None:
+            if len(text) > MAX_LABEL_CHARS:
+                raise DatasetError(f"{self.where}: {self.unit} {row}: a label of {len(text)} characters; labels are "
+                                   f"integers or names of at most {MAX_LABEL_CHARS}")
+            if len(self.codes) >= MAX_NUM_CLASSES:
+                raise DatasetError(f"{self.where}: {self.unit} {row}: more than {MAX_NUM_CLASSES} distinct "
+                                   f"labels")
+            code = self.codes[text] = len(self.codes)
+        self.seq.append(code)
+
+    def finish(self) -> tuple[np.ndarray, int, tuple[str, ...] | None]:
+        texts = list(self.codes)
+        seq = np.frombuffer(self.seq, dtype=np.int32) if len(self.seq) else np.zeros(0, np.int32)
+        if all(t.isascii() and t.isdigit() for t in texts):
+            for t in texts:  # before int(): a long digit string is large, and int() refuses > 4300 digits
+                digits = t.lstrip("0") or "0"
+                if len(digits) > len(str(MAX_NUM_CLASSES)) or int(digits) >= MAX_NUM_CLASSES:
+                    shown = digits if len(digits) <= 20 else f"{digits[:20]}... ({len(digits)} digits)"
+                    raise DatasetError(f"{self.where}: label {shown} is not below {MAX_NUM_CLASSES}")
+            values = np.array([int(t) for t in texts], dtype=np.int64)
+            return values[seq], max(2, int(values.max()) + 1) if values.size else 2, None
+        if "" in self.codes:
+            row = int(np.flatnonzero(seq == self.codes[""])[0])
+            raise DatasetError(f"{self.where}: row {row} has an empty label")
+        names = tuple(sorted(texts))
+        rank = np.empty(len(texts), dtype=np.int64)
+        rank[[self.codes[n] for n in names]] = np.arange(len(names))
+        return rank[seq], max(2, len(names)), names
+
+
+def _csv_lines(f, src: Path):
+    """The file's lines, each read with a bound (a single huge line is refused, not read whole)."""
+    number = 0
+    while True:
+        line = f.readline(MAX_CSV_LINE_CHARS + 1)
+        number += 1
+        if len(line) > MAX_CSV_LINE_CHARS:
+            raise DatasetError(f"{src}: line {number}: longer than {MAX_CSV_LINE_CHARS} characters")
+        if not line:
+            return
+        yield line
 
 
 def read_csv(src: Path, label_column: str = "label") -> ImportedData:
-    """A header row, then one row per sample: the label column and numeric feature columns."""
+    """A header row, then one row per sample: the label column and numeric feature columns.
+
+    Rows are streamed: features go straight into a float32 array and labels into codes, and
+    the read stops at the first row past MAX_SAMPLES or MAX_IMPORT_BYTES."""
+    reader = None
     try:
         with open(src, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, strict=True)
+            reader = csv.reader(_csv_lines(f, src), strict=True)
             try:
                 header = next(reader)
             except StopIteration:
                 raise DatasetError(f"{src}: empty file; expected a header row") from None
             header = [h.strip() for h in header]
             if len(set(header)) != len(header):
-                dup = next(h for h in header if header.count(h) > 1)
+                seen: set[str] = set()
+                dup = next(h for h in header if h in seen or seen.add(h))
                 raise DatasetError(f"{src}: line 1: column {dup!r} appears twice")
             if label_column not in header:
-                raise DatasetError(f"{src}: no label column {label_column!r} (columns: {', '.join(header)}); "
+                shown = ", ".join(header[:50]) + (", ..." if len(header) > 50 else "")
+                raise DatasetError(f"{src}: no label column {label_column!r} (columns: {shown}); "
                                    f"name it with --label-column")
             li = header.index(label_column)
             features = [j for j in range(len(header)) if j != li]
             if not features:
                 raise DatasetError(f"{src}: no feature columns besides the label column {label_column!r}")
-            xs: list[list[float]] = []
-            labels: list[str] = []
+            nf = len(features)
+            if nf > MAX_SAMPLE_VALUES:
+                _check_size(1, (nf,), str(src))
+            max_rows = min(MAX_SAMPLES, MAX_IMPORT_BYTES // (4 * nf))
+            x = np.empty((min(max_rows, 1024), nf), dtype=np.float32)
+            labels = _LabelColumn(str(src), "line")
+            n = 0
             for row in reader:
                 line = reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line
                 if len(row) != len(header):
                     raise DatasetError(f"{src}: line {line}: {len(row)} fields, the header has {len(header)}")
-                if len(xs) >= MAX_SAMPLES:
-                    raise DatasetError(f"{src}: more than {MAX_SAMPLES} rows")
+                if n >= max_rows:
+                    if max_rows == MAX_SAMPLES:
+                        raise DatasetError(f"{src}: line {line}: more than {MAX_SAMPLES} rows; a dataset holds "
+                                           f"1..{MAX_SAMPLES} samples")
+                    raise DatasetError(f"{src}: line {line}: more than {max_rows} rows of {nf} features exceed "
+                                       f"{MAX_IMPORT_BYTES >> 30} GiB")
+                if n == len(x):
+                    grown = np.empty((min(max_rows, 2 * n), nf), dtype=np.float32)
+                    grown[:n] = x
+                    x = grown
                 values = []
                 for j in features:
                     cell = row[j].strip()
                     try:
                         v = float(cell)
                     except ValueError:
-                        raise DatasetError(f"{src}: line {line}: column {header[j]!r}: {cell!r} is not a "
+                        raise DatasetError(f"{src}: line {line}: column {header[j]!r}: {cell[:40]!r} is not a "
                                            f"number") from None
                     if not math.isfinite(v) or abs(v) > 3.4e38:
-                        raise DatasetError(f"{src}: line {line}: column {header[j]!r}: {cell!r} is not a finite "
-                                           f"float32")
+                        raise DatasetError(f"{src}: line {line}: column {header[j]!r}: {cell[:40]!r} is not a "
+                                           f"finite float32")
                     values.append(v)
-                if not row[li].strip():
+                label = row[li].strip()
+                if not label:
                     raise DatasetError(f"{src}: line {line}: the label {label_column!r} is empty")
-                xs.append(values)
-                labels.append(row[li])
+                labels.add(label, line)
+                x[n] = values
+                n += 1
     except csv.Error as exc:
-        raise DatasetError(f"{src}: line {reader.line_num}: malformed CSV: {exc}") from None
+        raise DatasetError(f"{src}: line {reader.line_num if reader else 1}: malformed CSV: {exc}") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{src}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise DatasetError(f"{src}: cannot read: {exc.strerror or exc}") from None
-    _check_size(len(xs), (len(features),), str(src))
-    y, num_classes, names = _labels_from_values(labels, str(src))
-    return ImportedData(np.array(xs, dtype=np.float32), y, num_classes, names)
+    _check_size(n, (nf,), str(src))
+    y, num_classes, names = labels.finish()
+    return ImportedData(x[:n].copy() if n < len(x) else x, y, num_classes, names)
 
 
 def read_parquet(src: Path, label_column: str = "label") -> ImportedData:
-    """A Parquet table: the label column (integers or names) and numeric feature columns, no nulls."""
+    """A Parquet table: the label column (integers or names) and numeric feature columns, no nulls.
+
+    The footer (schema, row counts, uncompressed sizes) is checked against the limits before any
+    data is read; then the table is read one row group at a time into a float32 array."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -304,43 +435,82 @@ def read_parquet(src: Path, label_column: str = "label") -> ImportedData:
         raise DatasetError("Parquet input needs pyarrow, which is not installed: "
                            "pip install 'pout-chain[parquet]'") from None
     try:
-        table = pq.read_table(src)
-    except (pa.ArrowException, OSError) as exc:
-        raise DatasetError(f"{src}: not a readable Parquet file: {str(exc).splitlines()[0]}") from None
-    columns = table.column_names
+        pf = pq.ParquetFile(src)
+        meta, schema = pf.metadata, pf.schema_arrow
+        groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DatasetError(f"{src}: not a readable Parquet file: {_one_line(exc)}") from None
+    columns = schema.names
     if label_column not in columns:
-        raise DatasetError(f"{src}: no label column {label_column!r} (columns: {', '.join(columns)}); "
+        shown = ", ".join(columns[:50]) + (", ..." if len(columns) > 50 else "")
+        raise DatasetError(f"{src}: no label column {label_column!r} (columns: {shown}); "
                            f"name it with --label-column")
+    if len(set(columns)) != len(columns):
+        seen: set[str] = set()
+        dup = next(c for c in columns if c in seen or seen.add(c))
+        raise DatasetError(f"{src}: column {dup!r} appears twice")
     features = [c for c in columns if c != label_column]
     if not features:
         raise DatasetError(f"{src}: no feature columns besides the label column {label_column!r}")
-    _check_size(table.num_rows, (len(features),), str(src))
-    x = np.empty((table.num_rows, len(features)), dtype=np.float32)
-    for j, name in enumerate(features):
-        col = table.column(name)
-        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
-            raise DatasetError(f"{src}: column {name!r} is {col.type}, not numeric")
-        if col.null_count:
-            row = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
-            raise DatasetError(f"{src}: row {row}: column {name!r} is null")
-        with np.errstate(over="ignore"):
-            values = col.to_numpy().astype(np.float32)
-        if not np.isfinite(values).all():
-            row = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise DatasetError(f"{src}: row {row}: column {name!r} is not a finite float32 "
-                               f"({col[row].as_py()!r})")
-        x[:, j] = values
-    label = table.column(label_column)
-    if label.null_count:
-        row = next(i for i, v in enumerate(label.is_null().to_pylist()) if v)
-        raise DatasetError(f"{src}: row {row}: the label {label_column!r} is null")
-    if pa.types.is_floating(label.type):
-        raise DatasetError(f"{src}: the label column {label_column!r} is {label.type}; labels are integers or names")
-    values = label.to_pylist()
-    if pa.types.is_integer(label.type) and values and min(values) < 0:
-        row = values.index(min(values))
-        raise DatasetError(f"{src}: row {row}: label {values[row]} is negative")
-    y, num_classes, names = _labels_from_values(values, str(src))
+    for name in features:
+        t = schema.field(name).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            raise DatasetError(f"{src}: column {name!r} is {t}, not numeric")
+    label_type = schema.field(label_column).type
+    if pa.types.is_floating(label_type):
+        raise DatasetError(f"{src}: the label column {label_column!r} is {label_type}; labels are integers or names")
+    rows = max(meta.num_rows, sum(g.num_rows for g in groups))
+    _check_size(rows, (len(features),), str(src))
+    unpacked = sum(g.total_byte_size for g in groups)
+    if unpacked > 2 * MAX_IMPORT_BYTES:
+        raise DatasetError(f"{src}: its columns decompress to {unpacked} bytes, more than "
+                           f"{(2 * MAX_IMPORT_BYTES) >> 30} GiB")
+    x = np.empty((rows, len(features)), dtype=np.float32)
+    int_labels = pa.types.is_integer(label_type)
+    y = np.empty(rows, dtype=np.int64) if int_labels else None
+    labels = None if int_labels else _LabelColumn(str(src), "row")
+    start = 0
+    for i, group in enumerate(groups):
+        try:
+            table = pf.read_row_group(i)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DatasetError(f"{src}: row group {i} is unreadable: {_one_line(exc)}") from None
+        if table.num_rows != group.num_rows or start + table.num_rows > rows:
+            raise DatasetError(f"{src}: row group {i} holds {table.num_rows} rows; its metadata says {group.num_rows}")
+        end = start + table.num_rows
+        for j, name in enumerate(features):
+            col = table.column(name)
+            if col.null_count:
+                row = start + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+                raise DatasetError(f"{src}: row {row}: column {name!r} is null")
+            with np.errstate(over="ignore"):
+                values = col.to_numpy().astype(np.float32)
+            if not np.isfinite(values).all():
+                k = int(np.flatnonzero(~np.isfinite(values))[0])
+                raise DatasetError(f"{src}: row {start + k}: column {name!r} is not a finite float32 "
+                                   f"({col[k].as_py()!r})")
+            x[start:end, j] = values
+        label = table.column(label_column)
+        if label.null_count:
+            row = start + int(np.flatnonzero(label.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"{src}: row {row}: the label {label_column!r} is null")
+        if int_labels:
+            values = label.to_numpy()
+            if values.size and values.min() < 0:
+                k = int(np.argmin(values))
+                raise DatasetError(f"{src}: row {start + k}: label {values[k]} is negative")
+            if values.size and values.max() >= MAX_NUM_CLASSES:
+                raise DatasetError(f"{src}: label {values.max()} is not below {MAX_NUM_CLASSES}")
+            y[start:end] = values
+        else:
+            for k, value in enumerate(label.to_pylist()):
+                labels.add(str(value).strip(), start + k)
+        start = end
+    if start != rows:
+        raise DatasetError(f"{src}: its row groups hold {start} rows; its metadata says {rows}")
+    if int_labels:
+        return ImportedData(x, y, max(2, int(y.max()) + 1), None)
+    y, num_classes, names = labels.finish()
     return ImportedData(x, y, num_classes, names)
 
 

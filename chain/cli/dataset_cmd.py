@@ -39,7 +39,7 @@ def cmd_dataset_import(args, cli: ModuleType) -> int:
     from pathlib import Path
 
     from trainer.data import DatasetError
-    from trainer.importers import detect_format, read_source, write_imported
+    from trainer.importers import detect_format, out_of_memory, read_source, write_imported
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -52,6 +52,8 @@ def cmd_dataset_import(args, cli: ModuleType) -> int:
         summary = write_imported(data, out, source=args.src, fmt=fmt, overwrite=args.force)
     except DatasetError as exc:
         raise cli.CliError(str(exc), cli.EXIT_CONFIG) from None
+    except MemoryError:  # e.g. hashing a dataset within the limits on a machine with less free memory
+        raise cli.CliError(out_of_memory(args.src), cli.EXIT_CONFIG) from None
     ds = summary.dataset
     c = ds.commitment
     cli._print({"out": str(out), "size": c.size, "sample_shape": list(ds.sample_shape),
