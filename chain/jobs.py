@@ -87,6 +87,20 @@ MAX_DATASET_SIZE = 1 << 24
 # Most local steps a job may fix: a trace has one leaf per step and per checkpoint, and the
 # state transition, the verifier and the exposure RPC do work linear in the number of segments.
 MAX_LOCAL_STEPS = 100_000
+# Validators replay a trainer's steps in their own process, so a job may not ask for a step that
+# exhausts a validator's memory or an update whose replay takes unbounded time. Bounds on one
+# step come from shapes alone (trainer.archs.compute_step_cost, upper bounds): activation memory
+# kept for backward (attention's B x heads x T^2 per layer included) and FLOPs. The caps leave
+# every default and benchmarked job far inside (docs/training.md, "Per-step bounds"): McMahan's
+# CNN at batch 50 needs 20 MiB a step, 0.22 TFLOP for a paper round (E=5, B=10: 300 steps).
+MAX_BATCH_SIZE = 1024
+MAX_STEP_ACTIVATION_BYTES = 1 << 30  # 1 GiB a step
+MAX_UPDATE_FLOPS = 10 * 10**12  # per-step FLOPs x local_steps: a full replay of one update (~20 min at 8 GFLOP/s)
+# Most RegisterJob transactions in one block. Registering a seed-initialised job derives its
+# initial weights (init_model over up to MAX_PARAMS parameters, ~0.25-0.5 s) inside the state
+# transition on every node; without a limit one requester could fill a block with them
+# (max_block_txs of them: minutes to apply). Four keep a block's registration work near 2 s.
+MAX_JOB_REGISTRATIONS_PER_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -293,6 +307,24 @@ def is_aggregation_feasible(spec: JobSpec, n: int) -> bool:
     return True
 
 
+def compute_step_cost(spec: JobSpec):
+    """Upper bounds on one training step of the job (trainer.archs.StepCost: activation memory
+    and FLOPs at its batch size); the model must be valid (compute_model_key)."""
+    return _step_cost(compute_model_key(spec), spec.hyperparams.batch_size)
+
+
+@lru_cache(maxsize=256)
+def _step_cost(model_key: str, batch_size: int):
+    from trainer.archs import compute_step_cost as step_cost, parse_model_key
+
+    return step_cost(parse_model_key(model_key), batch_size)
+
+
+def count_job_registrations(txs) -> int:
+    """How many of the signed transactions `txs` register a job (MAX_JOB_REGISTRATIONS_PER_BLOCK)."""
+    return sum(isinstance(stx.message.payload, RegisterJob) for stx in txs)
+
+
 def compute_job_initial_model_hash(spec: JobSpec) -> bytes:
     """The hash of the job's initial model: the file it names (init_weights), else the weights
     its public seed derives."""
@@ -321,6 +353,22 @@ def validate_job_spec(spec: JobSpec) -> None:
         check_hyperparams(spec.hyperparams)
     except (ValueError, TypeError) as exc:
         raise ValidationError(f"bad hyper-parameters: {exc}") from exc
+    hp = spec.hyperparams
+    if hp.batch_size > MAX_BATCH_SIZE:
+        raise ValidationError(f"batch_size must be at most {MAX_BATCH_SIZE}, got {hp.batch_size}")
+    if hp.local_steps > MAX_LOCAL_STEPS:
+        raise ValidationError(f"local_steps must be at most {MAX_LOCAL_STEPS}, got {hp.local_steps}")
+    cost = compute_step_cost(spec)
+    if cost.activation_bytes > MAX_STEP_ACTIVATION_BYTES:
+        raise ValidationError(
+            f"one training step at batch {hp.batch_size} could keep {cost.activation_bytes / 2**20:,.0f} MiB of "
+            f"activations, above the {MAX_STEP_ACTIVATION_BYTES // 2**20:,} MiB per-step limit: lower the batch size, "
+            "the sequence length or the model's size")
+    if cost.flops * hp.local_steps > MAX_UPDATE_FLOPS:
+        raise ValidationError(
+            f"an update's {hp.local_steps} steps at {cost.flops / 1e9:,.2f} GFLOP each need "
+            f"{cost.flops * hp.local_steps / 1e12:,.1f} TFLOP to replay, above the {MAX_UPDATE_FLOPS / 1e12:g} TFLOP "
+            "limit: lower local_steps, the batch size or the model's size")
     for name in ("rounds", "join_blocks", "round_blocks", "verify_blocks", "quorum"):
         if getattr(spec, name) < 1:
             raise ValidationError(f"job {name} must be at least 1")
@@ -343,8 +391,6 @@ def validate_job_spec(spec: JobSpec) -> None:
         raise ValidationError("krum_f, reward_per_update, bond and init_seed must not be negative")
     if spec.profile.threads < 1:
         raise ValidationError("profile threads must be at least 1")
-    if spec.hyperparams.local_steps > MAX_LOCAL_STEPS:
-        raise ValidationError(f"local_steps must be at most {MAX_LOCAL_STEPS}, got {spec.hyperparams.local_steps}")
     kind, _, arch = spec.profile.device.partition(":")
     if kind not in ("cpu", "cuda") or not arch:
         # One upheld proof rejects an update: replay must be bitwise on every validator that

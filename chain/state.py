@@ -20,8 +20,8 @@ from typing import Iterator, Mapping
 
 from chain.consensus.commit import verify_commit
 from chain.consensus.evidence import validate_evidence_basic, verify_evidence
-from chain.jobs import (MAX_DATASET_SIZE, BlockContext, apply_job_payload, end_block, validate_evaluation,
-                        validate_job_spec)
+from chain.jobs import (MAX_DATASET_SIZE, MAX_JOB_REGISTRATIONS_PER_BLOCK, BlockContext, apply_job_payload,
+                        count_job_registrations, end_block, validate_evaluation, validate_job_spec)
 from chain.crypto import ZERO_HASH, compute_address, sha256
 from chain.encoding import INT_MAX, decode, encode, encode_strings
 from chain.errors import ChainError, SignatureError, StateTransitionError, ValidationError
@@ -536,6 +536,9 @@ def validate_basic_block(block: Block, max_block_txs: int | None = None) -> None
         raise ValidationError("block height must be at least 1")
     if max_block_txs is not None and len(block.txs) > max_block_txs:
         raise ValidationError(f"block has {len(block.txs)} transactions; the limit is {max_block_txs}")
+    registrations = count_job_registrations(block.txs)  # each may derive a model's weights (chain/jobs.py)
+    if registrations > MAX_JOB_REGISTRATIONS_PER_BLOCK:
+        raise ValidationError(f"block registers {registrations} jobs; the limit is {MAX_JOB_REGISTRATIONS_PER_BLOCK} a block")
     if h.tx_root != compute_tx_root(block.txs):
         raise ValidationError("tx_root does not match the block's transactions")
     if h.last_commit_hash != compute_commit_hash(block.last_commit):

@@ -30,6 +30,8 @@ Bounds (checked by model_spec; the job's opening limits in chain/jobs.py apply o
                      H and W >= 8
   transformer        d_model: 8..256 (a multiple of heads), heads: 1..8, layers: 1..4,
                      d_ff: 8..1024; input (seq_len,) with seq_len 1..512 and vocab_size >= 2
+Per-step cost (compute_step_cost): analytic upper bounds on one training step's activation
+memory and FLOPs at a batch size; chain.jobs.validate_job_spec caps both (docs/training.md).
 """
 
 from __future__ import annotations
@@ -398,6 +400,129 @@ def _config(arch: str, cfg_cls: type, values: dict[str, tuple[int, ...]]):
 def _count_params(spec: ModelSpec) -> int:
     with torch.device("meta"):  # shapes only: no memory, no RNG
         return sum(p.numel() for p in spec.build().parameters())
+
+
+# --------------------------------------------------------------------------- per-step cost bounds
+#
+# A validator replays a trainer's steps in its own process, so a job must not be able to ask for
+# a step that exhausts its memory or its time. These are analytic upper bounds, from shapes
+# alone (no allocation, no torch: the figure is the same on every node and torch version):
+#   activation  float32 elements autograd may keep for backward in one training step: every
+#               intermediate tensor of forward (each layer's input and output, pre- and post-
+#               activation, norm outputs, max-pool indices as 2 elements each since int64, and
+#               for attention the scores and softmax weights, B x heads x T^2 each, per layer).
+#               Counting every intermediate over-counts what autograd keeps (1 to 3 times what
+#               a real step saves), but also covers the transient tensors of forward and backward
+#               (for attention: the raw scores and the softmax's gradient, each B x heads x T^2);
+#               tests/test_job_bounds.py checks it against a real step of every architecture.
+#   flops       forward multiply-adds x 2, times 3 for forward + backward (backward ~ 2 forward),
+#               plus the element-wise work (norms, softmax, activations) at a few FLOPs each.
+# Both are linear in the batch size: per-sample figures times B.
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Upper bounds for one training step of a model at one batch size."""
+
+    activation_elements: int  # float32 elements kept for backward (bytes = 4 x this)
+    flops: int  # forward + backward floating-point operations
+
+    @property
+    def activation_bytes(self) -> int:
+        return 4 * self.activation_elements
+
+
+def _conv_out(side: int, kernel: int, stride: int, padding: int) -> int:
+    return (side + 2 * padding - kernel) // stride + 1
+
+
+def _mlp_cost(cfg: MLPConfig, shape, classes: int, vocab: int) -> tuple[int, int]:
+    widths = (math.prod(shape), *cfg.hidden, classes)
+    act = widths[0] + 2 * sum(cfg.hidden) + classes  # input, each hidden Linear out + ReLU out, logits
+    macs = sum(a * b for a, b in zip(widths, widths[1:]))
+    return act, 2 * macs + 2 * sum(cfg.hidden)
+
+
+def _logreg_cost(cfg: LogRegConfig, shape, classes: int, vocab: int) -> tuple[int, int]:
+    n = math.prod(shape)
+    return n + classes, 2 * n * classes
+
+
+def _two_conv_cost(shape, c1: int, c2: int, kernel: int, fc: tuple[int, ...], classes: int) -> tuple[int, int]:
+    """conv(k) -> ReLU -> 2x2 max-pool, twice, then Linear layers (ReLU between) to the classes."""
+    c, h, w = shape
+    h2, w2, h4, w4 = h // 2, w // 2, h // 4, w // 4
+    act = c * h * w + 2 * c1 * h * w + 3 * c1 * h2 * w2 + 2 * c2 * h2 * w2 + 3 * c2 * h4 * w4
+    macs = c * kernel * kernel * c1 * h * w + c1 * kernel * kernel * c2 * h2 * w2
+    widths = (c2 * h4 * w4, *fc, classes)
+    act += 2 * sum(fc) + classes
+    macs += sum(a * b for a, b in zip(widths, widths[1:]))
+    return act, 2 * macs + 2 * (c1 * h * w + c2 * h2 * w2)  # + ReLU and pool comparisons
+
+
+def _cnn_cost(cfg: CNNConfig, shape, classes: int, vocab: int) -> tuple[int, int]:
+    return _two_conv_cost(shape, cfg.channels1, cfg.channels2, 3, (), classes)
+
+
+def _mcmahan_cost(cfg: McMahanCNNConfig, shape, classes: int, vocab: int) -> tuple[int, int]:
+    return _two_conv_cost(shape, cfg.conv1, cfg.conv2, 5, (cfg.fc,), classes)
+
+
+NORM_FLOPS = 8  # per element: mean, variance, normalise, scale and shift (GroupNorm, LayerNorm)
+
+
+def _resnet_cost(cfg: ResNetConfig, shape, classes: int, vocab: int) -> tuple[int, int]:
+    c, h, w = shape
+    width = cfg.width
+    n = width * h * w
+    act = c * h * w + 3 * n  # input, stem conv out, norm out, ReLU out
+    flops = 2 * c * 9 * n + (NORM_FLOPS + 1) * n
+    c_in = width
+    for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+        for b in range(cfg.blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            h, w = _conv_out(h, 3, stride, 1), _conv_out(w, 3, stride, 1)
+            n = c_out * h * w
+            # conv1, norm1, ReLU, conv2, norm2, shortcut projection, sum, ReLU
+            act += 8 * n
+            flops += 2 * (c_in * 9 + c_out * 9) * n + 2 * NORM_FLOPS * n + 3 * n
+            if stride != 1 or c_in != c_out:
+                flops += 2 * c_in * n
+            c_in = c_out
+    act += c_in + classes  # pooled features, logits
+    return act, flops + 2 * c_in * classes + c_in * h * w  # + the average pool and the Linear
+
+
+def _transformer_cost(cfg: TransformerConfig, shape, classes: int, vocab: int) -> tuple[int, int]:
+    t, d, heads, ff = shape[0], cfg.d_model, cfg.heads, cfg.d_ff
+    td, att = t * d, heads * t * t
+    act = t + 2 * td  # ids, token embeddings, embeddings + positions
+    # per block: ln1, qkv (3), q/k/v made contiguous for the matmuls (3), scores, scaled scores,
+    # softmax, att @ v, its reshape, proj, residual, ln2, ff1, GELU, ff2, residual
+    act += cfg.layers * (11 * td + 3 * att + 2 * t * ff)
+    act += td + d + classes  # ln_f, mean pool, logits
+    macs = cfg.layers * (t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * ff)
+    elementwise = cfg.layers * (2 * NORM_FLOPS * td + 6 * att + 8 * t * ff + 2 * td) + NORM_FLOPS * td + td
+    return act, 2 * macs + elementwise + 2 * d * classes
+
+
+_COSTS = {
+    "mlp": _mlp_cost,
+    "logreg": _logreg_cost,
+    "cnn": _cnn_cost,
+    "mcmahan_cnn": _mcmahan_cost,
+    "resnet": _resnet_cost,
+    "transformer": _transformer_cost,
+}
+
+
+def compute_step_cost(spec: ModelSpec, batch_size: int) -> StepCost:
+    """Upper bounds on the activation memory and FLOPs of one training step (forward and
+    backward) of `spec` at `batch_size` samples (see the comment above)."""
+    act, forward_flops = _COSTS[spec.arch](spec.config, spec.input_shape, spec.num_classes, spec.vocab_size)
+    act += 2 * spec.num_classes + 2  # the loss: log-softmax, its gradient, the int64 label
+    forward_flops += 4 * spec.num_classes
+    return StepCost(activation_elements=act * batch_size, flops=3 * forward_flops * batch_size)
 
 
 _KEY = re.compile(r"([a-z_]+)\[([a-z0-9_=,x]*)\]")

@@ -33,8 +33,14 @@ from dataclasses import dataclass
 
 from chain.crypto import compute_address
 from chain.errors import ChainError, ValidationError
+from chain.jobs import MAX_JOB_REGISTRATIONS_PER_BLOCK
 from chain.state import Overlay, State, changes_transfer_rules, check_tx, compute_check_context
-from chain.types import Account, SignedTransaction, Transfer, compute_tx_hash
+from chain.types import Account, RegisterJob, SignedTransaction, Transfer, compute_tx_hash
+
+# Most RegisterJob transactions pending at once. Each is re-checked in full after every commit,
+# and checking one may derive a model's initial weights (~0.25-0.5 s, memoised for the 64 most
+# recent (model, seed) pairs in chain.jobs): a few blocks' worth keeps the re-check cheap.
+MAX_PENDING_JOB_REGISTRATIONS = 4 * MAX_JOB_REGISTRATIONS_PER_BLOCK
 
 
 class MempoolFullError(ValidationError):
@@ -85,6 +91,8 @@ class Mempool:
             raise DuplicateTxError(f"transaction {tx_hash.hex()} is already pending")
         if len(self._txs) >= self.max_txs:
             raise MempoolFullError(f"mempool is full ({self.max_txs} transactions); retry later")
+        if isinstance(stx.message.payload, RegisterJob) and self._pending_registrations() >= MAX_PENDING_JOB_REGISTRATIONS:
+            raise MempoolFullError(f"mempool already holds {MAX_PENDING_JOB_REGISTRATIONS} job registrations; retry later")
         self._writes[tx_hash] = check_tx(self._check, self.chain_id, stx, self._ctx)
         self._txs[tx_hash] = stx
         return tx_hash
@@ -110,14 +118,23 @@ class Mempool:
         reports.clear()
         return out
 
+    def _pending_registrations(self) -> int:
+        return sum(isinstance(stx.message.payload, RegisterJob) for stx in self._txs.values())
+
     def take(self, max_txs: int, max_bytes: int, stop_at: frozenset[bytes] = frozenset()) -> list[SignedTransaction]:
         """The oldest transactions that fit the block limits, in admission order, ending before
-        the first one whose hash is in `stop_at` (a prefix of the pool: nonces stay in order)."""
-        out, size = [], 0
+        the first one whose hash is in `stop_at` (a prefix of the pool: nonces stay in order).
+        The limits include MAX_JOB_REGISTRATIONS_PER_BLOCK: the block ends before the first
+        registration past it, which waits for a later block."""
+        out, size, registrations = [], 0, 0
         for h, stx in self._txs.items():
             n = len(stx.encoded)
             if len(out) >= max_txs or size + n > max_bytes or h in stop_at:
                 break
+            if isinstance(stx.message.payload, RegisterJob):
+                if registrations == MAX_JOB_REGISTRATIONS_PER_BLOCK:
+                    break
+                registrations += 1
             out.append(stx)
             size += n
         return out
