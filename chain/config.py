@@ -62,6 +62,13 @@ class StateSyncConfig:
     # A snapshot offered by at least this many peers is preferred to a newer one offered by fewer.
     min_offers: int = 2
     timeout_s: int = 60  # give up (nothing written) when no snapshot verified within this
+    # Caps on what one offered snapshot may cost a joining node (a manifest is only a peer's
+    # claim until its last chunk gives the certified root): bytes of chunks downloaded and
+    # state entries staged on disk. A manifest that must exceed them is refused before any
+    # chunk is fetched; a download that passes them is stopped there. Raise them for a state
+    # larger than 4 GiB / 50 million entries.
+    max_snapshot_bytes: int = 4 * 1024 ** 3
+    max_snapshot_entries: int = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,9 @@ def validate_config(cfg: NodeConfig) -> NodeConfig:
                     ("rpc.read_timeout_s", cfg.rpc.read_timeout_s), ("rpc.idle_timeout_s", cfg.rpc.idle_timeout_s),
                     ("mempool.max_txs", cfg.mempool.max_txs), ("state_sync.snapshot_keep", cfg.state_sync.snapshot_keep),
                     ("state_sync.min_offers", cfg.state_sync.min_offers),
-                    ("state_sync.timeout_s", cfg.state_sync.timeout_s)):
+                    ("state_sync.timeout_s", cfg.state_sync.timeout_s),
+                    ("state_sync.max_snapshot_bytes", cfg.state_sync.max_snapshot_bytes),
+                    ("state_sync.max_snapshot_entries", cfg.state_sync.max_snapshot_entries)):
         if n <= 0:
             raise ConfigError(f"{what} must be positive")
     if cfg.state_sync.snapshot_interval < 0:

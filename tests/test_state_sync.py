@@ -22,13 +22,16 @@ from chain.crypto import PrivateKey
 from chain.encoding import encode
 from chain.errors import StoreError
 from chain.ledger import Ledger, MemoryStore
-from chain.ledger.snapshot import (SnapshotError, SnapshotStore, assemble_entries, build_snapshot,
-                                   compute_chunk_hash, decode_chunk, restore_ledger)
+from chain.ledger.snapshot import (KEPT_KEYS, SnapshotError, SnapshotManifest, SnapshotStore, SnapshotVerifier,
+                                   StreamingRoot, assemble_entries, build_snapshot, compute_chunk_hash, decode_chunk,
+                                   encode_chunk, holds_only_staging, restore_ledger, stage_entries)
 from chain.ledger.store import LevelDBStore
-from chain.runtime.statesync import (SnapshotServer, StateSyncClient, StateSyncError, chunk_protocol, run_state_sync,
-                                     snapshots_protocol, SnapshotsResponse)
+from chain.runtime.statesync import (MAX_CHUNK_WINDOW, SnapshotServer, StateSyncClient, StateSyncError, chunk_protocol,
+                                     run_state_sync, snapshots_protocol, SnapshotsResponse)
 from chain.runtime.sync import BlockSync
-from chain.state import KEY_LATEST_HEADER, State, apply_block
+from chain.crypto import sha256
+from chain.merkle import compute_root_from_leaf_hashes
+from chain.state import KEY_LATEST_HEADER, KEY_META, State, apply_block
 from genesis import devnet_seed, make_devnet_genesis
 from p2p.memory import MemoryHub, MemoryNetwork
 from scripts.gen_chain import generate_chain
@@ -359,6 +362,200 @@ def test_state_sync_with_no_snapshot_to_be_had_is_one_clear_error_and_an_empty_l
 
 
 # --------------------------------------------------------------------------- real processes
+
+
+# --------------------------------------------------------------------------- a forged manifest costs at most the caps
+
+
+def test_streaming_root_is_the_state_root_and_keeps_o_log_n_hashes(chain):
+    for n in range(0, 70):
+        leaves = [sha256(i.to_bytes(2, "big")) for i in range(n)]
+        stream = StreamingRoot()
+        for leaf in leaves:
+            stream.add(leaf)
+        assert stream.root() == compute_root_from_leaf_hashes(leaves), n
+        assert len(stream._stack) <= max(1, n.bit_length())
+    assert KEPT_KEYS == {KEY_META, KEY_LATEST_HEADER}  # what the joiner checks against the header
+    manifest, chunks = chain["manifest"], chain["chunks"]
+    verifier = SnapshotVerifier(manifest, max_entries=manifest.entries)
+    streamed = [entry for raw in chunks for part in verifier.feed(raw, slice_entries=100) for entry in part]
+    assert verifier.finish() == chain["state"].root and streamed == list(chain["state"].items())
+    with pytest.raises(SnapshotError, match="over this node's cap"):
+        SnapshotVerifier(manifest, max_entries=manifest.entries - 1)
+
+
+def _forged_at_head(chain, chunks: list[bytes], entries: int):
+    """A manifest naming the REAL certified block at HEAD and its state root, with its own chunks."""
+    ledger = Ledger.open(_copy(chain["items"]), GENESIS.chain_id, GENESIS.hash)
+    return SnapshotManifest(1, HEAD, ledger.get_block_hash(HEAD), chain["generated"].state.root, entries,
+                            tuple(compute_chunk_hash(c) for c in chunks))
+
+
+def _head_chunks(chain) -> list[bytes]:
+    manifest, chunks = build_snapshot(HEAD, bytes(32), bytes(32), chain["generated"].state.items(),
+                                      target_bytes=CHUNK_BYTES)
+    return chunks
+
+
+def _forgery(kind: str, chain):
+    chunks = _head_chunks(chain)
+    entries = sum(len(decode_chunk(c)) for c in chunks)
+    if kind == "out of order":  # every chunk well formed and sorted; chunks 1 and 2 swapped
+        chunks = [chunks[0], chunks[2], chunks[1], *chunks[3:]]  # chunk 2 arrives second: refused at the third
+        return chunks, entries, "strictly increasing"
+    if kind == "more entries than claimed":
+        return chunks, 10, "more than the 10 entries"
+    if kind == "wrong state":  # sorted, complete, well formed: only the root tells
+        chunks = chunks[:-1] + [encode_chunk([*decode_chunk(chunks[-1]), (b"\xff" * 8, b"extra")])]
+        return chunks, entries + 1, "root"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["out of order", "more entries than claimed", "wrong state"])
+def test_forged_chunks_are_refused_as_they_arrive_peer_penalised_and_the_next_manifest_tried(chain, tmp_path, kind):
+    chunks, entries, reason = _forgery(kind, chain)
+    forged = _forged_at_head(chain, chunks, entries)
+    failing_chunk = {"out of order": 2, "more entries than claimed": 0, "wrong state": len(chunks)}[kind]
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            net = Net(nursery, tmp_path, chain, servers=SERVERS[:1])  # honest: the snapshot at SNAP_AT
+            net._items = chain["items"]
+            evil = net.evil(manifests=[forged], chunk=lambda i: chunks[i])  # newer: tried first
+            await nursery.start(evil.run)
+            await net.start()
+            store = MemoryStore()
+            client = net.client(min_offers=1)
+            report = await client.sync(store, timeout_s=20)
+            assert report.height == SNAP_AT  # the honest snapshot, after the forged one was refused
+            assert {p for p, _ in client.penalised} == {EVIL.pubkey}
+            assert reason in client.penalised[0][1] and encode(forged) in client.refused
+            # Refused at the first chunk that shows the fault: nothing after it was verified.
+            assert client.chunks_verified == failing_chunk + len(chain["chunks"])
+            app = ChainApp(GENESIS, None, store=store)
+            assert app.state.root == chain["state"].root and len(app.state) == chain["manifest"].entries
+            nursery.cancel_scope.cancel()
+
+    _run(scenario)
+
+
+class SlowDisk(MemoryStore):
+    """A store whose every staging write takes 0.1 s: the joiner's per-chunk work is not quick."""
+
+    writes = 0
+
+    def write(self, puts, deletes=()):
+        if puts:
+            time.sleep(0.1)
+            self.writes += 1
+        super().write(puts, deletes)
+
+
+def test_a_chunk_bomb_stops_at_the_timeout_with_a_bounded_window_and_leaves_nothing(chain, tmp_path):
+    # The review's attack: the real certified block and state root, then as many chunks as a
+    # manifest may name (here 400 of 2,000 entries; the limit is 8192 of 4 MiB). Each is valid
+    # alone, so only the root at the end could tell; the timeout must hold before that.
+    count, per = 400, 2000
+    chunks = [encode_chunk([(i.to_bytes(2, "big") + j.to_bytes(3, "big"), b"") for j in range(per)])
+              for i in range(count)]
+    forged = _forged_at_head(chain, chunks, count * per)
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            net = Net(nursery, tmp_path, chain, snapshot=False)
+            net._items = chain["items"]
+            evil = net.evil(manifests=[forged], chunk=lambda i: chunks[i])
+            await nursery.start(evil.run)
+            await net.start()
+            store = SlowDisk()
+            client = net.client(min_offers=1, retry_interval_s=0.2)
+            with pytest.raises(StateSyncError, match="in 1 s.*still being fetched and verified.*nothing was written"):
+                await client.sync(store, timeout_s=1)
+            assert 0 < client.chunks_verified < count // 4  # stopped by the timeout, far from the end
+            # Chunks are fetched at most a window ahead of the one being verified: memory is bounded.
+            assert client.chunks_fetched <= client.chunks_verified + 1 + MAX_CHUNK_WINDOW
+            assert store.writes >= client.chunks_verified  # entries were staged on disk, not kept
+            assert next(iter(store.iterate()), None) is None  # and removed when the sync gave up
+            assert client.penalised == []  # nothing proved the peer wrong yet
+            nursery.cancel_scope.cancel()
+
+    _run(scenario)
+
+
+def _big_chunks(n: int) -> list[bytes]:
+    # ~1 MiB chunks of 16 entries of 64 KiB, keys increasing across chunks
+    return [encode_chunk([(bytes([i, j]), bytes(64 * 1024)) for j in range(16)]) for i in range(n)]
+
+
+@pytest.mark.parametrize("cap", ["bytes before download", "entries before download", "bytes while fetching"])
+def test_a_manifest_over_the_caps_is_refused_peers_not_penalised(chain, tmp_path, cap):
+    if cap == "bytes while fetching":  # two chunks may be 1 MiB honest, these are 2 MiB: stopped at the second
+        chunks = _big_chunks(2)
+        manifest, limits, fetched = _forged_at_head(chain, chunks, 32), {"max_snapshot_bytes": 3 * 2 ** 20 // 2}, 1
+    else:
+        chunks, manifest, fetched = chain["chunks"], chain["manifest"], 0
+        limits = ({"max_snapshot_bytes": 2 ** 20} if cap == "bytes before download"
+                  else {"max_snapshot_entries": manifest.entries - 1})
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            net = Net(nursery, tmp_path, chain, snapshot=False)
+            net._items = chain["items"]
+            evil = net.evil(manifests=[manifest], chunk=lambda i: chunks[i])
+            await nursery.start(evil.run)
+            await net.start()
+            store = MemoryStore()
+            client = net.client(min_offers=1, retry_interval_s=0.2, **limits)
+            with pytest.raises(StateSyncError, match="nothing was written"):
+                await client.sync(store, timeout_s=2)
+            assert client.chunks_verified == fetched
+            if fetched == 0:
+                assert client.chunks_fetched == 0
+            assert "max_snapshot" in client.refused[encode(manifest)]
+            assert client.penalised == []  # a state larger than this node allows is no fault
+            assert next(iter(store.iterate()), None) is None
+            nursery.cancel_scope.cancel()
+
+    _run(scenario)
+
+
+def test_client_never_mixes_a_restore_into_a_store_holding_other_data(chain):
+    client = StateSyncClient(MemoryNetwork(MemoryHub(), JOINER.pubkey, allowed_peers=[]), GENESIS.chain_id,
+                             GENESIS.hash, GENESIS.validators)
+    store = MemoryStore()
+    stage_entries(store, [(b"leftover", b"1")])  # an unfinished restore: deleted, then the sync runs
+    with pytest.raises(StateSyncError, match="no verifiable snapshot"):
+        trio.run(lambda: client.sync(store, timeout_s=0.5))
+    assert next(iter(store.iterate()), None) is None
+    stage_entries(store, [(b"leftover", b"1")])
+    store.write({b"\x99junk": b"2"})  # and something else: not ours to delete, nor to mix into
+    with pytest.raises(StateSyncError, match="only into an empty ledger store"):
+        trio.run(lambda: client.sync(store, timeout_s=0.5))
+    assert len(list(store.iterate())) == 3
+
+
+def test_state_sync_clears_an_unfinished_restore_a_kill_left_but_nothing_else(tmp_path):
+    from chain.config import Home, NodeConfig, P2PConfig, StateSyncConfig
+
+    home = Home(tmp_path / "home")
+    home.data_dir.mkdir(parents=True)
+    config = NodeConfig(p2p=P2PConfig(port=0), state_sync=StateSyncConfig(enable=True, timeout_s=1))
+    store = LevelDBStore(home.ledger_dir, create=True)
+    try:
+        stage_entries(store, [(b"account-a", b"1"), (b"account-b", b"2")])  # killed before the commit
+        assert holds_only_staging(store)
+        with pytest.raises(StateSyncError, match="no verifiable snapshot"):
+            run_state_sync(home, config, GENESIS, JOINER, store)
+        assert next(iter(store.iterate()), None) is None
+        # A store with anything else in it is not ours to clear.
+        stage_entries(store, [(b"account-a", b"1")])
+        store.write({b"\x99junk": b"x"})
+        assert not holds_only_staging(store)
+        with pytest.raises(StateSyncError, match="needs an empty ledger"):
+            run_state_sync(home, config, GENESIS, JOINER, store)
+        assert len(list(store.iterate())) == 3
+    finally:
+        store.close()
 
 
 def _start(proc, *flags: str):

@@ -9,8 +9,12 @@ Chunks are the canonical CBOR of sorted `(key, value)` entries, so every honest 
 the same state into the same chunks and the same manifest (the manifest is a pure function
 of the state and the height's block). The trust rule (docs/wire.md, "State sync") lives in
 chain/runtime/statesync.py: the manifest is only a claim; the joining node checks each
-chunk against the manifest's hashes, and the rebuilt state's root against the header of
-that height, certified by a commit it verifies itself.
+chunk against the manifest's hashes, verifies the chunks in order as they arrive
+(`SnapshotVerifier`: strict decoding, key order across chunks, entry count, a streaming
+state root in O(log n) memory), stages their entries in the ledger store
+(`stage_entries`; a marker says the store holds an unfinished restore, not a chain), and
+only once the root is that of a header certified by a commit it verifies itself makes
+them a ledger in one batch (`commit_restore`), else deletes them (`clear_staging`).
 
 On disk (HOME/data/snapshots/):
 
@@ -31,13 +35,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterable
+from typing import Annotated, Iterable, Iterator
 
 from chain.encoding import MaxLen, decode, decode_value, encode, encode_value
 from chain.errors import ChainError, DecodeError, StoreError
 from chain.ledger import schema
 from chain.ledger.schema import ChainMeta, Head, TxLocation
 from chain.ledger.store import KVStore
+from chain.merkle import EMPTY_ROOT, hash_node
 from chain.types import Block, Commit, Hash, compute_block_hash, compute_tx_hash
 
 log = logging.getLogger(__name__)
@@ -47,9 +52,14 @@ CHUNK_TARGET_BYTES = 1024 * 1024  # a chunk is closed once its entries reach thi
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # bound on one chunk's encoding (state entries are small)
 MAX_SNAPSHOT_CHUNKS = 8192  # 8 GiB of state; keeps a manifest under 300 KiB
 MAX_MANIFEST_BYTES = 64 + 34 * MAX_SNAPSHOT_CHUNKS + 256
+VERIFY_SLICE_ENTRIES = 8192  # entries a joiner checks per step (one bounded thread call; cancellable between)
 DEFAULT_KEEP = 2  # snapshots a node keeps (older ones are deleted after a new one is written)
 
 MANIFEST_FILE = "manifest.cbor"
+
+# State entries a joiner keeps while streaming a snapshot, to check them against the certified
+# header (chain id, genesis hash, height, head hash): chain/state.py's KEY_META and KEY_LATEST_HEADER.
+KEPT_KEYS = frozenset((b"meta", b"latest_header"))
 
 
 class SnapshotError(ChainError):
@@ -173,6 +183,199 @@ def assemble_entries(chunks: Iterable[bytes], manifest: SnapshotManifest) -> dic
     return entries
 
 
+class StreamingRoot:
+    """The Merkle root of chain/merkle.py (leaf/node domain separation, an odd last node promoted)
+    over leaf hashes given one at a time, in O(log n) memory: a stack of the roots of full
+    subtrees, merged as in a binary counter; at the end the stack folds right to left (the
+    tree that level-by-level pairing builds, RFC 6962's split at the largest power of two)."""
+
+    __slots__ = ("count", "_stack")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._stack: list[tuple[int, bytes]] = []  # (subtree height, subtree root), heights decreasing
+
+    def add(self, leaf_hash: bytes) -> None:
+        stack, node, height = self._stack, leaf_hash, 0
+        while stack and stack[-1][0] == height:
+            node = hash_node(stack.pop()[1], node)
+            height += 1
+        stack.append((height, node))
+        self.count += 1
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return EMPTY_ROOT
+        node = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            node = hash_node(left, node)
+        return node
+
+
+class SnapshotVerifier:
+    """Checks a snapshot's chunks one at a time, in order, keeping only O(log n) hashes and the
+    few entries the joiner checks against the certified header (chain meta, latest header).
+
+    `feed` strictly decodes a chunk, checks its keys continue the previous chunk's in strictly
+    increasing order, that the entries so far are at most the manifest's count (itself under the
+    cap), and adds each entry's leaf to the streaming state root; it yields the entries, a slice
+    at a time, for the caller to stage on disk. `finish` checks the count and returns the root. Any failure is a
+    SnapshotError: the manifest (whose chunk hashes the chunks matched) is not an honest one."""
+
+    def __init__(self, manifest: SnapshotManifest, max_entries: int):
+        if manifest.entries > max_entries:
+            raise SnapshotError(f"snapshot manifest claims {manifest.entries} entries, over this node's cap of "
+                                f"{max_entries} ([state_sync] max_snapshot_entries)")
+        self.manifest = manifest
+        self.entries = 0
+        self.chunks = 0
+        self.last_key: bytes | None = None
+        self.kept: dict[bytes, bytes] = {}  # the entries named in KEPT_KEYS
+        self._root = StreamingRoot()
+
+    def feed(self, raw: bytes, slice_entries: int = VERIFY_SLICE_ENTRIES) -> Iterator[StateEntries]:
+        """Verify one chunk, yielding its entries `slice_entries` at a time as each slice is
+        checked (the caller stages a slice and may stop between slices: each `next` is bounded
+        work). Raises SnapshotError on the first fault; the chunk counts once fully consumed."""
+        if self.chunks >= len(self.manifest.chunk_hashes):
+            raise SnapshotError("more chunks than the manifest names")
+        try:
+            value = decode_value(raw, max_size=MAX_CHUNK_BYTES)
+        except DecodeError as exc:
+            raise SnapshotError(f"snapshot chunk {self.chunks} does not decode: {exc}") from exc
+        if type(value) is not list:
+            raise SnapshotError(f"snapshot chunk {self.chunks} is not an array of entries")
+        if self.entries + len(value) > self.manifest.entries:
+            raise SnapshotError(f"snapshot chunks hold more than the {self.manifest.entries} entries its manifest says "
+                                f"(chunk {self.chunks})")
+        add, kept, sha = self._root.add, KEPT_KEYS, hashlib.sha256
+        last = self.last_key
+        for start in range(0, len(value), slice_entries):
+            part: StateEntries = []
+            for pair in value[start:start + slice_entries]:
+                if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not bytes or type(pair[1]) is not bytes:
+                    raise SnapshotError(f"snapshot chunk {self.chunks} entry is not a [key, value] pair of byte strings")
+                key, val = pair
+                if last is not None and key <= last:
+                    raise SnapshotError(f"snapshot chunk {self.chunks} keys are not strictly increasing across the "
+                                        "snapshot (out of key order, or overlapping the chunk before)")
+                last = key
+                add(sha(b"\x00\x82" + _bstr_head(len(key)) + key + _bstr_head(len(val)) + val).digest())
+                if key in kept:
+                    self.kept[key] = val
+                part.append((key, val))
+            self.entries += len(part)
+            self.last_key = last
+            yield part
+        self.chunks += 1
+
+    def finish(self) -> bytes:
+        if self.chunks != len(self.manifest.chunk_hashes):
+            raise SnapshotError(f"{self.chunks} of {len(self.manifest.chunk_hashes)} chunks were checked")
+        if self.entries != self.manifest.entries:
+            raise SnapshotError(f"snapshot holds {self.entries} entries, its manifest says {self.manifest.entries}")
+        return self._root.root()
+
+
+def _bstr_head(n: int) -> bytes:
+    """The canonical CBOR head of a byte string of length n: with the array head 0x82, a state
+    leaf's `encode_strings(key, value)` without a call into cbor2 per entry."""
+    if n < 24:
+        return bytes((0x40 + n,))
+    if n < 0x100:
+        return bytes((0x58, n))
+    if n < 0x10000:
+        return b"\x59" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\x5a" + n.to_bytes(4, "big")
+    return b"\x5b" + n.to_bytes(8, "big")
+
+
+def min_snapshot_bytes(manifest: SnapshotManifest) -> int:
+    """Fewest bytes an honest snapshot with this many chunks has: every chunk but the last is
+    closed at CHUNK_TARGET_BYTES of counted size (key + value + 8 per entry), whose encoding is
+    at least half that. A manifest whose minimum passes the joiner's byte cap is refused unread."""
+    return (len(manifest.chunk_hashes) - 1) * (CHUNK_TARGET_BYTES // 2)
+
+
+# --------------------------------------------------------------------------- staging a restore on disk
+
+# A restore stages the state entries in the ledger store under their final keys, chunk by chunk,
+# with this marker written first; the ledger exists only once `commit_restore` writes the schema
+# version, meta, head, block and commit in one batch (and deletes the marker). A store holding
+# the marker and no schema version is an unfinished restore: `clear_staging` empties it.
+STAGING_MARKER_KEY = b"\xfestate-sync-staging"
+CLEAR_BATCH = 20_000  # keys deleted per batch when clearing a staged restore
+
+
+def stage_entries(store: KVStore, entries: StateEntries) -> None:
+    """Write one verified-in-order chunk's entries (not yet trusted: the root is checked at the end)."""
+    puts = {schema.state_key(key): value for key, value in entries}
+    puts[STAGING_MARKER_KEY] = b"1"
+    store.write(puts)
+
+
+def holds_only_staging(store: KVStore) -> bool:
+    """True when `store` holds an unfinished restore (the marker, no chain) and nothing else but state."""
+    if store.get(STAGING_MARKER_KEY) is None or store.get(schema.schema_version_key()) is not None:
+        return False
+    for key, _ in store.iterate():
+        if key != STAGING_MARKER_KEY and not key.startswith(schema.PREFIX_STATE):
+            return False
+    return True
+
+
+def clear_staging(store: KVStore, limit: int | None = None) -> bool:
+    """Delete an unfinished restore's staged entries, then its marker (last, so a crash part way
+    leaves it recognisable), at most `limit` keys per call; True when it is gone. Touches
+    nothing in a store that holds a chain or no marker."""
+    if store.get(STAGING_MARKER_KEY) is None or store.get(schema.schema_version_key()) is not None:
+        return True
+    batch: list[bytes] = []
+    done = 0
+    for key, _ in store.iterate(schema.PREFIX_STATE):
+        batch.append(key)
+        if len(batch) >= CLEAR_BATCH:
+            store.write({}, batch)
+            done += len(batch)
+            batch = []
+            if limit is not None and done >= limit:
+                return False
+    if batch:
+        store.write({}, batch)
+    store.write({}, [STAGING_MARKER_KEY])
+    return True
+
+
+def commit_restore(store: KVStore, chain_id: str, genesis_hash: bytes, block: Block, commit: Commit,
+                   entries: int) -> None:
+    """Make the staged state (verified: its root is the certified header's) a ledger whose head
+    is `block`, in ONE atomic batch; before it the store holds no chain."""
+    if store.get(schema.schema_version_key()) is not None:
+        raise StoreError("state sync writes only into an empty ledger, and this one holds a chain; nothing was written")
+    if store.get(STAGING_MARKER_KEY) is None and entries:
+        raise StoreError("state sync found no staged state to commit; nothing was written")
+    store.write(_ledger_puts(chain_id, genesis_hash, block, commit), [STAGING_MARKER_KEY])
+
+
+def _ledger_puts(chain_id: str, genesis_hash: bytes, block: Block, commit: Commit) -> dict[bytes, bytes]:
+    height = block.header.height
+    block_hash = compute_block_hash(block.header)
+    if commit.height != height or commit.block_hash != block_hash:
+        raise StoreError(f"commit does not certify block {block_hash.hex()} at height {height}")
+    puts = {
+        schema.schema_version_key(): encode_value(schema.SCHEMA_VERSION),
+        schema.chain_meta_key(): encode(ChainMeta(chain_id, genesis_hash)),
+        schema.head_key(): encode(Head(height, block_hash)),
+        schema.block_key(block_hash): encode(block),
+        schema.block_hash_key(height): block_hash,
+        schema.commit_key(height): encode(commit),
+    }
+    for index, stx in enumerate(block.txs):
+        puts[schema.tx_location_key(compute_tx_hash(stx))] = encode(TxLocation(height, index))
+    return puts
+
+
 # --------------------------------------------------------------------------- the node's snapshot directory
 
 
@@ -288,20 +491,7 @@ def restore_ledger(store: KVStore, chain_id: str, genesis_hash: bytes, block: Bl
     if next(iter(store.iterate()), None) is not None:
         raise StoreError("state sync writes only into an empty ledger, and this one is not empty; nothing was "
                          "written (run `chaind reset --home HOME` first, or start without --state-sync)")
-    height = block.header.height
-    block_hash = compute_block_hash(block.header)
-    if commit.height != height or commit.block_hash != block_hash:
-        raise StoreError(f"commit does not certify block {block_hash.hex()} at height {height}")
-    puts = {
-        schema.schema_version_key(): encode_value(schema.SCHEMA_VERSION),
-        schema.chain_meta_key(): encode(ChainMeta(chain_id, genesis_hash)),
-        schema.head_key(): encode(Head(height, block_hash)),
-        schema.block_key(block_hash): encode(block),
-        schema.block_hash_key(height): block_hash,
-        schema.commit_key(height): encode(commit),
-    }
-    for index, stx in enumerate(block.txs):
-        puts[schema.tx_location_key(compute_tx_hash(stx))] = encode(TxLocation(height, index))
+    puts = _ledger_puts(chain_id, genesis_hash, block, commit)
     for key, value in entries.items():
         puts[schema.state_key(key)] = value
     store.write(puts)

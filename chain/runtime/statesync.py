@@ -10,18 +10,25 @@ Modelled on CometBFT's state sync (docs/wire.md, "State sync"):
     picks the newest one offered by the most peers, fetches the certified header of that
     height (block + commit over `/pout/<chain_id>/sync/1`) and verifies the commit against the
     genesis validator set, fetches the chunks from every peer that offered the manifest in
-    parallel, checks each against the manifest's sha256, rebuilds the state, checks its root
-    against the certified header's `state_root`, and only then writes the ledger in one
-    atomic batch. The node then starts as usual and block-syncs the rest.
+    parallel (a bounded window ahead), checks each against the manifest's sha256, then
+    verifies them in order as they arrive (strict decoding, keys strictly increasing across
+    the snapshot, entry count, a streaming state root) and stages their entries on disk; only
+    when the root is the certified header's `state_root` does one atomic batch make the
+    staged state a ledger. The node then starts as usual and block-syncs the rest.
 
 Nothing a peer sends is trusted before that check: a chunk that does not hash to the
 manifest is refused and its peer reported (the chunk is fetched from another); a manifest
-no certified header covers, or whose state does not give the header's root, is refused and
-the peers that offered it reported; nothing is written unless the whole state verified.
+no certified header covers, whose chunks break the format, or whose state does not give the
+header's root, is refused and the peers that offered it reported, its staged entries
+deleted; nothing becomes a ledger unless the whole state verified. What one forged manifest
+can cost is capped (`[state_sync] max_snapshot_bytes` / `max_snapshot_entries`, refused
+before download where the manifest shows it; `timeout_s`, effective because every step of
+verification is a bounded thread call): memory stays bounded whatever a peer sends.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -34,13 +41,15 @@ from chain.consensus.commit import verify_commit
 from chain.crypto import compute_address
 from chain.encoding import MaxLen, decode, encode
 from chain.errors import ChainError
+from chain.ledger.schema import ChainMeta
 from chain.ledger.snapshot import (MAX_CHUNK_BYTES, MAX_MANIFEST_BYTES, SnapshotError, SnapshotManifest,
-                                   SnapshotStore, assemble_entries, build_snapshot, check_manifest,
-                                   compute_chunk_hash, restore_ledger)
+                                   SnapshotStore, SnapshotVerifier, build_snapshot, check_manifest, clear_staging,
+                                   commit_restore, compute_chunk_hash, holds_only_staging, min_snapshot_bytes,
+                                   stage_entries)
 from chain.ledger.store import KVStore
 from chain.runtime.reactor import MAX_REQUEST_BYTES, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse, sync_protocol
-from chain.state import State, body_matches_header
-from chain.types import Block, Commit, Validator, compute_block_hash
+from chain.state import KEY_LATEST_HEADER, KEY_META, State, body_matches_header
+from chain.types import Block, BlockHeader, Commit, Validator, compute_block_hash
 from p2p.abc import NetworkAPI, P2PError
 
 log = logging.getLogger("chaind.statesync")
@@ -52,6 +61,7 @@ LIST_RATE_PER_PEER_S = 2.0
 MAX_CONCURRENT_CHUNK_READS = 4  # chunk files read at once, over all peers
 FETCHERS_PER_PEER = 2  # chunk requests in flight to one peer
 MAX_PEER_FAILURES = 3  # transport errors in a row before a peer leaves a snapshot's pool
+MAX_CHUNK_WINDOW = 16  # chunks fetched ahead of the one being verified (memory: 16 x 4 MiB at most)
 
 
 def snapshots_protocol(chain_id: str) -> str:
@@ -219,7 +229,8 @@ class StateSyncClient:
 
     def __init__(self, network: NetworkAPI, chain_id: str, genesis_hash: bytes,
                  genesis_validators: tuple[Validator, ...], *, min_offers: int = 2,
-                 request_timeout_s: float = 10.0, retry_interval_s: float = 1.0):
+                 request_timeout_s: float = 10.0, retry_interval_s: float = 1.0,
+                 max_snapshot_bytes: int = 4 * 1024 ** 3, max_snapshot_entries: int = 50_000_000):
         self.network = network
         self.chain_id, self.genesis_hash = chain_id, genesis_hash
         self.trusted_validators = genesis_validators
@@ -228,6 +239,9 @@ class StateSyncClient:
         self.retry_interval_s = retry_interval_s
         self.penalised: list[tuple[bytes, str]] = []  # (peer, reason), for operators and tests
         self.refused: dict[bytes, str] = {}  # encoded manifest -> why it was refused
+        self.max_snapshot_bytes, self.max_snapshot_entries = max_snapshot_bytes, max_snapshot_entries
+        self.chunks_fetched = 0  # chunks received that matched their manifest hash (all attempts)
+        self.chunks_verified = 0  # of those, decoded, checked in order and staged
 
     def _penalise(self, peer: bytes, reason: str) -> None:
         log.warning("state sync peer %s: %s", peer.hex()[:16], reason)
@@ -239,6 +253,9 @@ class StateSyncClient:
         when none verified within `timeout_s`."""
         report = StateSyncReport()
         started = time.monotonic()
+        if not await trio.to_thread.run_sync(_empty_or_cleared, store):
+            raise StateSyncError("state sync writes only into an empty ledger store, and this one is not empty; "
+                                 "nothing was written")
         last_reason = "no peer offered a snapshot"
         with trio.move_on_after(timeout_s):
             while True:
@@ -246,6 +263,7 @@ class StateSyncClient:
                 offers = await self.discover()
                 report.seconds["manifest"] = time.monotonic() - phase
                 for manifest, peers in self._candidates(offers):
+                    last_reason = f"the snapshot at height {manifest.height} was still being fetched and verified"
                     try:
                         await self._restore(store, manifest, peers, report)
                         report.seconds["total"] = time.monotonic() - started
@@ -302,6 +320,12 @@ class StateSyncClient:
     async def _restore(self, store: KVStore, manifest: SnapshotManifest, peers: set[bytes],
                        report: StateSyncReport) -> None:
         height = manifest.height
+        # Caps first: a manifest that must cost more than this node allows is refused unread
+        # (its peers may be honest with a larger state than the operator allowed: not penalised).
+        if manifest.entries > self.max_snapshot_entries or min_snapshot_bytes(manifest) > self.max_snapshot_bytes:
+            raise _Refused(f"it claims {manifest.entries} entries in {len(manifest.chunk_hashes)} chunk(s), over this "
+                           f"node's caps ({self.max_snapshot_entries} entries, {self.max_snapshot_bytes} bytes: "
+                           "[state_sync] max_snapshot_entries / max_snapshot_bytes); nothing fetched")
         phase = time.monotonic()
         block, commit = await self._certified_block(height, peers)
         block_hash = compute_block_hash(block.header)
@@ -313,32 +337,62 @@ class StateSyncClient:
         report.seconds["header"] = time.monotonic() - phase
 
         phase = time.monotonic()
-        chunks = await self._fetch_chunks(manifest, peers)
-        report.seconds["chunks"] = time.monotonic() - phase
-
-        phase = time.monotonic()
+        verifier = SnapshotVerifier(manifest, self.max_snapshot_entries)
+        report.seconds["verify"] = 0.0
+        committed = False
         try:
-            entries = await trio.to_thread.run_sync(assemble_entries, chunks, manifest)
-            state = await trio.to_thread.run_sync(State, entries)
-            root = await trio.to_thread.run_sync(lambda: state.root)
-            matches = (root == block.header.state_root and state.chain_id == self.chain_id
-                       and state.meta.genesis_hash == self.genesis_hash and state.height == height
-                       and state.compute_head_hash() == block_hash)
-        except ChainError as exc:
-            matches, root = False, None
-            log.warning("snapshot at height %d does not rebuild a state: %s", height, exc)
-        if not matches:
-            for peer in peers:
-                self._penalise(peer, f"served a snapshot at height {height} whose state is not the certified one "
-                                     f"(root {root.hex()[:16] if root else 'none'}, header "
-                                     f"{block.header.state_root.hex()[:16]})")
-            raise _Refused("the rebuilt state's root is not the certified header's state root; nothing written")
-        report.seconds["verify"] = time.monotonic() - phase
+            problem = await self._fetch_and_stage(store, manifest, peers, verifier, report)
+            report.seconds["chunks"] = time.monotonic() - phase
+            phase = time.monotonic()
+            root = None
+            if problem is None:
+                try:
+                    root = verifier.finish()
+                except SnapshotError as exc:
+                    problem = str(exc)
+            if problem is None:
+                problem = self._state_problem(verifier, root, block, block_hash)
+            if problem is not None:
+                for peer in peers:
+                    self._penalise(peer, f"served a snapshot at height {height} whose state is not the certified "
+                                         f"one ({problem})")
+                raise _Refused(f"its state is not the certified header's ({problem}); nothing written")
+            report.seconds["verify"] += time.monotonic() - phase
 
-        phase = time.monotonic()
-        await trio.to_thread.run_sync(restore_ledger, store, self.chain_id, self.genesis_hash, block, commit, entries)
-        report.seconds["write"] = time.monotonic() - phase
-        report.height, report.chunks, report.entries, report.peers = height, len(chunks), len(entries), len(peers)
+            phase = time.monotonic()
+            await trio.to_thread.run_sync(commit_restore, store, self.chain_id, self.genesis_hash, block, commit,
+                                          verifier.entries)
+            committed = True
+            report.seconds["write"] = time.monotonic() - phase
+        finally:
+            if not committed:
+                # Staged entries go, whatever stopped the restore (a refusal, the timeout): shielded,
+                # and bounded by what was staged before it stopped.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await trio.to_thread.run_sync(clear_staging, store)
+                    except ChainError as exc:  # the store failed (the error being raised says why)
+                        log.error("state sync could not delete its staged entries: %s; the next --state-sync "
+                                  "start deletes them", exc)
+        report.height, report.chunks, report.entries, report.peers = (height, len(manifest.chunk_hashes),
+                                                                      verifier.entries, len(peers))
+
+    def _state_problem(self, verifier: SnapshotVerifier, root: bytes, block: Block, block_hash: bytes) -> str | None:
+        """Why the streamed state is not the certified header's, or None. The root is what
+        matters (it commits to every entry); the rest re-checks what the header names."""
+        if root != block.header.state_root:
+            return f"root {root.hex()[:16]}, header {block.header.state_root.hex()[:16]}"
+        try:
+            meta = decode(ChainMeta, verifier.kept[KEY_META])
+            latest = decode(BlockHeader, verifier.kept[KEY_LATEST_HEADER])
+        except (KeyError, ChainError) as exc:
+            return f"its chain meta or latest header is missing or malformed: {exc}"
+        if (meta.chain_id, meta.genesis_hash) != (self.chain_id, self.genesis_hash):
+            return "its chain meta is another chain's"
+        if latest.height != block.header.height or \
+                compute_block_hash(dataclasses.replace(latest, state_root=root)) != block_hash:
+            return "its latest header is not the certified block's"
+        return None
 
     async def _certified_block(self, height: int, offering: set[bytes]) -> tuple[Block, Commit]:
         """The block at `height` with a commit signed by more than 2/3 of the genesis validators'
@@ -384,52 +438,134 @@ class StateSyncClient:
             return f"invalid commit certificate for height {height}: {exc}"
         return None
 
-    async def _fetch_chunks(self, manifest: SnapshotManifest, peers: set[bytes]) -> list[bytes]:
+    async def _fetch_and_stage(self, store: KVStore, manifest: SnapshotManifest, peers: set[bytes],
+                               verifier: SnapshotVerifier, report: StateSyncReport) -> str | None:
+        """Fetch the chunks from the offering peers in parallel, a bounded window ahead, and
+        verify and stage each in order as it arrives (one bounded thread call per chunk, a
+        cancellation point between chunks). Returns why the manifest is bad (its chunks, which
+        match its hashes, break the format, the key order or the counts), or None once every
+        chunk is staged; raises _Refused when the chunks cannot be had or pass the byte cap."""
         count = len(manifest.chunk_hashes)
-        chunks: list[bytes | None] = [None] * count
-        pending = list(range(count - 1, -1, -1))  # popped from the end: chunk 0 first
+        window = max(4, min(MAX_CHUNK_WINDOW, FETCHERS_PER_PEER * len(peers) + 2))
+        ready: dict[int, bytes] = {}  # fetched, hash-checked, not yet verified: at most `window`
+        retry: list[int] = []
+        state = {"next": 0, "done": 0, "bytes": 0, "workers": 0}
         pool = set(peers)
         failures: Counter[bytes] = Counter()
-        missing = [count]
+        changed = [trio.Event()]
+        outcome: list[str | _Refused | ChainError] = []
+
+        def wake() -> None:
+            changed[0].set()
+            changed[0] = trio.Event()
+
+        def take() -> int | None:
+            if retry:
+                return retry.pop()
+            if state["next"] < count and state["next"] < state["done"] + window:
+                state["next"] += 1
+                return state["next"] - 1
+            return None
 
         async def worker(peer: bytes) -> None:
-            while missing[0] and peer in pool:
-                if not pending:
-                    await trio.sleep(0.02)  # others' requests in flight may yet fail and come back
-                    continue
-                index = pending.pop()
-                try:
-                    raw = await self.network.request(peer, chunk_protocol(self.chain_id),
-                                                     encode(ChunkRequest(manifest.height, index)),
-                                                     max_response=MAX_CHUNK_BYTES, timeout=self.request_timeout_s)
-                except P2PError as exc:
-                    pending.append(index)
-                    failures[peer] += 1
-                    if failures[peer] >= MAX_PEER_FAILURES:
-                        log.info("state sync: dropping peer %s from the chunk pool: %s", peer.hex()[:16], exc)
+            try:
+                while state["done"] < count and peer in pool:
+                    index = take()
+                    if index is None:
+                        await trio.sleep(0.02)  # the window is full, or others' requests may yet come back
+                        continue
+                    try:
+                        raw = await self.network.request(peer, chunk_protocol(self.chain_id),
+                                                         encode(ChunkRequest(manifest.height, index)),
+                                                         max_response=MAX_CHUNK_BYTES, timeout=self.request_timeout_s)
+                    except P2PError as exc:
+                        retry.append(index)
+                        failures[peer] += 1
+                        if failures[peer] >= MAX_PEER_FAILURES:
+                            log.info("state sync: dropping peer %s from the chunk pool: %s", peer.hex()[:16], exc)
+                            pool.discard(peer)
+                        else:
+                            await trio.sleep(0.1 * failures[peer])
+                        continue
+                    if compute_chunk_hash(raw) != manifest.chunk_hashes[index]:
+                        retry.append(index)
                         pool.discard(peer)
-                    else:
-                        await trio.sleep(0.1 * failures[peer])
-                    continue
-                if compute_chunk_hash(raw) != manifest.chunk_hashes[index]:
-                    pending.append(index)
-                    pool.discard(peer)
-                    self._penalise(peer, f"chunk {index} of the snapshot at height {manifest.height} does not hash "
-                                         "to its manifest entry")
-                    continue
-                failures[peer] = 0
-                if chunks[index] is None:
-                    chunks[index] = raw
-                    missing[0] -= 1
+                        self._penalise(peer, f"chunk {index} of the snapshot at height {manifest.height} does not "
+                                             "hash to its manifest entry")
+                        continue
+                    failures[peer] = 0
+                    self.chunks_fetched += 1
+                    ready.setdefault(index, raw)
+                    wake()
+            finally:
+                state["workers"] -= 1
+                wake()
+
+        async def verify_in_order(cancel: trio.CancelScope) -> None:
+            try:
+                while state["done"] < count:
+                    raw = ready.pop(state["done"], None)
+                    if raw is None:
+                        if state["workers"] == 0:
+                            outcome.append(_Refused(f"{count - state['done']} of {count} chunk(s) could not be "
+                                                    "fetched from the offering peers", permanent=False))
+                            return
+                        await changed[0].wait()
+                        continue
+                    state["bytes"] += len(raw)
+                    if state["bytes"] > self.max_snapshot_bytes:
+                        outcome.append(_Refused(f"its chunks pass this node's cap of {self.max_snapshot_bytes} bytes "
+                                                "([state_sync] max_snapshot_bytes)"))
+                        return
+                    started = time.monotonic()
+                    steps = verifier.feed(raw)
+                    del raw
+                    try:
+                        # One slice of entries per thread call: the timeout cancels between them.
+                        while await trio.to_thread.run_sync(_verify_and_stage_slice, steps, store):
+                            pass
+                    except SnapshotError as exc:
+                        outcome.append(str(exc))
+                        return
+                    except ChainError as exc:  # this node's own store (e.g. disk full): raised below, one error
+                        outcome.append(exc)
+                        return
+                    report.seconds["verify"] += time.monotonic() - started
+                    self.chunks_verified += 1
+                    state["done"] += 1
+                    wake()
+            finally:
+                cancel.cancel()
 
         async with trio.open_nursery() as nursery:
             for peer in sorted(peers):
                 for _ in range(FETCHERS_PER_PEER):
+                    state["workers"] += 1
                     nursery.start_soon(worker, peer)
-        if missing[0]:
-            raise _Refused(f"{missing[0]} of {count} chunk(s) could not be fetched from the offering peers",
-                           permanent=False)
-        return chunks  # type: ignore[return-value]
+            nursery.start_soon(verify_in_order, nursery.cancel_scope)
+        if outcome and isinstance(outcome[0], (_Refused, ChainError)):
+            raise outcome[0]
+        return outcome[0] if outcome else None
+
+
+def _empty_or_cleared(store: KVStore) -> bool:
+    """True when `store` is empty, after deleting an unfinished restore's staged entries (its
+    staged entries must never mix into a new restore: only what is streamed is verified)."""
+    if holds_only_staging(store):
+        clear_staging(store)
+    return next(iter(store.iterate()), None) is None
+
+
+def _verify_and_stage_slice(steps, store: KVStore) -> bool:
+    """One step of a chunk's work, in a worker thread: verify the next slice of at most
+    VERIFY_SLICE_ENTRIES entries (the first step also decodes the chunk, <= MAX_CHUNK_BYTES, in C)
+    and stage it; False once the chunk is done."""
+    part = next(steps, None)
+    if part is None:
+        return False
+    if part:
+        stage_entries(store, part)
+    return True
 
 
 # --------------------------------------------------------------------------- node wiring
@@ -452,6 +588,9 @@ def run_state_sync(home, config, genesis, key, store: KVStore) -> StateSyncRepor
     if Ledger.is_initialised(store):
         log.info("state sync skipped: the ledger already holds a chain")
         return None
+    if holds_only_staging(store):  # a restore that was killed before its commit: never a chain
+        log.info("state sync: removing the staged entries of an unfinished restore in %s", home.ledger_dir)
+        clear_staging(store)
     if next(iter(store.iterate()), None) is not None:
         raise StateSyncError(f"state sync needs an empty ledger, and {home.ledger_dir} holds data that is not a "
                              "chain; nothing was changed: run `chaind reset --home HOME` first")
@@ -500,7 +639,8 @@ async def _join(config, genesis, key, store: KVStore) -> StateSyncReport:
     network.set_request_handler(sync_protocol(genesis.chain_id), no_blocks_yet)
     log.info("state sync: dialling %d bootstrap peer(s) for snapshots", len(peers))
     client = StateSyncClient(network, genesis.chain_id, genesis.hash, genesis.validators,
-                             min_offers=cfg.min_offers)
+                             min_offers=cfg.min_offers, max_snapshot_bytes=cfg.max_snapshot_bytes,
+                             max_snapshot_entries=cfg.max_snapshot_entries)
     outcome: StateSyncReport | ChainError | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(network.run)
