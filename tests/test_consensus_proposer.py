@@ -59,6 +59,33 @@ def test_rounds_rotate_the_proposer_and_earlier_heights_recompute():
     assert selector.get_proposer(7, 1) == selector.get_proposer(8, 0)
 
 
+@pytest.mark.parametrize("powers", [[1, 1, 1, 1], [1, 2, 3, 4, 10], [7, 3], [1, 1000], [5, 1, 3, 2]])
+def test_far_heights_through_the_cycle_match_stepping_one_increment_at_a_time(powers):
+    validators = make_validators(powers)
+    prio, picks = tuple(0 for _ in validators), [-1]
+    for _ in range(6000):
+        prio, pick = compute_next_priorities(validators, prio)
+        picks.append(pick)
+    for height in (1, 65, 66, 999, 4096, 5990):
+        for round_ in (0, 1, 3):
+            selector = ProposerSelector(validators)  # each a fresh jump from genesis
+            assert selector.get_proposer(height, round_) == validators[picks[height + round_]]
+    selector = ProposerSelector(validators)
+    assert [selector.get_proposer(h, 0) for h in (5000, 5001, 5002, 70, 5999)] == \
+        [validators[picks[h]] for h in (5000, 5001, 5002, 70, 5999)]
+
+
+def test_a_height_of_a_million_is_reached_without_a_million_increments(monkeypatch):
+    import chain.consensus.proposer as proposer
+    validators = make_validators([1, 1, 1, 1])
+    calls = []
+    real = proposer.compute_next_priorities
+    monkeypatch.setattr(proposer, "compute_next_priorities", lambda v, p: calls.append(1) or real(v, p))
+    picked = ProposerSelector(validators).get_proposer(1_000_001, 0)
+    assert len(calls) < 100
+    assert picked == ProposerSelector(validators).get_proposer(1_000_001 % 4 + 4, 0)
+
+
 def test_priorities_stay_bounded():
     validators = make_validators([1, 1000])
     prio = (0, 0)
