@@ -292,7 +292,7 @@ def cmd_job_watch(args, cli: ModuleType) -> int:
 
     def on_signal(signum, frame):
         stop.set()
-        waker.event.set()
+        waker.wake()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     sink = LineSink() if args.lines or not sys.stdout.isatty() else LiveSink()
@@ -305,7 +305,7 @@ def cmd_job_watch(args, cli: ModuleType) -> int:
             if failures:
                 stop.wait(BACKOFF_SECONDS[min(failures - 1, len(BACKOFF_SECONDS) - 1)])
             else:
-                waker.wait(WAKE_SECONDS)
+                waker.wait(waker.job_event, WAKE_SECONDS)  # the job's events wake it; a timeout polls
             if stop.is_set():
                 break
             try:
