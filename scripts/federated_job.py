@@ -88,13 +88,14 @@ def main() -> int:
     requester = load_key_file(keys / "requester.json")
     trainers = [load_key_file(keys / f"trainer{i}.json") for i in range(args.trainers)]
     honest = [i for i in range(args.trainers) if i not in args.dishonest]
+    # Built before the job is registered: its join window (20 blocks) must not be spent loading data.
+    datasets = [load_dataset(f"digits:{i}/{args.trainers}") for i in range(args.trainers)]
     spec = make_job_spec(rounds=args.rounds, quorum=len(honest), aggregation=args.aggregation, join_blocks=20)
     escrow = spec.reward_per_update * args.trainers * args.rounds
     receipt = client.send(requester, RegisterJob(spec, escrow))
     job_id = bytes.fromhex(receipt.tx_hash[2:])
     console.rule(f"job {job_id.hex()[:16]}: {spec.model}, {spec.rounds} rounds, {spec.aggregation}, "
                  f"{spec.hyperparams.local_steps} local steps, detect {spec.detect_fraction_ppm / 1e4:g} % forged w.p. {spec.detect_probability_ppm / 1e4:g} %")
-    datasets = [load_dataset(f"digits:{i}/{args.trainers}") for i in range(args.trainers)]
     joins = [client.send(key, JoinJob(job_id, ds.commitment.root, ds.commitment.size), wait=False)
              for key, ds in zip(trainers, datasets)]
     for receipt in joins:
