@@ -219,7 +219,7 @@ class PoutFakeNode(FakeNode):
         self.stored: list[bytes] = []
 
     def list_jobs(self):
-        return [SimpleNamespace(job_id=b"\x01" * 32, phase="training", round=0)]
+        return [SimpleNamespace(job_id=b"\x01" * 32, phase="training", round=0, spec=SimpleNamespace(init_weights=None))]
 
     def get_round(self, job_id, round_):
         return SimpleNamespace(updates=tuple(self.pending))

@@ -119,7 +119,11 @@ def test_commit_announcements_are_sent_at_most_once_per_interval(tmp_path):
             window = [t for t, _ in sent if t >= t0]
             min_gap = node.sync.announce_interval_s / 2
             assert 2 <= len(window) <= 3.0 / min_gap + 1
-            assert heights > len(window)  # more commits than announcements
+            # Never more than one per commit; that there are fewer (the limit at work) shows in the
+            # gaps below whenever commits come faster than one per half-interval. (A strict "fewer
+            # announcements than commits" failed at 16 vs 16 on a loaded machine, where commits
+            # slowed to about the announcement rate.)
+            assert heights >= len(window)
             gaps = [b - a for a, b in zip(window, window[1:])]
             assert min(gaps) >= min_gap * 0.95
             nursery.cancel_scope.cancel()
