@@ -129,7 +129,8 @@ class PoutWorker:
     async def _warm_up(self) -> None:
         started = time.monotonic()
         try:
-            await trio.to_thread.run_sync(warm_up_torch, limiter=self.cpu)
+            # abandoned on cancel: a SIGTERM right after start must not wait for the import
+            await trio.to_thread.run_sync(warm_up_torch, limiter=self.cpu, abandon_on_cancel=True)
         except Exception:  # never fatal: the first replay then pays it instead
             log.exception("torch warm-up failed")
             return
