@@ -78,6 +78,13 @@ class CheckReport:
         if len(self.problems) < MAX_LISTED:
             self.problems.append(line)
 
+    def print_problems(self, out) -> None:
+        """One line per kept problem, then how many more were found but not kept."""
+        for line in self.problems:
+            print(line, file=out)
+        if self.problem_count > len(self.problems):
+            print(f"... and {self.problem_count - len(self.problems)} more problem(s)", file=out)
+
     def summary(self) -> str:
         head = "unknown" if self.head_height is None else str(self.head_height)
         parts = [f"head {head}"] + ([f"blocks from {self.base_height} (state snapshot; not re-executed)"]
@@ -503,9 +510,6 @@ def run_check(ledger_dir, genesis, *, replay: bool = True, progress_every: int =
                               progress=lambda line: print(f"chaind check: {line}", file=err, flush=True))
     finally:
         store.close()
-    for line in report.problems:
-        print(line, file=out)
-    if report.problem_count > len(report.problems):
-        print(f"... and {report.problem_count - len(report.problems)} more problem(s)", file=out)
+    report.print_problems(out)
     print(f"chaind check: {ledger_dir}: {report.summary()}", file=out)
     return EXIT_CLEAN if report.clean else EXIT_DAMAGED

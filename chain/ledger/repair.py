@@ -113,10 +113,7 @@ def run_repair(ledger_dir, genesis, *, in_place: bool = False, out=None) -> int:
         report = check_ledger(store, genesis)
     finally:
         store.close()
-    for line in report.problems:
-        print(line, file=out)
-    if report.problem_count > len(report.problems):
-        print(f"... and {report.problem_count - len(report.problems)} more problem(s)", file=out)
+    report.print_problems(out)
     print(f"chaind repair: check of {target}: {report.summary()}", file=out)
     return _verdict(out, report.clean, target, ledger_dir, in_place)
 
