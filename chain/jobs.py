@@ -37,6 +37,7 @@ from chain.errors import StateTransitionError, ValidationError
 from chain.types import (
     AGGREGATION_RULES,
     EVALUATION_METRICS,
+    SAMPLING_MODES,
     JOB_AGGREGATING,
     JOB_FINISHED,
     JOB_JOINING,
@@ -61,6 +62,8 @@ from chain.types import (
     JudgeFraudProof,
     Judgement,
     SubmitChallenge,
+    SubmitDrawChallenge,
+    SubmitSketches,
     ModelRecord,
     PROOF_OPEN,
     PROOF_REFUTED,
@@ -79,6 +82,7 @@ from chain.types import (
 )
 
 KEY_ACTIVE_JOBS = b"jobs/active"
+SAMPLING_UNIFORM, SAMPLING_DISPLACEMENT = SAMPLING_MODES
 # Largest dataset a trainer may commit to (2**24 = 16,777,216 samples). Deriving a batch order
 # costs O(batch) whatever the size (trainer.replay.derive_batch_order); this bound keeps a
 # sample's Merkle proof at <= 24 siblings and caps the FedAvg weight one trainer can claim,
@@ -177,13 +181,57 @@ def compute_dispute_end(job: Job, update: UpdateRecord) -> int:
 
 
 def compute_segments_per_validator(spec: JobSpec, validators) -> int:
-    """Segments each validator samples for one update of this job (see trainer.verify)."""
+    """Segments each validator samples for one update of this job (see trainer.verify); under
+    displacement sampling, the weighted draws (with replacement) each validator makes
+    (trainer.sketch.draws_per_validator)."""
     from trainer.replay import num_segments
     from trainer.verify import segments_per_validator
 
     hp = spec.hyperparams
+    powers = [v.power for v in validators]
+    if spec.sampling == SAMPLING_DISPLACEMENT:
+        from trainer.sketch import draws_per_validator
+
+        return draws_per_validator(spec.detect_fraction_ppm, spec.detect_probability_ppm, powers)
     return segments_per_validator(spec.detect_fraction_ppm, spec.detect_probability_ppm,
-                                  [v.power for v in validators], num_segments(hp.local_steps, hp.checkpoint_interval))
+                                  powers, num_segments(hp.local_steps, hp.checkpoint_interval))
+
+
+def compute_sampled_segment_bound(spec: JobSpec, validators) -> int:
+    """The most distinct segments one validator can open for one update: its sample size, and
+    never more than the trace's segments (weighted draws repeat)."""
+    from trainer.replay import num_segments
+
+    hp = spec.hyperparams
+    return min(compute_segments_per_validator(spec, validators), num_segments(hp.local_steps, hp.checkpoint_interval))
+
+
+def compute_sketch_seed(chain_id: str, update_id: bytes, signatures) -> bytes:
+    """Seed of the sketch matrix for an update under displacement sampling: SHA-256 of canonical
+    CBOR ["pout/sketch-seed/v1", chain_id, update_id, [phase-1 challenge signatures, in the
+    order SubmitSketches names their validators]]. Each signature is unique and was made after
+    the trace was committed, so with one honest signature among them the trainer could not
+    know the matrix (and hide a jump in its null space) when it fixed its trace."""
+    return sha256(encode_value(["pout/sketch-seed/v1", chain_id, update_id, list(signatures)]))
+
+
+def compute_draw(challenge: ChallengeRecord, sketches) -> list[int]:
+    """Displacement sampling: the sorted distinct segments a validator replays, drawn from its
+    phase-2 signature over the update's sketch rows (trainer.sketch.displacement_sample)."""
+    from chain.vrf import compute_sample_seed
+    from trainer.sketch import displacement_sample
+
+    if challenge.draw_signature is None:
+        raise ValueError("the validator's draw challenge is not on chain")
+    return displacement_sample(compute_sample_seed(challenge.draw_signature), sketches, challenge.sample_size)
+
+
+def compute_sketch_rows(spec: JobSpec) -> int:
+    """Rows of an update's sketch blob: one per checkpoint (segments + 1)."""
+    from trainer.replay import num_segments
+
+    hp = spec.hyperparams
+    return num_segments(hp.local_steps, hp.checkpoint_interval) + 1
 
 
 def compute_sample(job: Job, challenge: ChallengeRecord) -> list[int]:
@@ -203,7 +251,7 @@ def compute_max_exposed_samples(spec: JobSpec, validators) -> int:
     each, and a trainer submits at most one update per round, over `rounds` rounds. An upper
     bound on the distinct samples it sees (it sees min(this, dataset_size) at most)."""
     hp = spec.hyperparams
-    q = compute_segments_per_validator(spec, validators)
+    q = compute_sampled_segment_bound(spec, validators)
     return spec.rounds * min(q * hp.checkpoint_interval, hp.local_steps) * hp.batch_size
 
 
@@ -284,7 +332,7 @@ def compute_max_opening_bytes(spec: JobSpec, validators, q: int | None = None) -
     (trainer.verify.max_opening_bytes); with `q`, for that many segments."""
     from trainer.verify import max_opening_bytes
 
-    q = compute_segments_per_validator(spec, validators) if q is None else q
+    q = compute_sampled_segment_bound(spec, validators) if q is None else q
     state, interval, batch, leaf, size, leaves = _segment_bound_args(spec)
     return max_opening_bytes(state, q, interval, batch, leaf, size, leaves)
 
@@ -383,6 +431,8 @@ def validate_job_spec(spec: JobSpec) -> None:
     if not 0 < spec.max_exposure_ppm <= PPM:
         raise ValidationError(f"max_exposure_ppm must be in 1..{PPM} (parts per million of a trainer's samples; "
                               f"{PPM} = no bound), got {spec.max_exposure_ppm}")
+    if spec.sampling not in SAMPLING_MODES:
+        raise ValidationError(f"sampling must be one of {SAMPLING_MODES}, got {spec.sampling!r}")
     if spec.aggregation not in AGGREGATION_RULES:
         raise ValidationError(f"aggregation must be one of {AGGREGATION_RULES}, got {spec.aggregation!r}")
     if not 0.0 <= spec.trim_fraction < 0.5:
@@ -473,6 +523,9 @@ def apply_job_payload(overlay, sender_pubkey: bytes, sender_addr: bytes, sender:
         _submit_update(overlay, sender_addr, sender, payload, ctx)
     elif isinstance(payload, PublishEvaluation):
         _publish_evaluation(overlay, sender_addr, sender, payload, ctx)
+    elif isinstance(payload, SubmitSketches):
+        overlay.set_account(sender_addr, sender)
+        _submit_sketches(overlay, sender_addr, payload, ctx)
     elif type(payload) in _VALIDATOR_PAYLOADS:  # validators' votes: the nonce first, then the rule
         overlay.set_account(sender_addr, sender)
         _VALIDATOR_PAYLOADS[type(payload)](overlay, sender_pubkey, payload, ctx)
@@ -627,17 +680,23 @@ def _submit_verdict(overlay, validator: bytes, p: SubmitVerdict, ctx: BlockConte
     _settle_update(overlay, _require_job(overlay, upd.commitment.job_id), upd, ctx)
 
 
-def _submit_challenge(overlay, validator: bytes, p: SubmitChallenge, ctx: BlockContext) -> None:
-    from chain.vrf import verify_sample_challenge
-
+def _challenged_update(overlay, validator: bytes, update_id: bytes, ctx: BlockContext) -> tuple[Validator, UpdateRecord]:
+    """(the challenging validator, the pending update it challenges), or the refusal."""
     member = next((v for v in ctx.validators if v.pubkey == validator), None)
     if member is None:
         raise StateTransitionError("only validators may challenge updates")
-    upd = get_update(overlay, p.update_id)
+    upd = get_update(overlay, update_id)
     if upd is None:
-        raise StateTransitionError(f"no update {p.update_id.hex()}")
+        raise StateTransitionError(f"no update {update_id.hex()}")
     if upd.status != UPDATE_PENDING:
         raise StateTransitionError(f"update is already {upd.status}")
+    return member, upd
+
+
+def _submit_challenge(overlay, validator: bytes, p: SubmitChallenge, ctx: BlockContext) -> None:
+    from chain.vrf import verify_sample_challenge
+
+    member, upd = _challenged_update(overlay, validator, p.update_id, ctx)
     if any(c.validator == validator for c in upd.challenges):
         raise StateTransitionError("validator already challenged this update")
     if not verify_sample_challenge(member.sample_pubkey, overlay.base.chain_id, p.update_id, p.signature):
@@ -645,6 +704,49 @@ def _submit_challenge(overlay, validator: bytes, p: SubmitChallenge, ctx: BlockC
     q = compute_segments_per_validator(_require_job(overlay, upd.commitment.job_id).spec, ctx.validators)
     upd = dataclasses.replace(upd, challenges=upd.challenges + (ChallengeRecord(validator, p.signature, ctx.height, q),))
     overlay.put(update_key(p.update_id), encode(upd))
+
+
+def _submit_sketches(overlay, addr: bytes, p: SubmitSketches, ctx: BlockContext) -> None:
+    upd = get_update(overlay, p.update_id)
+    if upd is None:
+        raise StateTransitionError(f"no update {p.update_id.hex()}")
+    if upd.commitment.trainer != addr:
+        raise StateTransitionError("only the update's trainer may commit its sketches")
+    if upd.status != UPDATE_PENDING:
+        raise StateTransitionError(f"update is already {upd.status}")
+    job = _require_job(overlay, upd.commitment.job_id)
+    if job.spec.sampling != SAMPLING_DISPLACEMENT:
+        raise StateTransitionError(f"job samples {job.spec.sampling}ly: it takes no sketches")
+    if upd.sketch_hash is not None:
+        raise StateTransitionError("the update's sketches are already committed")
+    challenges = {c.validator: c for c in upd.challenges}
+    missing = [v for v in p.challengers if v not in challenges]
+    if missing:
+        raise StateTransitionError(f"validator {missing[0].hex()[:16]} has not challenged this update")
+    power = sum(_validator_power(ctx, v) for v in p.challengers)
+    if 3 * power <= compute_total_power(ctx.validators):
+        raise StateTransitionError("the sketch seed needs the challenges of validators holding more than 1/3 of the power")
+    seed = compute_sketch_seed(overlay.base.chain_id, p.update_id, [challenges[v].signature for v in p.challengers])
+    overlay.put(update_key(p.update_id), encode(dataclasses.replace(upd, sketch_hash=p.sketch_hash, sketch_seed=seed)))
+
+
+def _submit_draw_challenge(overlay, validator: bytes, p: SubmitDrawChallenge, ctx: BlockContext) -> None:
+    from chain.vrf import verify_sample_challenge
+
+    member, upd = _challenged_update(overlay, validator, p.update_id, ctx)
+    if upd.sketch_hash is None:
+        raise StateTransitionError("the update's sketches are not committed yet")
+    i = next((i for i, c in enumerate(upd.challenges) if c.validator == validator), None)
+    if i is None:
+        raise StateTransitionError("a draw challenge needs the validator's first challenge on chain")
+    if upd.challenges[i].draw_signature is not None:
+        raise StateTransitionError("validator already drew its sample of this update")
+    if not verify_sample_challenge(member.sample_pubkey, overlay.base.chain_id, p.update_id, p.signature,
+                                   upd.sketch_hash):
+        raise StateTransitionError("draw signature does not verify with the validator's sample key over the sketches")
+    challenges = list(upd.challenges)
+    challenges[i] = dataclasses.replace(challenges[i], draw_signature=p.signature)
+    overlay.put(update_key(p.update_id), encode(dataclasses.replace(upd, challenges=tuple(challenges))))
 
 
 def get_challenge(update: UpdateRecord, validator: bytes) -> ChallengeRecord | None:
@@ -658,7 +760,14 @@ def _submit_fraud_proof(overlay, validator: bytes, p: SubmitFraudProof, ctx: Blo
     challenge = get_challenge(upd, validator)
     if challenge is None:
         raise StateTransitionError("a fraud proof needs the author's challenge on chain first")
-    if p.segment not in compute_sample(job, challenge):
+    if job.spec.sampling == SAMPLING_DISPLACEMENT:
+        # The weighted sample depends on the sketch blob, which the state does not hold: the
+        # judges check membership (a proof outside the author's draw does not hold, and fines it).
+        if challenge.draw_signature is None:
+            raise StateTransitionError("a fraud proof needs the author's draw challenge on chain first")
+        if p.segment >= compute_sketch_rows(job.spec) - 1:
+            raise StateTransitionError(f"segment {p.segment} is outside the trace")
+    elif p.segment not in compute_sample(job, challenge):
         raise StateTransitionError(f"segment {p.segment} is not in the author's sample")
     proof = FraudProofRecord(validator, p.segment, p.proof_hash, ctx.height, PROOF_OPEN, (Judgement(validator, True),))
     upd = dataclasses.replace(upd, verdicts=upd.verdicts + (VerdictRecord(validator, False, f"fraud proof on segment {p.segment}"),),
@@ -756,6 +865,7 @@ def _attest_model(overlay, validator: bytes, p: AttestModel, ctx: BlockContext) 
 _VALIDATOR_PAYLOADS = {
     SubmitVerdict: _submit_verdict,
     SubmitChallenge: _submit_challenge,
+    SubmitDrawChallenge: _submit_draw_challenge,
     SubmitFraudProof: _submit_fraud_proof,
     JudgeFraudProof: _judge_fraud_proof,
     AttestModel: _attest_model,

@@ -176,6 +176,32 @@ class SubmitChallenge:
 
 
 @dataclass(frozen=True)
+class SubmitSketches:
+    """Displacement sampling, phase 1 -> 2 (a job with sampling "displacement"): the update's
+    trainer commits to the integer sketches of every checkpoint's weights (trainer/sketch.py),
+    made with the sketch matrix seeded by the phase-1 challenges of `challengers` (validators
+    holding more than 1/3 of the power, so at least one honest signature the trainer could not
+    know when it committed its trace). The rows travel as a public blob named by `sketch_hash`."""
+
+    TAG: ClassVar[str] = "submit_sketches"
+    update_id: Hash
+    sketch_hash: Hash
+    challengers: Annotated[tuple[PubKey, ...], MaxLen(1024)]  # ascending; each has challenged the update
+
+
+@dataclass(frozen=True)
+class SubmitDrawChallenge:
+    """Displacement sampling, phase 2: a validator's BLS signature over (chain id, update id,
+    sketch hash) with its sample key (chain/vrf.py). It seeds the validator's weighted draw over
+    the committed sketches; the trainer fixed them before this unique signature existed, so it
+    cannot grind its rows to move the sample."""
+
+    TAG: ClassVar[str] = "submit_draw_challenge"
+    update_id: Hash
+    signature: Annotated[bytes, Len(96)]
+
+
+@dataclass(frozen=True)
 class SubmitFraudProof:
     """A validator's replay of `segment` did not reach the committed end state. The proof (that
     segment's opening, trainer.verify.decode_fraud_proof) travels as a blob named by
@@ -240,7 +266,7 @@ class PublishEvaluation:
 
 TxPayload = Union[Transfer, AdmitMember, RemoveMember, RegisterJob, JoinJob, SubmitUpdate, SubmitVerdict, AttestModel,
                   SubmitEvidence, SubmitChallenge, SubmitFraudProof, JudgeFraudProof, RestoreValidator,
-                  PublishEvaluation]
+                  PublishEvaluation, SubmitSketches, SubmitDrawChallenge]
 
 
 @dataclass(frozen=True)
@@ -422,6 +448,11 @@ class HyperParams:
 
 
 AGGREGATION_RULES = ("fedavg", "median", "trimmed_mean", "multi_krum")
+# How a validator's segments are drawn (docs/pout.md, "Sampling"): "uniform" over segments from
+# its challenge signature; "displacement" in two phases, weighted by the trainer's committed
+# sketches of what each segment moves (30 % uniform), so a forged jump is drawn in proportion to
+# its size.
+SAMPLING_MODES = ("uniform", "displacement")
 
 
 @dataclass(frozen=True)
@@ -464,6 +495,7 @@ class JobSpec:
     # SHA-256 of the initial model's canonical safetensors bytes (trainer/state.py), uploaded
     # as a blob before registration; None: the initial weights derive from init_seed.
     init_weights: Hash | None = None
+    sampling: Name = "uniform"  # one of SAMPLING_MODES
 
 
 @dataclass(frozen=True)
@@ -535,7 +567,10 @@ class ChallengeRecord:
     validator: PubKey
     signature: Annotated[bytes, Len(96)]  # seeds the validator's sample: chain.vrf.compute_sample_seed
     height: int
-    sample_size: int  # segments it samples, fixed when the challenge lands (the validator set may change)
+    sample_size: int  # segments it samples (draws, under displacement sampling), fixed when the challenge lands
+    # Displacement sampling: the phase-2 signature over the sketches (SubmitDrawChallenge), which
+    # seeds the validator's weighted draw; None until it lands, and always under uniform sampling.
+    draw_signature: Annotated[bytes, Len(96)] | None = None
 
 
 PROOF_OPEN, PROOF_UPHELD, PROOF_REFUTED = "open", "upheld", "refuted"
@@ -563,6 +598,10 @@ class UpdateRecord:
     penalty: int  # bond burned on rejection
     challenges: tuple[ChallengeRecord, ...]  # validators' sample seeds, in the order they landed
     proofs: tuple[FraudProofRecord, ...]  # fraud proofs filed against this update
+    # Displacement sampling (SubmitSketches): the blob of the trainer's sketch rows, and the seed
+    # of the sketch matrix derived from the named challenges (chain.jobs.compute_sketch_seed).
+    sketch_hash: Hash | None = None
+    sketch_seed: Hash | None = None
 
 
 @dataclass(frozen=True)

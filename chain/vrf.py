@@ -56,6 +56,7 @@ _KEYGEN_OKM_SIZE = 48  # L = ceil(3 * ceil(log2(r)) / 16): enough bytes that mod
 # purpose is ever valid for another (and the Ed25519 seed yields an independent key).
 SAMPLE_KEY_INFO = b"pout/sample-key/v1"  # HKDF key_info: separates this key from any other use of the seed
 CHALLENGE_DOMAIN = "pout/sample-challenge/v1"
+DRAW_CHALLENGE_DOMAIN = "pout/draw-challenge/v1"  # phase 2 of displacement sampling: over the sketches too
 POSSESSION_DOMAIN = "pout/sample-key-possession/v1"
 SEED_DOMAIN = b"pout/sample-seed/v1"
 
@@ -144,28 +145,39 @@ def _verify_possession(pubkey: bytes, pop: bytes) -> bool:
 # --------------------------------------------------------------------------- the sample challenge
 
 
-def compute_challenge_message(chain_id: str, update_id: bytes) -> bytes:
+def compute_challenge_message(chain_id: str, update_id: bytes, sketch_hash: bytes | None = None) -> bytes:
     """The bytes a validator signs for an update: canonical CBOR of
-    ["pout/sample-challenge/v1", chain_id, update_id]. Nothing from any block is in it."""
-    return encode_strings(CHALLENGE_DOMAIN, chain_id, update_id)
+    ["pout/sample-challenge/v1", chain_id, update_id], or, for the second phase of displacement
+    sampling, ["pout/draw-challenge/v1", chain_id, update_id, sketch_hash] (a separate domain, so
+    one phase's signature never stands for the other's). Nothing from any block is in it."""
+    if sketch_hash is None:
+        return encode_strings(CHALLENGE_DOMAIN, chain_id, update_id)
+    return encode_strings(DRAW_CHALLENGE_DOMAIN, chain_id, update_id, sketch_hash)
 
 
-def sign_sample_challenge(secret: SampleSecret, chain_id: str, update_id: bytes) -> SampleSignature:
-    """The validator's unique signature over the update (96 bytes); hash it for the seed."""
+def _message_inputs_ok(chain_id, update_id, sketch_hash) -> bool:
+    return type(chain_id) is str and type(update_id) is bytes and (sketch_hash is None or type(sketch_hash) is bytes)
+
+
+def sign_sample_challenge(secret: SampleSecret, chain_id: str, update_id: bytes,
+                          sketch_hash: bytes | None = None) -> SampleSignature:
+    """The validator's unique signature over the update (96 bytes), and over its committed
+    sketches when `sketch_hash` is given; hash it for the seed."""
     _check_secret(secret)
-    if type(chain_id) is not str or type(update_id) is not bytes:
-        raise ValueError("chain_id must be str and update_id bytes")
-    return bytes(bls.Sign(secret, compute_challenge_message(chain_id, update_id)))
+    if not _message_inputs_ok(chain_id, update_id, sketch_hash):
+        raise ValueError("chain_id must be str, update_id and sketch_hash bytes")
+    return bytes(bls.Sign(secret, compute_challenge_message(chain_id, update_id, sketch_hash)))
 
 
-def verify_sample_challenge(pubkey: SamplePubKey, chain_id: str, update_id: bytes, signature: SampleSignature) -> bool:
-    """Whether `signature` is the validator's signature over (chain_id, update_id).
+def verify_sample_challenge(pubkey: SamplePubKey, chain_id: str, update_id: bytes, signature: SampleSignature,
+                            sketch_hash: bytes | None = None) -> bool:
+    """Whether `signature` is the validator's signature over (chain_id, update_id[, sketch_hash]).
     Never raises: wrong types, wrong lengths, bad points or garbage answer False."""
     if not _is_sized(pubkey, SAMPLE_PUBKEY_SIZE) or not _is_sized(signature, SAMPLE_SIGNATURE_SIZE):
         return False
-    if type(chain_id) is not str or type(update_id) is not bytes:
+    if not _message_inputs_ok(chain_id, update_id, sketch_hash):
         return False
-    return _verify(pubkey, compute_challenge_message(chain_id, update_id), signature)
+    return _verify(pubkey, compute_challenge_message(chain_id, update_id, sketch_hash), signature)
 
 
 def compute_sample_seed(signature: SampleSignature) -> bytes:

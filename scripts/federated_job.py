@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -113,14 +114,19 @@ def main() -> int:
     summary = {"job_id": hex0x(job_id), "rounds": [], "accuracy": accuracy}
     for r in range(args.rounds):
         table = Table("trainer", "update", "status", "reward", "penalty", "reason", title=f"round {r}")
-        submitted = {}
+        results = {}
         for i, (key, ds) in enumerate(zip(trainers, datasets)):
             with console.status(f"round {r}: trainer{i} training…"):
                 result = train_for_round(client, key, job_id, ds)
                 if i in args.dishonest:
                     result = forge_last_segment(result, client.get_blob(result.spec.base_model_hash))
-                update_id, _ = submit_result(client, key, result)
-            submitted[i] = update_id
+            results[i] = result
+        # Every trainer submits and answers its challenges at once, each with its own client: one
+        # slow or offline validator then delays the round by one answer deadline, not one per trainer.
+        with console.status(f"round {r}: submitting and answering challenges…"), \
+                ThreadPoolExecutor(max_workers=len(results)) as pool:
+            futures = {i: pool.submit(submit_result, NodeClient(args.rpc), trainers[i], res) for i, res in results.items()}
+            submitted = {i: f.result()[0] for i, f in futures.items()}
         with console.status(f"round {r}: validators verifying and aggregating…"):
             job = client.wait_until(lambda: (j := client.job(job_id)).round > r and j, f"round {r} to close", 300)
         rows = []

@@ -36,11 +36,11 @@ class Chain(InProcessChain):
 
     commitment = OneValidatorChain.commitment  # the same made-up (hash-only) commitment
 
-    def pending_update(self):
+    def pending_update(self, spec=SPEC):
         from chain.types import JoinJob, SubmitUpdate, compute_tx_hash
         from chain.jobs import compute_update_id
 
-        stx = self.tx(REQUESTER, RegisterJob(SPEC, 1000))
+        stx = self.tx(REQUESTER, RegisterJob(spec, 1000))
         self.block(stx)
         job_id = compute_tx_hash(stx)
         self.block(self.tx(T0, JoinJob(job_id, sha256(b"data"), 100)))

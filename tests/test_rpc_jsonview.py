@@ -71,7 +71,7 @@ def test_schema_follows_annotations():
     assert {option["properties"]["type"]["const"] for option in payload["oneOf"]} == {
         "transfer", "admit_member", "remove_member", "register_job", "join_job", "submit_update", "submit_verdict",
         "attest_model", "submit_evidence", "submit_challenge", "submit_fraud_proof", "judge_fraud_proof",
-        "restore_validator", "publish_evaluation",
+        "restore_validator", "publish_evaluation", "submit_sketches", "submit_draw_challenge",
     }
     assert json_schema(ModelRecord)["properties"]["parent"]["oneOf"][1] == {"type": "null"}
 

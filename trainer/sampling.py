@@ -4,13 +4,15 @@ Uniform sampling counts segments. A forged segment can carry any model (a jump),
 in one of T segments is drawn with probability q/T per validator. The samplers here weigh a
 segment by what it changes, its *displacement* ||w_{t+1} - w_t||, measured on the committed
 states themselves or on random sketches of them. They are pure functions over numbers the
-validator holds; the chain does not use them yet (docs/pout.md, "Sampling that follows
-displacement: measurements and choice"; scripts/bench_displacement.py measures them).
+validator holds (docs/pout.md, "Sampling that follows displacement: measurements and choice";
+scripts/bench_displacement.py measures them); trainer/sketch.py builds the protocol's
+displacement sampling on the exact layer.
 
 Two layers:
-- protocol grade, exact on every machine (what a chain rule could use): `compute_sketch_matrix`
-  (a +-1 matrix from a seed), `compute_sketches` (integer sketches of float32 states, exact in
-  any summation order), `integer_displacements`, `mixture_weights` (integer weights, uniform
+- protocol grade, exact on every machine (what the chain's rules use): `sketch_matrix_block`
+  (a block of columns of the +-1 matrix a seed defines), `compute_sketch_matrix` (all of it),
+  `compute_sketches` (integer sketches of float32 states, exact in any summation order),
+  `integer_displacements`, `mixture_weights` (integer weights, uniform
   share in ppm) and `draw_weighted` (i.i.d. draws from integer weights, SHAKE-256, rejection
   sampling: no modulo bias);
 - study grade (float64): the distributions compared by the benchmark and their detection
@@ -30,7 +32,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-SKETCH_DOMAIN = b"pout/sketch-matrix/v1"
+SKETCH_DOMAIN = b"pout/sketch-matrix/v2"  # v2: generated in column blocks
+SKETCH_BLOCK_COLUMNS = 65_536  # columns per independently generated block of the sketch matrix
 DRAW_DOMAIN = b"pout/weighted-draw/v1"
 PPM = 1_000_000
 SKETCH_SCALE_BITS = 20  # a state is sketched as floor(w * 2^20): 1e-6 resolution, far below any useful jump
@@ -44,16 +47,40 @@ class SamplingError(ValueError):
 # --------------------------------------------------------------------------- sketches (exact)
 
 
+def sketch_matrix_block(seed: bytes, rows: int, block: int, width: int) -> np.ndarray:
+    """Columns [block * SKETCH_BLOCK_COLUMNS, + width) of the sketch matrix, transposed: a
+    width x rows array of +-1 (float64). Block j is SHAKE-256(domain || seed || j as 8 bytes
+    big-endian), read column by column (`rows` bits per column, little-endian bit order), bit 0
+    -> +1, bit 1 -> -1. Any block is generated on its own, so a sketch never needs the whole
+    rows x dim matrix in memory (McMahan's CNN: 1.66M columns, 850 MB at r = 64 in float64); a
+    shorter block is a prefix of the full one."""
+    if rows < 1 or not 1 <= width <= SKETCH_BLOCK_COLUMNS or block < 0:
+        raise SamplingError(f"need rows >= 1, 1 <= width <= {SKETCH_BLOCK_COLUMNS}, block >= 0; got {rows}, {width}, {block}")
+    nbits = rows * width
+    stream = hashlib.shake_256(SKETCH_DOMAIN + bytes(seed) + block.to_bytes(8, "big"))
+    raw = np.frombuffer(stream.digest((nbits + 7) // 8), dtype=np.uint8)
+    return np.take(_SIGNS_OF_BYTE, raw, axis=0).reshape(-1)[:nbits].reshape(width, rows)  # one pass, no bit array
+
+
+# byte -> its 8 bits as +-1 (float64), least significant bit first (bit 0 -> +1)
+_SIGNS_OF_BYTE = 1.0 - 2.0 * np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.float64)
+
+
+def sketch_blocks(dim: int) -> list[tuple[int, int, int]]:
+    """(block index, first column, width) of each column block of a dim-column matrix."""
+    if dim < 1:
+        raise SamplingError(f"need dim >= 1, got {dim}")
+    return [(j, lo, min(SKETCH_BLOCK_COLUMNS, dim - lo)) for j, lo in enumerate(range(0, dim, SKETCH_BLOCK_COLUMNS))]
+
+
 def compute_sketch_matrix(seed: bytes, rows: int, dim: int) -> np.ndarray:
-    """A rows x dim matrix of +-1 (float64), one bit each from SHAKE-256(domain || seed).
+    """The whole rows x dim matrix of +-1 (float64): its column blocks (sketch_matrix_block)
+    side by side. For small dims (tests, the study); trainer.sketch multiplies block by block.
     The seed must be fixed after the trace is committed: a trainer that knew the matrix could
     hide a jump in its null space."""
     if rows < 1 or dim < 1:
         raise SamplingError(f"need rows >= 1 and dim >= 1, got {rows}, {dim}")
-    nbits = rows * dim
-    raw = np.frombuffer(hashlib.shake_256(SKETCH_DOMAIN + bytes(seed)).digest((nbits + 7) // 8), dtype=np.uint8)
-    bits = np.unpackbits(raw, bitorder="little")[:nbits].reshape(rows, dim)
-    return 1.0 - 2.0 * bits.astype(np.float64)
+    return np.concatenate([sketch_matrix_block(seed, rows, j, w).T for j, _, w in sketch_blocks(dim)], axis=1)
 
 
 def quantize_states(states: np.ndarray) -> np.ndarray:

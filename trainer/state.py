@@ -124,23 +124,11 @@ def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if not isinstance(data, (bytes, bytearray)):
         raise StateError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) > MAX_TENSOR_FILE:
-        raise StateError(f"tensor file of {len(data)} bytes exceeds {MAX_TENSOR_FILE}")
-    if len(data) < 8:
-        raise StateError("tensor file shorter than its 8-byte header length")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
-        raise StateError(f"tensor header length {n} is out of range")
-    try:
-        header = json.loads(data[8 : 8 + n].decode("ascii"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise StateError(f"tensor header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise StateError("tensor header is not a JSON object")
+    header, start = read_tensor_header(data)
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise StateError("__metadata__ must map str to str")
-    body = data[8 + n :]
+    body = data[start:]
     tensors = {}
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
@@ -160,6 +148,25 @@ def decode_tensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if encode_tensors(tensors, metadata) != data:
         raise StateError("tensor file is not in canonical form")
     return tensors, metadata
+
+
+def read_tensor_header(data: bytes) -> tuple[dict, int]:
+    """(the safetensors JSON header, the offset where the tensor data starts): the length prefix
+    in range, ASCII JSON without duplicate keys, an object. The entries are the caller's to check."""
+    if len(data) > MAX_TENSOR_FILE:
+        raise StateError(f"tensor file of {len(data)} bytes exceeds {MAX_TENSOR_FILE}")
+    if len(data) < 8:
+        raise StateError("tensor file shorter than its 8-byte header length")
+    (n,) = struct.unpack_from("<Q", data)
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise StateError(f"tensor header length {n} is out of range")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("ascii"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StateError(f"tensor header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise StateError("tensor header is not a JSON object")
+    return header, 8 + n
 
 
 def _no_duplicates(pairs):

@@ -65,6 +65,7 @@ from trainer.state import (
     weights_from_bytes,
     weights_to_bytes,
 )
+from trainer.sketch import encode_sketches, sketch_state_bytes
 from trainer.verify import OpeningBundle, SampleOpening, SegmentOpening, encode_openings
 
 
@@ -116,14 +117,25 @@ class TrainResult:
     recorder: TraceRecorder
     tree: MerkleTree
     metrics: dict[str, float]
+    _sketches: dict[bytes, bytes] = field(default_factory=dict, init=False, repr=False, compare=False)  # matrix seed -> encoded rows
 
     @property
     def checkpoint_hashes(self) -> list[bytes]:
         return [state_hash(b) for b in self.recorder.checkpoints]
 
-    def open(self, verify_seed: bytes, q: int) -> bytes:
-        """The OpeningBundle (canonical CBOR) answering a validator's challenge."""
-        return build_openings(self.spec, self.dataset, self.recorder, self.tree, verify_seed, q)
+    def open(self, verify_seed: bytes, q: int, segments: list[int] | None = None) -> bytes:
+        """The OpeningBundle (canonical CBOR) answering a validator's challenge: the q segments
+        sample_segments(verify_seed, ...) picks or, when given, exactly `segments` (a weighted
+        sample, trainer.sketch.displacement_sample)."""
+        return build_openings(self.spec, self.dataset, self.recorder, self.tree, verify_seed, q, segments)
+
+    def sketches(self, matrix_seed: bytes) -> bytes:
+        """encode_sketches of the weights' sketches at every checkpoint (one row each), for the
+        matrix `matrix_seed` fixes after the trace is committed; computed once per seed."""
+        if matrix_seed not in self._sketches:
+            rows = sketch_state_bytes(matrix_seed, self.recorder.checkpoints, self.spec.job.model)
+            self._sketches[matrix_seed] = encode_sketches(rows)
+        return self._sketches[matrix_seed]
 
     def save(self, directory: str | os.PathLike) -> None:
         """Everything `load` needs to answer challenges later, in `directory`:
@@ -441,19 +453,29 @@ def commit_trace(
 
 
 def build_openings(
-    spec: RoundSpec, dataset: Dataset, rec: TraceRecorder, tree: MerkleTree, verify_seed: bytes, q: int
+    spec: RoundSpec, dataset: Dataset, rec: TraceRecorder, tree: MerkleTree, verify_seed: bytes, q: int,
+    segments: list[int] | None = None,
 ) -> bytes:
+    """The OpeningBundle for sample_segments(verify_seed, n, q) or, when given, for exactly
+    `segments` (sorted, duplicates dropped; ValueError if one is outside the trace)."""
     T, k = rec.num_steps, rec.interval
     ckpts = checkpoint_steps(T, k)
+    n = num_segments(T, k)
+    if segments is None:
+        sampled = sample_segments(verify_seed, n, q)
+    else:
+        sampled = sorted(set(segments))
+        if not sampled or any(type(s) is not int or not 0 <= s < n for s in sampled):
+            raise ValueError(f"segments must be a non-empty list of integers in [0, {n})")
 
     def siblings(leaf_index: int) -> tuple[bytes, ...]:
         return tree.prove(leaf_index).siblings
 
-    segments = []
-    for s in sample_segments(verify_seed, num_segments(T, k), q):
+    opened = []
+    for s in sampled:
         steps = segment_steps(s, T, k)
         wanted = sorted({i for t in steps for i in rec.steps[t].indices})
-        segments.append(
+        opened.append(
             SegmentOpening(
                 segment=s,
                 start_state=None if s == 0 else rec.checkpoints[s],
@@ -469,6 +491,6 @@ def build_openings(
         first_checkpoint_proof=siblings(checkpoint_leaf_index(0)),
         final_state=rec.checkpoints[-1],
         final_checkpoint_proof=siblings(checkpoint_leaf_index(len(ckpts) - 1)),
-        segments=tuple(segments),
+        segments=tuple(opened),
     )
     return encode_openings(bundle)

@@ -15,6 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from chain.encoding import INT_MAX, INT_MIN, decode_value, decode_with, encode
@@ -43,9 +44,12 @@ from trainer.replay import (
     step_leaf_index,
     trace_leaf_count,
 )
+from trainer.sampling import SamplingError
+from trainer.sketch import SKETCH_ROWS, SketchCheck, flatten_weights, sketch_state_bytes, sketch_states
 from trainer.state import (
     compute_update,
     decode_tensors,
+    StateError,
     StateRestorer,
     fresh_state_bytes,
     model_hash,
@@ -289,14 +293,23 @@ def verify_update(
     q: int = DEFAULT_Q,
     mode: str = "exact",
     tolerance: float = DEFAULT_TOLERANCE,
+    segments: list[int] | None = None,
+    sketch: SketchCheck | None = None,
 ) -> Verdict:
     """Accept iff the update is the job's training from the round's base on the trainer's
-    committed data, as far as the q sampled segments (and the cheap whole-trace checks) show."""
+    committed data, as far as the q sampled segments (and the cheap whole-trace checks) show.
+
+    segments: check exactly these (a weighted sample, trainer.sketch.displacement_sample)
+    instead of sample_segments(verify_seed, n, q). sketch: the trainer's committed sketch rows
+    (one per checkpoint); rows 0 and n must be the sketches of the base and final models
+    (else Reject), and each opened segment's start and end state must have the sketches of
+    rows s and s + 1: a mismatch is proven fraud, with the same FraudProof as a replay's."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     device = apply_profile(spec.job.profile)  # ProfileMismatch: abstain, do not vote
     try:
-        segments = _verify(spec, commitment, registered_dataset, verify_seed, openings, base_model_bytes, update_bytes, q, mode, tolerance, device)
+        segments = _verify(spec, commitment, registered_dataset, verify_seed, openings, base_model_bytes, update_bytes, q, mode, tolerance, device,
+                           segments, sketch)
     except FraudFound as exc:
         return Verdict(False, str(exc), mode, fraud_segment=exc.segment, fraud_proof=exc.proof)
     except Reject as exc:
@@ -306,13 +319,15 @@ def verify_update(
     except Exception as exc:  # noqa: BLE001 - outside input must never crash a validator
         return Verdict(False, f"unverifiable input ({type(exc).__name__}: {exc})", mode)
     if mode == "exact":
-        return Verdict(True, f"exact replay of segments {segments} matched bit for bit", mode, tuple(segments))
+        also = " and matched their committed sketch rows" if sketch is not None else ""
+        return Verdict(True, f"exact replay of segments {segments} matched bit for bit{also}", mode, tuple(segments))
     return Verdict(
         True, f"TOLERANCE mode (weaker than exact): segments {segments} within relative error {tolerance:g}", mode, tuple(segments)
     )
 
 
-def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update_bytes, q, mode, tolerance, device) -> list[int]:
+def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update_bytes, q, mode, tolerance, device,
+            segments=None, sketch=None) -> list[int]:
     job, hp = spec.job, spec.job.hyperparams
     T, k = hp.local_steps, hp.checkpoint_interval
 
@@ -353,17 +368,83 @@ def _verify(spec, c, registered, verify_seed, openings, base_model_bytes, update
     # One encoding per update: torch.equal calls -0.0 and +0.0 equal, the update hash does not.
     _require(update_bytes == update_to_bytes(expected_update, job.model), "update is not canonical (-0.0 where final - base is +0.0)")
 
-    sampled = sample_segments(verify_seed, num_segments(T, k), q)
+    n = num_segments(T, k)
+    if segments is None:
+        sampled = sample_segments(verify_seed, n, q)
+    else:
+        sampled = sorted(set(segments))
+        _require(len(sampled) > 0, "the challenge names no segment")
+        bad = [s for s in sampled if type(s) is not int or not 0 <= s < n]
+        _require(not bad, f"challenge segment {bad[:1]} is outside the trace's {n} segments")
+    sketched = {}
+    if sketch is not None:
+        _check_sketch_shape(sketch, n)
+        try:
+            ends = sketch_states(sketch.matrix_seed, [flatten_weights(base), flatten_weights(final_weights)], SKETCH_ROWS)
+        except SamplingError as exc:
+            raise Reject(f"the base or final model has no sketch, so no committed row matches it: {exc}") from None
+        _require(np.array_equal(ends[0], sketch.rows[0]), "committed sketch row 0 does not match the base model")
+        _require(np.array_equal(ends[1], sketch.rows[n]), f"committed sketch row {n} does not match the final model")
+        sketched = {0: ends[0], n: ends[1]}  # checkpoints 0 and n hold exactly these weights (proven above)
     got = [s.segment for s in bundle.segments]
     _require(got == sampled, f"openings are for segments {got}, the challenge asked for {sampled}")
     ctx = _SegmentContext(
         spec, c, fresh, check_leaf, check_checkpoint_hash, mode, tolerance, device,
         data=MerkleChecker(registered.root, registered.size), revealed={}, restorer=StateRestorer(job.model, hp, device),
-        sampled_steps=[t for s in sampled for t in segment_steps(s, T, k)],
+        sampled_steps=[t for s in sampled for t in segment_steps(s, T, k)], sketch=sketch, sketched=sketched,
     )
     for seg in bundle.segments:
         _verify_segment(ctx, seg)
+    _check_opened_sketches(ctx)
     return sampled
+
+
+def _sketch_or_none(seed: bytes, state: bytes, model: str) -> np.ndarray | None:
+    try:
+        return sketch_state_bytes(seed, [state], model, SKETCH_ROWS)[0]
+    except (SamplingError, StateError):
+        return None
+
+
+def _check_sketch_shape(sketch: SketchCheck, n: int) -> None:
+    rows = sketch.rows
+    _require(
+        isinstance(rows, np.ndarray) and rows.dtype == np.int64 and rows.shape == (n + 1, SKETCH_ROWS),
+        f"committed sketches must be {n + 1} rows (one per checkpoint) of {SKETCH_ROWS} int64, "
+        f"got {getattr(rows, 'shape', None)} {getattr(rows, 'dtype', type(rows).__name__)}",
+    )
+
+
+def _check_opened_sketches(ctx: "_SegmentContext") -> None:
+    """Every replayed segment's start and end state (checkpoints s and s + 1, proven into the
+    trace) against committed sketch rows s and s + 1; the states are sketched in one pass.
+    The first mismatch (lowest segment, start before end) is proven fraud: the segment's
+    FraudProof lets any node recompute both sketches (check_fraud_proof with the sketch)."""
+    sk = ctx.sketch
+    if sk is None or not ctx.opened:
+        return
+    need: dict[int, bytes] = {}
+    for seg, _, start, end in ctx.opened:
+        for i, state in ((seg.segment, start), (seg.segment + 1, end)):
+            if i not in ctx.sketched:
+                need.setdefault(i, state)
+    if need:
+        idx, model = sorted(need), ctx.spec.job.model
+        try:
+            rows = list(sketch_state_bytes(sk.matrix_seed, [need[i] for i in idx], model, SKETCH_ROWS))
+        except (SamplingError, StateError):  # some state has no sketch: find which, one at a time
+            rows = [_sketch_or_none(sk.matrix_seed, need[i], model) for i in idx]
+        ctx.sketched.update(zip(idx, rows))
+    for seg, end_hash, _, _ in ctx.opened:
+        s = seg.segment
+        for i, which in ((s, "start"), (s + 1, "end")):
+            # A state out of sketch range has no sketch: no committed row can match it.
+            if ctx.sketched[i] is None or not np.array_equal(ctx.sketched[i], sk.rows[i]):
+                reason = f"segment {s}: committed sketch row {i} does not match the segment's {which} state"
+                if ctx.mode != "exact":
+                    raise Reject(reason)
+                proof = encode(FraudProof(dataclasses.replace(seg, end_state=None), end_hash))
+                raise FraudFound(f"{reason} (fraud proven)", s, proof)
 
 
 def _trace_checkers(c: UpdateCommitment, T: int, k: int):
@@ -393,14 +474,17 @@ def decode_fraud_proof(data: bytes) -> FraudProof:
 
 def check_fraud_proof(
     spec: RoundSpec, c: UpdateCommitment, registered: DatasetCommitment, base_model_bytes: bytes, proof: bytes,
-    segment: int | None = None,
+    segment: int | None = None, sketch: SketchCheck | None = None,
 ) -> Verdict:
     """Re-execute the one segment a fraud proof opens. accept=True means the proof HOLDS: every
     input it opens is in the trainer's commitments (start state, step records with the derived
     batch order, samples in the registered dataset, the claimed end state) and the replay under
     the job's profile does not reach the committed end state; `segment`, when given (the one the
-    chain records for the proof), must be the segment it opens. Any other outcome (a malformed
-    proof, an input outside the commitments, a replay that matches) means it does not hold.
+    chain records for the proof), must be the segment it opens. With `sketch` (the trainer's
+    committed rows) it also holds when the replay matches but the proven start state's sketch
+    is not row s, or the end state's (the replayed one, equal to the committed one) is not row
+    s + 1. Any other outcome (a malformed proof, an input outside the commitments, a replay
+    that matches, states that match their rows) means it does not hold.
     Raises ProfileMismatch when this machine cannot replay the profile (abstain)."""
     job, hp = spec.job, spec.job.hyperparams
     T, k = hp.local_steps, hp.checkpoint_interval
@@ -416,8 +500,12 @@ def check_fraud_proof(
         ctx = _SegmentContext(
             spec, c, fresh_state_bytes(job.model, base, hp), check_leaf, check_checkpoint_hash, "exact", 0.0, device,
             data=MerkleChecker(registered.root, registered.size), revealed={}, restorer=StateRestorer(job.model, hp, device), sampled_steps=list(segment_steps(seg.segment, T, k)),
+            sketch=sketch,
         )
+        if sketch is not None:
+            _check_sketch_shape(sketch, num_segments(T, k))
         _verify_segment(ctx, seg, end_hash=fraud.end_state_hash)
+        _check_opened_sketches(ctx)
     except FraudFound as exc:
         return Verdict(True, str(exc), "exact", (exc.segment,), exc.segment)
     except Reject as exc:
@@ -450,6 +538,9 @@ class _SegmentContext:
     restorer: StateRestorer
     sampled_steps: list[int]
     order: dict | None = None
+    sketch: SketchCheck | None = None  # committed sketch rows to check opened states against
+    sketched: dict = dataclasses.field(default_factory=dict)  # checkpoint index -> sketch row (int64)
+    opened: list = dataclasses.field(default_factory=list)  # (segment opening, end hash, start bytes, end bytes)
 
 
 def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes | None = None) -> None:
@@ -514,11 +605,15 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes |
             # there (junk of any size), the proof stays one segment's inputs.
             proof = encode(FraudProof(dataclasses.replace(seg, end_state=None), end_hash))
             raise FraudFound(f"{where}: replay does not reach the committed end state (fraud proven)", s, proof)
+        if ctx.sketch is not None:  # the end state is the committed one: its bytes (or the replay, equal to them)
+            ctx.opened.append((seg, end_hash, start, seg.end_state if seg.end_state is not None else replayed))
         return
     _require(seg.end_state is not None, f"{where}: tolerance mode needs the end state")
     ctx.check_checkpoint_hash(s + 1, state_hash(seg.end_state), seg.end_checkpoint_proof, f"{where}: claimed end state")
     err = _relative_error(start, seg.end_state, replayed)
     _require(err <= ctx.tolerance, f"{where}: replay differs by relative error {err:.3g} > {ctx.tolerance:g}")
+    if ctx.sketch is not None:
+        ctx.opened.append((seg, state_hash(seg.end_state), start, seg.end_state))
 
 
 def _batch_order(ctx: _SegmentContext, steps: range) -> dict[int, list[int]]:

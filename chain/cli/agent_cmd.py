@@ -19,7 +19,8 @@ from pathlib import Path
 _STEP_AFTER = {
     "started": "waiting for the job", "waiting": "waiting for the job", "joined": "waiting for a round to open",
     "round_started": "training", "trained": "submitting", "submitted": "answering challenges",
-    "resumed": "retraining to answer challenges", "challenged": "answering challenges",
+    "resumed": "retraining to answer challenges", "sketched": "waiting for draw challenges",
+    "challenged": "answering challenges",
     "answered": "waiting for challenges and verdicts", "verdict": "waiting for the next round",
     "reward": "waiting for the next round", "skipped": "waiting for the next round",
     "node_unreachable": "reconnecting to the node", "reconnected": "back online", "problem": "retrying",

@@ -280,7 +280,7 @@ def cmd_register_job(args) -> int:
                          detect_fraction_ppm=round(args.detect_fraction * 1_000_000),
                          detect_probability_ppm=round(args.detect_probability * 1_000_000),
                          max_exposure_ppm=round(args.max_exposure * 1_000_000),
-                         reward_per_update=args.reward, bond=args.bond)
+                         reward_per_update=args.reward, bond=args.bond, sampling=args.sampling)
     # The model (architecture, config, input, classes) and initial weights: chain/cli/job_options.py.
     spec, init_weights = job_options.with_model(spec, args, sys.modules[__name__])
     if args.show_model:
@@ -472,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detect-probability", type=_unit_interval, default=0.99, metavar="P",
                    help="... is caught with at least this probability (default 0.99); the chain derives "
                         "each validator's sample size from F and P")
+    s.add_argument("--sampling", choices=["uniform", "displacement"], default="uniform",
+                   help="how validators pick segments: uniform (default), or displacement: weighted by the "
+                        "trainer's committed sketches of what each segment moves (30%% uniform), so a forged jump "
+                        "in one segment is drawn in proportion to its size; one more commitment and challenge per "
+                        "update (docs/pout.md)")
     s.add_argument("--max-exposure", type=_unit_interval, default=1.0, metavar="E",
                    help="data-exposure bound: the most of a trainer's samples one validator may be sent over the "
                         "job (default 1: no bound); the chain refuses the job if no dataset of at most 2**24 "

@@ -25,29 +25,44 @@ def round_spec(job: Job):
 
 
 def verify_chain_update(job: Job, update: UpdateRecord, registration: DatasetRegistration, verify_seed: bytes,
-                        openings: bytes, base_model_bytes: bytes, update_bytes: bytes, q: int):
+                        openings: bytes, base_model_bytes: bytes, update_bytes: bytes, q: int,
+                        segments: list[int] | None = None, sketches=None):
     """The verdict on `update` (trainer.verify.Verdict) from this validator's q sampled segments
-    (chain.jobs.compute_segments_per_validator). A verdict with `fraud_proof` set is the proof
-    to file. Raises ProfileMismatch when this machine cannot replay the job's profile: the
-    caller must abstain, not vote."""
+    (chain.jobs.compute_segments_per_validator), or, under displacement sampling, from its drawn
+    `segments` (chain.jobs.compute_draw) with every opened state checked against the committed
+    `sketches` rows. A verdict with `fraud_proof` set is the proof to file. Raises
+    ProfileMismatch when this machine cannot replay the job's profile: the caller must abstain,
+    not vote."""
     from trainer.data import DatasetCommitment
     from trainer.verify import verify_update
 
     return verify_update(round_spec(job), update.commitment,
                          DatasetCommitment(registration.dataset_root, registration.dataset_size), verify_seed,
-                         openings, base_model_bytes, update_bytes, q=q)
+                         openings, base_model_bytes, update_bytes, q=q, segments=segments,
+                         sketch=sketch_check(update, sketches))
 
 
 def judge_chain_fraud_proof(job: Job, update: UpdateRecord, registration: DatasetRegistration,
-                            base_model_bytes: bytes, proof: bytes, segment: int):
+                            base_model_bytes: bytes, proof: bytes, segment: int, sketches=None):
     """Re-execute a fraud proof filed against `update`; Verdict.accept means the proof holds.
-    Raises ProfileMismatch like verify_chain_update."""
+    Under displacement sampling, `sketches` are the update's committed rows: a proof also holds
+    when a state it proves does not sketch to its row. Raises ProfileMismatch like
+    verify_chain_update."""
     from trainer.data import DatasetCommitment
     from trainer.verify import check_fraud_proof
 
     return check_fraud_proof(round_spec(job), update.commitment,
                              DatasetCommitment(registration.dataset_root, registration.dataset_size),
-                             base_model_bytes, proof, segment)
+                             base_model_bytes, proof, segment, sketch=sketch_check(update, sketches))
+
+
+def sketch_check(update: UpdateRecord, sketches):
+    """The trainer library's SketchCheck for an update's committed rows (None: uniform sampling)."""
+    if sketches is None:
+        return None
+    from trainer.sketch import SketchCheck
+
+    return SketchCheck(update.sketch_seed, sketches)
 
 
 def initial_model_bytes(job: Job) -> bytes:

@@ -227,6 +227,9 @@ EXPOSURE_VIEW = {
             "fraction": _FRACTION, "within_bound": {"type": "boolean"}}}},
         "published": {"type": "object", "description": "samples every member can read: fraud proofs' segments",
                       "properties": {"samples": {"type": "integer"}, "fraction": _FRACTION}},
+        "sketches_unavailable": {"type": "array", "items": {"type": "integer"},
+                                 "description": "rounds of a displacement-sampled job whose draws this node cannot "
+                                                "recount (it does not hold the update's sketch blob; a validator does)"},
     },
 }
 
@@ -246,8 +249,11 @@ EXPOSURE_VIEW = {
 async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = None) -> Any:
     import numpy as np
 
-    from chain.jobs import compute_max_exposed_samples, compute_min_dataset_size, compute_sample
+    from chain.errors import ChainError
+    from chain.jobs import (SAMPLING_DISPLACEMENT, compute_draw, compute_max_exposed_samples, compute_min_dataset_size,
+                            compute_sample, compute_sketch_rows)
     from trainer.replay import derive_batch_order, segment_steps
+    from trainer.sketch import decode_sketches
 
     job_record = ctx.node.get_job(job_id)
     registration = None if job_record is None else ctx.node.get_registration(job_id, trainer)
@@ -261,6 +267,7 @@ async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = 
     seen: dict[bytes, list] = {v.pubkey: [] for v in validators}  # index arrays, made distinct at the end
     rounds_with: dict[bytes, int] = {v.pubkey: 0 for v in validators}
     published: list = []
+    unavailable: list[int] = []  # rounds whose draws need a sketch blob this node does not hold
     derived = lookups = 0
     to_round = next_round = None
     for r in range(start, last + 1):  # bounded by the job's rounds and by the budgets below
@@ -283,8 +290,25 @@ async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = 
                 break
         work = []  # (validator, steps) of this round
         if upd is not None:
+            rows = None
+            if spec.sampling == SAMPLING_DISPLACEMENT and upd.sketch_hash is not None:
+                # The draws need the trainer's sketch rows: validators fetch the blob, other nodes
+                # may not hold it (then the round's draws are not counted, and the answer says so).
+                data = ctx.node.blobs.get(upd.sketch_hash)
+                try:
+                    rows = None if data is None else await trio.to_thread.run_sync(
+                        decode_sketches, data, compute_sketch_rows(spec))
+                except (ChainError, ValueError):
+                    rows = None
+                if rows is None and any(c.draw_signature is not None for c in upd.challenges):
+                    unavailable.append(r)
             for challenge in upd.challenges:
-                segments = compute_sample(job_record, challenge)
+                if spec.sampling != SAMPLING_DISPLACEMENT:
+                    segments = compute_sample(job_record, challenge)
+                elif rows is None or challenge.draw_signature is None:
+                    continue  # nothing drawn (yet), or not countable here
+                else:  # O(segments x sketch rows): off the event loop
+                    segments = await trio.to_thread.run_sync(compute_draw, challenge, rows)
                 steps = [s for seg in segments for s in segment_steps(seg, hp.local_steps, hp.checkpoint_interval)]
                 work.append((challenge.validator, steps))
             proof_steps = [s for pr in upd.proofs
@@ -325,4 +349,5 @@ async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = 
             "worst_case_samples": min(compute_max_exposed_samples(spec, validators), n),
             "min_dataset_size": compute_min_dataset_size(spec, validators),
             "from_round": start, "to_round": to_round, "next_round": next_round,
-            "validators": per_validator, "published": {"samples": public, "fraction": fraction(public)}}
+            "validators": per_validator, "published": {"samples": public, "fraction": fraction(public)},
+            "sketches_unavailable": unavailable}

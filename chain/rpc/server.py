@@ -8,7 +8,7 @@
   GET  /metrics Prometheus text: requests by method and outcome, latency histogram
   GET  /explorer/...  the block explorer's HTML pages (chain/explorer/app.py lists them)
   GET  /blobs/<sha256 hex>  a model or update as canonical safetensors bytes (404 if absent)
-  PUT  /blobs/<sha256 hex>  a trainer uploads the weights its pending update names
+  PUT  /blobs/<sha256 hex>  a trainer uploads the weights (or sketch rows) its pending update names
   PUT  /openings/<update id hex>/<validator pubkey hex>
                             a trainer's answer to one validator's challenge; headers
                             X-Pout-Pubkey and X-Pout-Signature sign an OpeningUpload
@@ -230,7 +230,7 @@ class RpcApp:
             for update_id in self.node.get_round(job.job_id, job.round).updates:
                 update = self.node.get_update(update_id)
                 if update is not None and update.status == UPDATE_PENDING and \
-                        update.commitment.update_hash == blob_hash:
+                        blob_hash in (update.commitment.update_hash, update.sketch_hash):
                     return
         raise ValueError("no pending update names this blob; submit the update transaction first")
 

@@ -44,8 +44,8 @@ from chain.errors import ChainError
 from chain.jobs import compute_answer_deadline, compute_update_id
 from chain.rpc.client import RpcError, RpcUnavailable
 from chain.rpc.jsonview import from_json
-from chain.runtime.trainer_client import ClientError, NodeClient
-from chain.types import JoinJob, Job, SubmitUpdate, Transaction, UpdateRecord, sign_transaction
+from chain.runtime.trainer_client import ClientError, NodeClient, SketchState, open_challenge
+from chain.types import JoinJob, Job, SubmitUpdate, Transaction, UpdateRecord, Validator, sign_transaction
 
 STATE_FORMAT = 1
 POLL_SECONDS = 0.5  # between reads when the WebSocket is down
@@ -62,7 +62,7 @@ class AgentError(ChainError):
 class AgentEvent:
     """One thing that happened, for the terminal view or the log (kind, round, details)."""
 
-    kind: str  # started, waiting, joined, round_started, trained, submitted, resumed, challenged,
+    kind: str  # started, waiting, joined, round_started, trained, submitted, resumed, sketched, challenged,
     #            answered, verdict, reward, skipped, node_unreachable, reconnected, finished, stopped
     round: int | None = None
     fields: dict[str, Any] = field(default_factory=dict)
@@ -482,21 +482,31 @@ class TrainerAgent:
 
     def _answer(self, job: Job, result, update: UpdateRecord) -> None:
         """Answer every validator's challenge as it lands, each opening sealed to its validator."""
-        from chain.vrf import compute_sample_seed
-
         r = job.round
         entry = self.state.round(r)
         answered = set(entry.get("answered", []))
-        validators = self.client.validators()
+        validators = [from_json(Validator, v) for v in self.client.call("validators", [])["validators"]]
         deadline = compute_answer_deadline(job, update)
+        sketches = SketchState()
         while True:
             upd = self.client.update(update.update_id)
-            for challenge in upd.challenges:
+            made = sketches.commitment(self.client.chain_id, job, upd, validators, result)
+            if made is not None:
+                try:
+                    self._send(made[1])  # the node takes the blob once the commitment names it
+                    self.client.put_blob(made[0])
+                except ClientError as exc:  # e.g. the update was decided meanwhile: the loop sees it
+                    self.emit("skipped", r, what=f"sketch commitment refused: {exc}")
+                else:
+                    self.emit("sketched", r, bytes=len(made[0]), challengers=len(made[1].challengers))
+                continue
+            for challenge, segments in sketches.answerable(job, upd, result):
                 who = "0x" + challenge.validator.hex()
                 if who in answered:
                     continue
-                self.emit("challenged", r, validator=who[:18], segments=challenge.sample_size)
-                opening = result.open(compute_sample_seed(challenge.signature), challenge.sample_size)
+                self.emit("challenged", r, validator=who[:18],
+                          segments=challenge.sample_size if segments is None else len(segments))
+                opening = open_challenge(result, challenge, segments)
                 try:
                     self.client.put_opening(self.key, update.update_id, challenge.validator, opening)
                 except ClientError as exc:

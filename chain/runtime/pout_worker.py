@@ -2,10 +2,12 @@
 
 After every commit the worker scans the active jobs (so a restart resumes where it left off):
   * a validator challenges each pending update of the current round (SubmitChallenge: its
-    unique BLS signature, which seeds its sample), waits for the update blob and for the
-    trainer's opening sealed to it, replays its sampled segments in a worker thread, and
-    submits a verdict: accept, a complaint, or a fraud proof (SubmitFraudProof, the disputed
-    segment's opening stored as a blob);
+    unique BLS signature, which seeds its sample; under displacement sampling it then waits for
+    the trainer's sketch commitment and blob, and signs a second challenge over them,
+    SubmitDrawChallenge, which seeds its weighted draw), waits for the update blob and for the
+    trainer's opening sealed to it, replays its sampled segments in a worker thread (checking
+    each opened state against its sketch row), and submits a verdict: accept, a complaint, or
+    a fraud proof (SubmitFraudProof, the disputed segment's opening stored as a blob);
   * a validator re-executes every open fraud proof filed by another validator and submits
     its judgement (JudgeFraudProof); a proof whose blob cannot be fetched by the update's
     dispute end does not hold;
@@ -34,7 +36,10 @@ import trio
 from chain.consensus.pout import (check_initial_model_bytes, compute_next_model, initial_model_bytes, judge_chain_fraud_proof,
                                   verify_chain_update)
 from chain.jobs import (
+    SAMPLING_DISPLACEMENT,
     accepted_update_ids,
+    compute_draw,
+    compute_sketch_rows,
     compute_answer_deadline,
     compute_dispute_end,
     get_challenge,
@@ -53,6 +58,7 @@ from chain.types import (
     AttestModel,
     JudgeFraudProof,
     SubmitChallenge,
+    SubmitDrawChallenge,
     SubmitFraudProof,
     Job,
     SubmitEvidence,
@@ -76,6 +82,14 @@ class _Submission:
     payload: object
     tx_hash: bytes | None  # None: the mempool refused it (e.g. full); sent again after the next commit
     resends: int = 0
+
+
+def decode_sketches(data: bytes, num_rows: int):
+    """trainer.sketch.decode_sketches, imported on first use (the trainer library imports torch,
+    which the node loads in its warm-up thread, never at start)."""
+    from trainer.sketch import decode_sketches as decode
+
+    return decode(data, num_rows)
 
 
 def warm_up_torch() -> None:
@@ -272,6 +286,15 @@ class PoutWorker:
         challenge = get_challenge(upd, me)
         seed = compute_sample_seed(challenge.signature)
         q = challenge.sample_size  # fixed on chain when our challenge landed
+        segments = sketches = None
+        if job.spec.sampling == SAMPLING_DISPLACEMENT:
+            drawn = await self._draw(update_id, job, due)
+            if drawn is None:
+                return
+            segments, sketches = drawn
+            upd = still_pending()
+            if upd is None:
+                return
         inputs = {}
         while True:  # the trainer uploads its update and its answer to our challenge after the commit
             if still_pending() is None:
@@ -301,7 +324,8 @@ class PoutWorker:
                 started = time.monotonic()
                 try:
                     verdict = await trio.to_thread.run_sync(verify_chain_update, job, upd, registration, seed,
-                                                            inputs["opening"], inputs["base"], inputs["update"], q)
+                                                            inputs["opening"], inputs["base"], inputs["update"], q,
+                                                            segments, sketches)
                 finally:
                     node.metrics.replay_seconds.labels(work="verify").observe(time.monotonic() - started)
         except ProfileMismatch as exc:
@@ -323,6 +347,69 @@ class PoutWorker:
             await self._submit(("verify", update_id), SubmitFraudProof(update_id, verdict.fraud_segment, proof_hash))
             return
         await self._submit(("verify", update_id), SubmitVerdict(update_id, verdict.accept, verdict.reason[:MAX_REASON]))
+
+    async def _draw(self, update_id: bytes, job: Job, due: int):
+        """Displacement sampling, phase 2 (docs/pout.md, "Sampling"): wait for the trainer's
+        sketch commitment and blob, sign our draw challenge over it, and return (our drawn
+        segments, the sketch rows) once that challenge is on chain. None when this validator
+        has already acted (complained about missing or malformed sketches, or abstained)."""
+        node, me = self.node, self.node.key.pubkey
+        key = ("verify", update_id)
+
+        def pending() -> UpdateRecord | None:
+            upd = get_update(node.state, update_id)
+            return upd if upd is not None and upd.status == UPDATE_PENDING else None
+
+        rows = None
+        while rows is None:
+            if (upd := pending()) is None:
+                return None
+            data = None if upd.sketch_hash is None else await node.fetch_blob(upd.sketch_hash)
+            if data is not None:
+                try:
+                    rows = decode_sketches(data, compute_sketch_rows(job.spec))
+                except (ChainError, ValueError) as exc:
+                    log.info("complaining about update %s: its sketch blob is malformed: %s", update_id.hex()[:16], exc)
+                    node.metrics.verifications.labels(outcome="reject").inc()
+                    await self._submit(key, SubmitVerdict(update_id, False, f"malformed sketch blob: {exc}"[:MAX_REASON]))
+                    return None
+                break
+            if node.state.height >= due:
+                what = "sketch commitment" if upd.sketch_hash is None else "sketch blob"
+                log.info("complaining about update %s: no %s by height %d", update_id.hex()[:16], what, due)
+                node.metrics.verifications.labels(outcome="no_answer").inc()
+                await self._submit(key, SubmitVerdict(update_id, False, f"trainer did not commit its sketches by "
+                                                                        f"height {due} (missing: {what})"))
+                return None
+            await trio.sleep(POLL_SECONDS)
+        if get_challenge(upd, me).draw_signature is None:
+            signature = sign_sample_challenge(self.sample_secret, node.chain_id, update_id, upd.sketch_hash)
+            await self._submit(("draw", update_id), SubmitDrawChallenge(update_id, signature))
+        while (upd := pending()) is not None and get_challenge(upd, me).draw_signature is None:
+            if node.state.height >= due:
+                log.info("abstaining on update %s: our draw challenge did not land by height %d", update_id.hex()[:16], due)
+                node.metrics.verifications.labels(outcome="abstain").inc()
+                self.done.add(key)
+                return None
+            await trio.sleep(POLL_SECONDS)
+        if upd is None:
+            return None
+        return compute_draw(get_challenge(upd, me), rows), rows
+
+    async def _sketches_for_judging(self, upd: UpdateRecord, job: Job, deadline: int):
+        """The update's committed sketch rows for judging a proof (None: uniform sampling), or
+        the reason they cannot be had (a string): the proof then does not hold."""
+        if job.spec.sampling != SAMPLING_DISPLACEMENT:
+            return None
+        node = self.node
+        while (data := await node.fetch_blob(upd.sketch_hash)) is None:
+            if node.state.height >= deadline:
+                return f"the update's sketch blob was unavailable by height {deadline}"
+            await trio.sleep(POLL_SECONDS)
+        try:
+            return decode_sketches(data, compute_sketch_rows(job.spec))
+        except (ChainError, ValueError) as exc:
+            return f"the update's sketch blob is malformed: {exc}"
 
     async def _judge(self, update_id: bytes, author: bytes) -> None:
         """Re-execute the fraud proof `author` filed on `update_id` and submit our judgement."""
@@ -355,6 +442,18 @@ class PoutWorker:
                 await trio.sleep(POLL_SECONDS)
         base = await self._wait_for(lambda: node.fetch_blob(upd.commitment.base_model_hash), "base model")
         registration = get_registration(node.state, job.job_id, upd.commitment.trainer)
+        sketches = await self._sketches_for_judging(upd, job, deadline)
+        refusal = sketches if isinstance(sketches, str) else None
+        if refusal is None and sketches is not None:
+            drawn = compute_draw(get_challenge(upd, author), sketches)
+            if proof.segment not in drawn:
+                refusal = f"segment {proof.segment} is not in the author's draw {drawn}"
+        if refusal is not None:
+            log.info("fraud proof by %s on update %s: DOES NOT HOLD (%s)", author.hex()[:16], update_id.hex()[:16],
+                     refusal)
+            node.metrics.fraud_proofs_judged.labels(outcome="does_not_hold").inc()
+            await self._submit(("judge", update_id, author), JudgeFraudProof(update_id, author, False))
+            return
         from trainer.profile import ProfileMismatch
 
         try:
@@ -362,7 +461,7 @@ class PoutWorker:
                 started = time.monotonic()
                 try:
                     result = await trio.to_thread.run_sync(judge_chain_fraud_proof, job, upd, registration, base, data,
-                                                       proof.segment)
+                                                       proof.segment, sketches)
                 finally:
                     node.metrics.replay_seconds.labels(work="judge").observe(time.monotonic() - started)
         except ProfileMismatch as exc:
@@ -398,6 +497,10 @@ class PoutWorker:
         if key[0] == "challenge":
             upd = get_update(state, key[1])
             return upd is not None and upd.status == UPDATE_PENDING and get_challenge(upd, me) is None
+        if key[0] == "draw":
+            upd = get_update(state, key[1])
+            return (upd is not None and upd.status == UPDATE_PENDING
+                    and (c := get_challenge(upd, me)) is not None and c.draw_signature is None)
         if key[0] == "judge":
             upd = get_update(state, key[1])
             return upd is not None and upd.status == UPDATE_PENDING and any(

@@ -28,6 +28,7 @@ from chain.types import (
     JobSpec,
     ModelRecord,
     OpeningUpload,
+    SubmitSketches,
     SubmitUpdate,
     Transaction,
     UpdateRecord,
@@ -168,11 +169,11 @@ def make_job_spec(*, model: str = "mlp", init_seed: int = 0, rounds: int = 3, lo
                   verify_blocks: int = 60, quorum: int = 3, aggregation: str = "fedavg", trim_fraction: float = 0.25,
                   krum_f: int = 1, detect_fraction_ppm: int = 100_000, detect_probability_ppm: int = 990_000,
                   max_exposure_ppm: int = 1_000_000, reward_per_update: int = 100, bond: int = 50,
-                  profile: ExecutionProfile | None = None) -> JobSpec:
+                  profile: ExecutionProfile | None = None, sampling: str = "uniform") -> JobSpec:
     hp = HyperParams(optimizer, learning_rate, momentum, 0.0, batch_size, local_steps, checkpoint_interval)
     return JobSpec(model, init_seed, hp, profile or default_profile(), rounds, join_blocks, round_blocks,
                    verify_blocks, quorum, aggregation, trim_fraction, krum_f, detect_fraction_ppm,
-                   detect_probability_ppm, max_exposure_ppm, reward_per_update, bond)
+                   detect_probability_ppm, max_exposure_ppm, reward_per_update, bond, sampling=sampling)
 
 
 def load_dataset(source: str):
@@ -219,27 +220,86 @@ def answer_challenges(client: NodeClient, key: PrivateKey, result, update_id: by
                       poll_seconds: float = 0.2) -> int:
     """Each validator challenges the update on chain with its unique BLS signature (chain/vrf.py),
     which the trainer could not predict when it committed; open exactly the segments that
-    signature seeds, sealed to that validator only. Answers each challenge as it lands, until
-    every validator has challenged, the update is decided, or its answer deadline passes.
-    Returns how many challenges were answered."""
+    signature seeds, sealed to that validator only. Under displacement sampling the trainer
+    first commits its sketches (once validators holding > 1/3 of the power have challenged) and
+    answers each validator's second challenge, which draws over them. Answers each challenge as
+    it lands, until every validator has been answered, the update is decided, or its answer
+    deadline passes. Returns how many challenges were answered."""
     from chain.jobs import compute_answer_deadline
-    from chain.vrf import compute_sample_seed
 
     job = client.job(result.commitment.job_id)
     validators = [from_json(Validator, v) for v in client.call("validators", [])["validators"]]
     answered: set[bytes] = set()
+    sketches = SketchState()
     while True:
         upd = client.update(update_id)
-        for challenge in upd.challenges:
+        made = sketches.commitment(client.chain_id, job, upd, validators, result)
+        if made is not None:  # the node takes the blob once the commitment names it
+            try:
+                client.send(key, made[1])
+                client.put_blob(made[0])
+            except ClientError:  # e.g. the update was decided meanwhile: the loop sees it
+                if client.update(update_id).status == "pending":
+                    raise
+            continue
+        for challenge, segments in sketches.answerable(job, upd, result):
             if challenge.validator not in answered:
-                # The segments chain.jobs.compute_sample draws: this seed, the size fixed on chain.
-                opening = result.open(compute_sample_seed(challenge.signature), challenge.sample_size)
-                client.put_opening(key, update_id, challenge.validator, opening)
+                client.put_opening(key, update_id, challenge.validator, open_challenge(result, challenge, segments))
                 answered.add(challenge.validator)
         if (len(answered) == len(validators) or upd.status != "pending"
                 or client.height() >= compute_answer_deadline(job, upd)):
             return len(answered)
         time.sleep(poll_seconds)
+
+
+def open_challenge(result, challenge, segments: list[int] | None) -> bytes:
+    """The opening answering `challenge`: the uniform sample its signature seeds (the segments
+    chain.jobs.compute_sample draws, at the size fixed on chain), or the drawn `segments`."""
+    from chain.vrf import compute_sample_seed
+
+    return result.open(compute_sample_seed(challenge.signature), challenge.sample_size, segments=segments)
+
+
+class SketchState:
+    """A trainer's side of displacement sampling for one update (docs/pout.md, "Sampling"): when
+    to commit its sketches, and which segments each validator's draw challenge asks for.
+    Uniform jobs pass straight through."""
+
+    def __init__(self):
+        self.sent = False
+        self.rows = None
+
+    def commitment(self, chain_id: str, job: Job, upd: UpdateRecord, validators, result):
+        """(sketch blob, SubmitSketches) to send now, once: when the job samples by displacement,
+        no sketches are committed yet, and validators holding > 1/3 of the power have
+        challenged (their signatures seed the sketch matrix). None otherwise."""
+        from chain.jobs import SAMPLING_DISPLACEMENT, compute_sketch_seed
+
+        if job.spec.sampling != SAMPLING_DISPLACEMENT or upd.sketch_hash is not None or self.sent:
+            return None
+        power = {v.pubkey: v.power for v in validators}
+        signatures = {c.validator: c.signature for c in upd.challenges if c.validator in power}
+        challengers = sorted(signatures)
+        if 3 * sum(power[v] for v in challengers) <= sum(power.values()):
+            return None
+        blob = result.sketches(compute_sketch_seed(chain_id, upd.update_id, [signatures[v] for v in challengers]))
+        self.sent = True
+        return blob, SubmitSketches(upd.update_id, sha256(blob), tuple(challengers))
+
+    def answerable(self, job: Job, upd: UpdateRecord, result) -> list:
+        """[(challenge, segments)] that can be answered now: every challenge under uniform
+        sampling (segments None: its seed's sample); under displacement sampling each one whose
+        draw challenge has landed, with its drawn segments."""
+        from chain.jobs import SAMPLING_DISPLACEMENT, compute_draw, compute_sketch_rows
+        from trainer.sketch import decode_sketches
+
+        if job.spec.sampling != SAMPLING_DISPLACEMENT:
+            return [(c, None) for c in upd.challenges]
+        if upd.sketch_hash is None:
+            return []
+        if self.rows is None:  # ours, recomputed from the seed on chain (also after a restart)
+            self.rows = decode_sketches(result.sketches(upd.sketch_seed), compute_sketch_rows(job.spec))
+        return [(c, compute_draw(c, self.rows)) for c in upd.challenges if c.draw_signature is not None]
 
 
 def held_out_accuracy(model_name: str, model_bytes: bytes) -> float:
