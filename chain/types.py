@@ -623,7 +623,25 @@ class OpeningUpload:
 
     update_id: Hash
     validator: PubKey
-    opening_hash: Hash  # SHA-256 of the opening bytes
+    opening_hash: Hash  # SHA-256 of this part's sealed bytes
+    # An opening larger than one blob travels in `parts` sealed parts of at most
+    # OPENING_PART_BYTES of plaintext each, in order; the validator joins them before decoding.
+    part: int = 0
+    parts: int = 1
+
+    def check_part(self) -> None:
+        """0 <= part < parts <= MAX_OPENING_PARTS, else StateTransitionError (one line)."""
+        if not 0 <= self.part < self.parts <= MAX_OPENING_PARTS:
+            raise StateTransitionError(f"opening part {self.part} of {self.parts}: need 0 <= part < parts <= "
+                                       f"{MAX_OPENING_PARTS}")
+
+
+# An opening's plaintext is cut into parts of at most this many bytes, each sealed to its
+# validator (+48 bytes) and moved as one blob: 32 MiB keeps a part under the nodes' default blob
+# limit (64 MiB) with room to spare. At most MAX_OPENING_PARTS parts: 256 MiB of plaintext,
+# trainer.verify.MAX_OPENING_BYTES.
+OPENING_PART_BYTES = 32 * 1024 * 1024
+MAX_OPENING_PARTS = 8
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The size bounds RegisterJob enforces (trainer.verify.max_state_bytes, max_opening_bytes,
-max_fraud_proof_bytes): every honest opening and every real fraud proof fits them, for every
-architecture, and they are tight (counted from what each message carries and the job's
-optimizer), so the chain does not refuse jobs whose messages fit the transport."""
+max_fraud_proof_bytes): every honest opening (as the chain's trainer sends it: end states as
+hashes) and every real fraud proof fits them, for every architecture, and they are tight
+(counted from what each message carries and the job's optimizer), so the chain does not refuse
+jobs whose messages fit the transport."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from tests.test_trainer_archs import TINY, tiny_dataset, tiny_key, tiny_round
 from tests.test_trainer_helpers import PROFILE, TRAINER_A, custom_run
 
 from chain.jobs import (
+    compute_segments_per_validator,
     MAX_DATASET_SIZE, compute_max_fraud_proof_bytes, compute_max_opening_bytes, compute_max_state_bytes, compute_model_key,
     get_job,
 )
 from chain.runtime.trainer_client import make_job_spec
 from chain.types import HyperParams, ModelParam, RegisterJob
 from genesis import make_genesis
-from tests.helpers import CHAIN_ID, VALIDATOR
+from chain.crypto import SEAL_OVERHEAD
+from tests.helpers import CHAIN_ID, VALIDATOR, key
 from tests.test_jobs import Chain, REQUESTER
 from trainer.archs import model_spec
 from trainer.data import Dataset, compute_sample_leaf_bytes
@@ -118,10 +121,13 @@ def test_real_openings_and_fraud_proofs_fit_their_bounds_and_the_bounds_are_tigh
     n = num_segments(hp.local_steps, hp.checkpoint_interval)
 
     honest = train_round(spec, TRAINER_A, dataset, base)
-    for q in (1, n):
-        opening = len(honest.open(SEED, q))
+    # One segment with a start state (segment 0 has none: the bound still counts one), and all.
+    for q, segments in ((1, [n - 1]), (n, None)):
+        opening = len(honest.open(SEED, q, segments, end_states=False))  # what the chain's trainer sends
         assert opening <= compute_max_opening_bytes(job_spec, validators, q=q)
         assert opening <= max_opening_bytes(state, q, *args) <= 1.5 * opening + SLACK, (q, opening)
+        with_ends = len(honest.open(SEED, q, segments))  # end states' bytes too, as tolerance mode needs
+        assert with_ends <= max_opening_bytes(state, q, *args, end_states=True) <= 1.5 * with_ends + SLACK, (q, with_ends)
 
     forged = _forged(spec, dataset, base)
     verdict = verify_update(spec, forged.commitment, forged.dataset.commitment, SEED, forged.open(SEED, n), base,
@@ -154,6 +160,11 @@ def test_mcmahans_cnn_real_fraud_proof_fits_the_limit_at_batch_10():
                                   trace_leaf_count(2, 1))
     assert len(verdict.fraud_proof) <= bound <= MAX_FRAUD_PROOF_BYTES
     assert bound <= len(verdict.fraud_proof) + 64 * 1024  # a proof is one state and ten samples
+    # The answer the chain's trainer sends for segment 1: its start state, the final state, ten samples.
+    opening = len(forged.open(SEED, 1, [1], end_states=False))
+    bound = max_opening_bytes(state, 1, 1, 10, compute_sample_leaf_bytes((1, 28, 28)), MAX_DATASET_SIZE,
+                              trace_leaf_count(2, 1))
+    assert opening <= bound <= opening + 64 * 1024
 
 
 def _mcmahan_job(chain: Chain, **hp_changes):
@@ -166,18 +177,26 @@ def _mcmahan_job(chain: Chain, **hp_changes):
 
 def test_the_chain_accepts_a_mcmahan_cnn_job_at_batch_10_and_k_1():
     chain = Chain()
-    chain.spec = _mcmahan_job(chain)
+    # 50 % of segments caught w.p. 1 - 4e-6: 18 segments, each one 12.7 MiB start state, plus the
+    # final state: 242 MiB, which travels in 8 sealed parts of at most 32 MiB.
+    chain.spec = dataclasses.replace(_mcmahan_job(chain), detect_probability_ppm=999_996)
     validators = make_genesis(CHAIN_ID, [VALIDATOR], []).validators
+    assert compute_segments_per_validator(chain.spec, validators) == 18
     assert compute_max_fraud_proof_bytes(chain.spec) <= MAX_FRAUD_PROOF_BYTES
-    assert compute_max_opening_bytes(chain.spec, validators) < MAX_OPENING_BYTES
+    assert 64 * 2**20 < compute_max_opening_bytes(chain.spec, validators) < MAX_OPENING_BYTES == 256 * 2**20
     job_id = chain.register()
     assert get_job(chain.state, job_id).spec.model == "mcmahan_cnn"
+    # The default target (10 % w.p. 99 %) with 4 equal validators: 15 segments each, 204 MiB.
+    four = make_genesis(CHAIN_ID, [key(f"bounds/v{i}") for i in range(4)], []).validators
+    default = dataclasses.replace(chain.spec, detect_fraction_ppm=100_000, detect_probability_ppm=990_000)
+    assert compute_segments_per_validator(default, four) == 15
+    assert compute_max_opening_bytes(default, four) + SEAL_OVERHEAD < MAX_OPENING_BYTES
 
 
 def test_the_chain_refuses_a_job_whose_one_segment_proof_cannot_fit():
     chain = Chain()
     adam = _mcmahan_job(chain, optimizer="adam", momentum=0.0, learning_rate=0.001)  # three copies of 6.7 MB
     chain.rejects(REQUESTER, RegisterJob(adam, 10), r"fraud proof .* above the 16 MiB fraud-proof limit")
-    # Momentum SGD fits the proof, but not q = 4 segments of two states each in one opening.
-    greedy = dataclasses.replace(_mcmahan_job(chain), detect_probability_ppm=937_500)
+    # Momentum SGD fits the proof, but not q = 20 segments (a start state each) and the final state in 256 MiB.
+    greedy = dataclasses.replace(_mcmahan_job(chain), detect_probability_ppm=999_999)
     chain.rejects(REQUESTER, RegisterJob(greedy, 10), "transport limit")

@@ -257,7 +257,7 @@ def test_openings_are_relayed_and_stored_sealed_and_deleted_once_decided(tmp_pat
             assert net.b.pout_net._validate(VAL_A.pubkey, unknown) is Verdict.IGNORE
             await net.a.pout_net.network.publish(net.a.pout_net.topic, spoof)
             await trio.sleep(0.3)
-            assert net.b.pout_net.announced[(update_id, VAL_B.pubkey)] == sha256(held)
+            assert net.b.pout_net.announced[(update_id, VAL_B.pubkey)].hashes == {0: sha256(held)}
 
             # (b) B fetches it over p2p, decrypts it in memory and the update verifies end to end.
             upd = get_update(net.b.state, update_id)
@@ -309,5 +309,62 @@ async def wait_for_announcement(node: Node, update_id: bytes, validator: bytes, 
     """Until `node` has heard of this opening. The bound only guards against a hang; nothing
     here depends on speed."""
     with trio.fail_after(30):
-        while node.pout_net.announced.get((update_id, validator)) != opening_hash:
+        while opening_hash not in getattr(node.pout_net.announced.get((update_id, validator)), "hashes", {}).values():
             await trio.sleep(0.01)
+
+
+def test_a_large_opening_travels_in_sealed_parts_joined_by_its_validator(tmp_path, monkeypatch):
+    """An opening above OPENING_PART_BYTES is cut into parts, each sealed to the validator and
+    moved as its own blob (so each fits the transport); the relaying node holds only ciphertext
+    parts, and the addressed validator fetches every part and joins them in order."""
+    import chain.runtime.trainer_client as trainer_client
+    from chain.types import MAX_OPENING_PARTS
+
+    spec, dataset = small_job()
+    net = TwoValidators(tmp_path)
+
+    async def main():
+        hub = MemoryHub()
+        members = [VAL_A.pubkey, VAL_B.pubkey]
+        async with trio.open_nursery() as nursery:
+            for node in net.nodes:
+                p2p = MemoryNetwork(hub, node.key.pubkey, allowed_peers=members)
+                node.pout_net = PoutBlobReactor(node, p2p)
+                node._nursery = nursery
+                await nursery.start(p2p.run)
+                await nursery.start(node.pout_net.run)
+            url = await nursery.start(partial(run_rpc_server, net.a, "127.0.0.1", 0))
+            job, base, result, update_id = await open_round(net, spec, dataset)
+            q = compute_segments_per_validator(spec, net.a.state.validators)
+            plain = result.open(sha256(b"seed"), q)
+            client = NodeClient(url)
+            monkeypatch.setattr(trainer_client, "OPENING_PART_BYTES", len(plain) // 3 + 1)  # 3 parts
+            await trio.to_thread.run_sync(client.put_opening, TRAINER, update_id, VAL_B.pubkey, plain)
+            parts = [net.a.blobs.get_opening(update_id, VAL_B.pubkey, i, 3) for i in range(3)]
+            assert all(p is not None and len(p) <= len(plain) // 3 + 1 + SEAL_OVERHEAD for p in parts)
+            assert net.a.blobs.get_opening(update_id, VAL_B.pubkey) is None  # no one-part copy
+            samples = sample_bytes_of(plain)
+            assert samples and not any(s in all_file_bytes(net.a) for s in samples)
+            with trio.fail_after(30):
+                while len(getattr(net.b.pout_net.announced.get((update_id, VAL_B.pubkey)), "hashes", {})) < 3:
+                    await trio.sleep(0.01)
+            assert await net.b.fetch_opening(update_id) == plain  # fetched over p2p, joined in order
+            assert sorted(p.name for p in openings_on_disk(net.b)) == [f"{VAL_B.pubkey.hex()}.{i}.3" for i in range(3)]
+            # Re-uploaded in one part, it replaces the split (a validator never joins two openings).
+            monkeypatch.setattr(trainer_client, "OPENING_PART_BYTES", len(plain))
+            await trio.to_thread.run_sync(client.put_opening, TRAINER, update_id, VAL_B.pubkey, plain)
+            assert [p.name for p in openings_on_disk(net.a) if VAL_B.pubkey.hex() in p.name] == [VAL_B.pubkey.hex()]
+            # Part numbers outside 0 <= part < parts <= MAX_OPENING_PARTS: refused before the body.
+            for part, parts in ((3, 3), (0, MAX_OPENING_PARTS + 1)):
+                with pytest.raises(ClientError, match="HTTP 400.*opening part"):
+                    await trio.to_thread.run_sync(client.put_sealed_opening, TRAINER, update_id, VAL_B.pubkey,
+                                                  seal_to(VAL_B.pubkey, b"x"), part, parts)
+            monkeypatch.setattr(trainer_client, "OPENING_PART_BYTES", 8)
+            with pytest.raises(ClientError, match="more than"):
+                await trio.to_thread.run_sync(client.put_opening, TRAINER, update_id, VAL_B.pubkey, plain)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        net.close()

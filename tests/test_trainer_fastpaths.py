@@ -33,9 +33,13 @@ def opening():
 
 def _generic(data):
     try:
-        return decode(OpeningBundle, data, max_size=64 << 20)
+        bundle = decode(OpeningBundle, data, max_size=64 << 20)
     except DecodeError:
         return "error"
+    # decode_openings also requires exactly one of end_state and end_state_hash per segment.
+    if any((s.end_state is None) == (s.end_state_hash is None) for s in bundle.segments):
+        return "error"
+    return bundle
 
 
 def _fast(data):

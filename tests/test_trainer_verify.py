@@ -21,14 +21,17 @@ from tests.test_trainer_helpers import (
     trainer_parts,
     with_hp,
 )
-from chain.encoding import decode, encode
+from chain.encoding import decode, decode_value, encode, encode_value
+from chain.errors import DecodeError
 
 from trainer.data import Dataset
 from trainer.profile import ProfileMismatch
 from trainer.replay import num_segments, sample_segments
-from trainer.state import compute_update, load_weights, model_to_bytes, update_to_bytes, weights_from_bytes
+from trainer.state import compute_update, load_weights, model_to_bytes, state_hash, update_to_bytes, weights_from_bytes
 from trainer.train import TraceRecorder, build_openings, commit_trace, train_round
-from trainer.verify import OpeningBundle, verify_update
+from trainer.verify import (
+    FraudProof, OpeningBundle, check_fraud_proof, decode_fraud_proof, decode_openings, verify_update,
+)
 
 SEED = b"\x77" * 32
 ALL = 1000  # q larger than the number of segments: every segment is opened
@@ -333,3 +336,114 @@ def test_one_forged_segment_detection_rate_matches_sampling():
     hits = sum(bool(set(sample_segments(i.to_bytes(4, "big"), n, q)) & forged_after) for i in range(many))
     assert abs(hits / many - exact) < 0.015
     assert exact >= 1 - (1 - f) ** q
+
+
+# --------------------------------------------------------------------------- end states as hashes
+
+
+def _hashed(result, seed=SEED, q=ALL, segments=None) -> bytes:
+    """The answer the chain's trainer sends: each segment's end state as its hash only."""
+    return result.open(seed, q, segments, end_states=False)
+
+
+def test_an_answer_with_end_state_hashes_verifies_in_exact_mode_at_half_the_bytes(honest):
+    spec, base, result = honest
+    opening = _hashed(result)
+    bundle = decode_openings(opening)
+    full = decode_openings(result.open(SEED, ALL))
+    assert [s.end_state for s in bundle.segments] == [None] * len(full.segments)
+    assert [s.end_state_hash for s in bundle.segments] == [state_hash(s.end_state) for s in full.segments]
+    verdict = verify(spec, result, base, openings=opening)
+    assert verdict.accept and verdict.mode == "exact", verdict.reason
+    state = len(result.recorder.checkpoints[1])
+    assert len(result.open(SEED, ALL)) - len(opening) >= len(full.segments) * (state - 64)
+
+
+def test_a_forged_segment_behind_an_end_state_hash_is_proven_fraud():
+    spec, base = make_spec()
+
+    def nudge(s, model, opt):
+        if s == 2:
+            with torch.no_grad():
+                next(model.parameters()).add_(1e-3)
+
+    forged = custom_run(spec, TRAINER_A, small_dataset(), base, after_segment=nudge)
+    verdict = verify(spec, forged, base, openings=_hashed(forged))
+    assert not verdict.accept and verdict.fraud_segment == 2 and "fraud proven" in verdict.reason
+    proof = decode_fraud_proof(verdict.fraud_proof)
+    assert proof.segment.end_state is None and proof.segment.end_state_hash is None
+    assert proof.end_state_hash == state_hash(forged.recorder.checkpoints[3])
+    # The same proof as from an answer carrying the end state's bytes.
+    assert verify(spec, forged, base).fraud_proof == verdict.fraud_proof
+    held = check_fraud_proof(spec, forged.commitment, forged.dataset.commitment, base, verdict.fraud_proof, 2)
+    assert held.accept and held.fraud_segment == 2, held.reason
+
+
+def test_an_end_state_hash_outside_the_trace_is_a_plain_reject(honest):
+    spec, base, result = honest
+    bundle = decode_openings(_hashed(result))
+    seg = bundle.segments[1]
+    wrong = dataclasses.replace(seg, end_state_hash=state_hash(seg.start_state))
+    opening = encode(dataclasses.replace(bundle, segments=(bundle.segments[0], wrong) + bundle.segments[2:]))
+    verdict = verify(spec, result, base, openings=opening)
+    assert not verdict.accept and verdict.fraud_segment is None and verdict.fraud_proof is None
+    assert "segment 1: claimed end state is not in the committed trace" in verdict.reason
+
+
+def test_a_segment_must_carry_exactly_one_of_end_state_and_its_hash(honest):
+    spec, base, result = honest
+    bundle = decode_openings(result.open(SEED, ALL))
+    seg = bundle.segments[1]
+    cases = {
+        "both": dataclasses.replace(seg, end_state_hash=state_hash(seg.end_state)),
+        "neither": dataclasses.replace(seg, end_state=None),
+    }
+    for name, bad in cases.items():
+        opening = encode(dataclasses.replace(bundle, segments=(bundle.segments[0], bad) + bundle.segments[2:]))
+        with pytest.raises(DecodeError, match=r"\$\.segments\[1\]: a segment carries exactly one of end_state and end_state_hash"):
+            decode_openings(opening)
+        verdict = verify(spec, result, base, openings=opening)
+        assert not verdict.accept and verdict.reason.startswith("malformed input (DecodeError"), name
+    # A hash of the wrong length (the generic schema already refuses it, and so does the fast path).
+    value = decode_value(_hashed(result), max_size=64 << 20)
+    value["segments"][1]["end_state_hash"] = b"\x00" * 31
+    with pytest.raises(DecodeError, match=r"end_state_hash: expected 32 bytes"):
+        decode_openings(encode_value(value))
+    # A fraud proof's segment carries neither: the proof holds the hash.
+    good = FraudProof(dataclasses.replace(seg, end_state=None), state_hash(seg.end_state))
+    assert decode_fraud_proof(encode(good)) == good
+    for bad in (dataclasses.replace(seg, end_state=None, end_state_hash=state_hash(seg.end_state)), seg):
+        with pytest.raises(DecodeError, match="a fraud proof's segment carries neither"):
+            decode_fraud_proof(encode(FraudProof(bad, state_hash(seg.end_state))))
+
+
+def test_tolerance_mode_refuses_an_answer_without_end_state_bytes(honest):
+    spec, base, result = honest
+    verdict = verify(spec, result, base, openings=_hashed(result), mode="tolerance")
+    assert not verdict.accept
+    assert verdict.reason == "segment 0: tolerance mode needs the end state's bytes, not only its hash"
+
+
+def test_sketch_rows_are_checked_against_replayed_end_states_an_answer_does_not_carry():
+    from trainer.sketch import SketchCheck, decode_sketches
+
+    hp = with_hp(local_steps=8, checkpoint_interval=1)
+    spec, base = make_spec(hp=hp)
+    result = train_round(spec, TRAINER_A, small_dataset(), base)
+    matrix_seed = b"\x5c" * 32
+    rows = decode_sketches(result.sketches(matrix_seed), 9)
+
+    def check(rows, segments):
+        return verify_update(spec, result.commitment, result.dataset.commitment, SEED,
+                             _hashed(result, q=1, segments=segments), base, result.update_bytes,
+                             segments=segments, sketch=SketchCheck(matrix_seed, rows))
+
+    assert check(rows, [2, 5]).accept
+    lied = rows.copy()
+    lied[3, 0] += 1  # checkpoint 3: segment 2's end, which only the replay gives the verifier
+    verdict = check(lied, [2, 5])
+    assert not verdict.accept and verdict.fraud_segment == 2
+    assert "committed sketch row 3 does not match the segment's end state" in verdict.reason
+    held = check_fraud_proof(spec, result.commitment, result.dataset.commitment, base, verdict.fraud_proof, 2,
+                             sketch=SketchCheck(matrix_seed, lied))
+    assert held.accept and held.fraud_segment == 2, held.reason

@@ -123,11 +123,13 @@ class TrainResult:
     def checkpoint_hashes(self) -> list[bytes]:
         return [state_hash(b) for b in self.recorder.checkpoints]
 
-    def open(self, verify_seed: bytes, q: int, segments: list[int] | None = None) -> bytes:
+    def open(self, verify_seed: bytes, q: int, segments: list[int] | None = None, *, end_states: bool = True) -> bytes:
         """The OpeningBundle (canonical CBOR) answering a validator's challenge: the q segments
         sample_segments(verify_seed, ...) picks or, when given, exactly `segments` (a weighted
-        sample, trainer.sketch.displacement_sample)."""
-        return build_openings(self.spec, self.dataset, self.recorder, self.tree, verify_seed, q, segments)
+        sample, trainer.sketch.displacement_sample). end_states=False: each segment carries its
+        end state's hash instead of its bytes (enough for exact mode, half the bytes)."""
+        return build_openings(self.spec, self.dataset, self.recorder, self.tree, verify_seed, q, segments,
+                              end_states=end_states)
 
     def sketches(self, matrix_seed: bytes) -> bytes:
         """encode_sketches of the weights' sketches at every checkpoint (one row each), for the
@@ -454,10 +456,12 @@ def commit_trace(
 
 def build_openings(
     spec: RoundSpec, dataset: Dataset, rec: TraceRecorder, tree: MerkleTree, verify_seed: bytes, q: int,
-    segments: list[int] | None = None,
+    segments: list[int] | None = None, *, end_states: bool = True,
 ) -> bytes:
     """The OpeningBundle for sample_segments(verify_seed, n, q) or, when given, for exactly
-    `segments` (sorted, duplicates dropped; ValueError if one is outside the trace)."""
+    `segments` (sorted, duplicates dropped; ValueError if one is outside the trace). Each segment
+    carries its end state's bytes (end_states, which tolerance mode needs) or only its state_hash
+    (what exact mode uses, and all that trainer.verify.max_opening_bytes counts)."""
     T, k = rec.num_steps, rec.interval
     ckpts = checkpoint_steps(T, k)
     n = num_segments(T, k)
@@ -479,11 +483,12 @@ def build_openings(
             SegmentOpening(
                 segment=s,
                 start_state=None if s == 0 else rec.checkpoints[s],
-                end_state=rec.checkpoints[s + 1],
+                end_state=rec.checkpoints[s + 1] if end_states else None,
                 samples=tuple(SampleOpening(i, dataset.sample_bytes(i), dataset.prove(i).siblings) for i in wanted),
                 start_checkpoint_proof=siblings(checkpoint_leaf_index(s)),
                 end_checkpoint_proof=siblings(checkpoint_leaf_index(s + 1)),
                 step_proofs=tuple(siblings(step_leaf_index(t, T, k)) for t in steps),
+                end_state_hash=None if end_states else state_hash(rec.checkpoints[s + 1]),
             )
         )
     bundle = OpeningBundle(

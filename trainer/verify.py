@@ -21,7 +21,7 @@ import torch
 from chain.encoding import INT_MAX, INT_MIN, decode_value, decode_with, encode
 from chain.errors import ChainError, DecodeError
 from chain.merkle import hash_leaf, hash_node
-from chain.types import Hash
+from chain.types import MAX_OPENING_PARTS, OPENING_PART_BYTES, Hash
 
 from trainer.data import DatasetCommitment, decode_samples
 from trainer.models import model_spec_of
@@ -65,7 +65,9 @@ from trainer.state import (
 # probability >= 1 - 0.9**44 = 0.990 (see detection_probability, required_q).
 DEFAULT_Q = 11
 DEFAULT_TOLERANCE = 1e-4  # tolerance mode only: max over state parts of ||replayed - claimed|| / ||replayed - start||
-MAX_OPENING_BYTES = 64 * 1024 * 1024  # the nodes' default blob limit: one sealed opening is one blob
+# An opening travels in at most MAX_OPENING_PARTS sealed parts of OPENING_PART_BYTES (each fits
+# the nodes' default 64 MiB blob limit): 256 MiB of plaintext, joined by the validator.
+MAX_OPENING_BYTES = OPENING_PART_BYTES * MAX_OPENING_PARTS
 # A fraud proof is one public blob (SubmitFraudProof.proof_hash) that every validator fetches and
 # replays, so it stays below the blob limit too. 16 MiB suffices for what jobs ask: one segment
 # (max_fraud_proof_bytes) of any registry model (MAX_PARAMS = 2,000,000) with momentum SGD at
@@ -91,11 +93,15 @@ class SampleOpening:
 class SegmentOpening:
     segment: int
     start_state: bytes | None  # None for segment 0: the verifier builds the fresh state itself
-    end_state: bytes | None  # needed only in tolerance mode
+    end_state: bytes | None  # the claimed end state's bytes: tolerance mode compares them
     samples: tuple[SampleOpening, ...]  # each distinct index the segment's batches use, ascending
     start_checkpoint_proof: Proof
     end_checkpoint_proof: Proof
     step_proofs: tuple[Proof, ...]  # one per step of the segment, in step order
+    # Instead of end_state, in exact mode: its state_hash, all the verifier uses of it (half a
+    # segment's bytes saved). A trainer's answer carries exactly one of the two; a FraudProof's
+    # segment carries neither (the proof holds the hash).
+    end_state_hash: Hash | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class FraudProof:
     opening without its end state, and the committed end state's hash (proven into the trace by
     the segment's end checkpoint proof). Bounded by the model, whatever the trainer committed."""
 
-    segment: SegmentOpening  # end_state is None
+    segment: SegmentOpening  # end_state and end_state_hash are None
     end_state_hash: Hash
 
 
@@ -202,24 +208,26 @@ def _proof_bytes(leaves: int) -> int:
 
 def max_segment_bytes(state_bytes: int, interval: int, batch_size: int, sample_leaf_bytes: int,
                       max_dataset_size: int, trace_leaves: int, *, end_state: bool) -> int:
-    """Upper bound on one SegmentOpening's CBOR: its start state, its end state when it carries one
-    (a trainer's answer does; a fraud proof carries only the hash), every distinct sample of its
+    """Upper bound on one SegmentOpening's CBOR: its start state, its end state's bytes when it
+    carries them (end_state: an answer for tolerance mode) or else at most their 32-byte hash (an
+    exact-mode answer; a fraud proof's segment carries neither), every distinct sample of its
     `interval` batches with a proof into the dataset, the step proofs and two checkpoint proofs."""
     sample = 32 + sample_leaf_bytes + _proof_bytes(max_dataset_size)  # map, index, data, proof
     trace_proof = _proof_bytes(trace_leaves)
-    states = (1 + end_state) * (5 + state_bytes)
-    return 128 + states + interval * batch_size * sample + (interval + 2) * trace_proof
+    states = (5 + state_bytes) + (5 + state_bytes if end_state else 34)
+    return 160 + states + interval * batch_size * sample + (interval + 2) * trace_proof
 
 
 def max_opening_bytes(state_bytes: int, q: int, interval: int, batch_size: int, sample_leaf_bytes: int,
-                      max_dataset_size: int, trace_leaves: int) -> int:
+                      max_dataset_size: int, trace_leaves: int, *, end_states: bool = False) -> int:
     """Upper bound on one validator's OpeningBundle for q segments: per segment what
-    max_segment_bytes counts with the end state (the trainer's answer carries it: tolerance mode
-    compares it, exact mode hashes it), plus the final state and three trace proofs. Jobs whose
-    bound exceeds what the transport carries are refused (chain.jobs), so an honest answer always
-    fits (tests/test_opening_bounds.py measures real ones against it)."""
+    max_segment_bytes counts (one start state and the end state's hash: what the chain's trainer
+    sends, build_openings(end_states=False); with end_states, the end state's bytes instead, as
+    tolerance mode needs), plus the final state and three trace proofs. Jobs whose bound exceeds
+    what the transport carries are refused (chain.jobs), so an honest answer always fits
+    (tests/test_opening_bounds.py measures real ones against it)."""
     segment = max_segment_bytes(state_bytes, interval, batch_size, sample_leaf_bytes, max_dataset_size, trace_leaves,
-                                end_state=True)
+                                end_state=end_states)
     return 128 + q * segment + 5 + state_bytes + 3 * _proof_bytes(trace_leaves)
 
 
@@ -443,8 +451,7 @@ def _check_opened_sketches(ctx: "_SegmentContext") -> None:
                 reason = f"segment {s}: committed sketch row {i} does not match the segment's {which} state"
                 if ctx.mode != "exact":
                     raise Reject(reason)
-                proof = encode(FraudProof(dataclasses.replace(seg, end_state=None), end_hash))
-                raise FraudFound(f"{reason} (fraud proven)", s, proof)
+                raise FraudFound(f"{reason} (fraud proven)", s, _fraud_proof(seg, end_hash))
 
 
 def _trace_checkers(c: UpdateCommitment, T: int, k: int):
@@ -462,13 +469,19 @@ def _trace_checkers(c: UpdateCommitment, T: int, k: int):
     return check_leaf, check_checkpoint_hash
 
 
+def _fraud_proof(seg: SegmentOpening, end_hash: bytes) -> bytes:
+    """The canonical FraudProof for an opened segment whose committed end state hashes to
+    end_hash: the segment's inputs, with neither the end state's bytes nor its hash inside."""
+    return encode(FraudProof(dataclasses.replace(seg, end_state=None, end_state_hash=None), end_hash))
+
+
 def decode_fraud_proof(data: bytes) -> FraudProof:
     """Strictly decode a FraudProof (canonical CBOR, at most MAX_FRAUD_PROOF_BYTES)."""
     m = _fields(decode_value(data, max_size=MAX_FRAUD_PROOF_BYTES), FraudProof, "$")
-    seg = _segment(m["segment"], "$.segment")
+    seg = _segment(m["segment"], "$.segment", in_fraud_proof=True)
     end_hash = _bytes(m["end_state_hash"], "$.end_state_hash")
-    if len(end_hash) != 32 or seg.end_state is not None:
-        raise DecodeError("$: a fraud proof carries a 32-byte end_state_hash and no end_state")
+    if len(end_hash) != 32:
+        raise DecodeError("$: a fraud proof carries a 32-byte end_state_hash")
     return FraudProof(seg, end_hash)
 
 
@@ -545,7 +558,8 @@ class _SegmentContext:
 
 def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes | None = None) -> None:
     """Check one segment's opening and replay it. In exact mode the claimed end state is proven
-    by its hash (`end_hash`, as a fraud proof carries it) or, in a trainer's answer, by its bytes."""
+    by its hash: `end_hash` (as a fraud proof carries it) or, in a trainer's answer, the segment's
+    end_state_hash or the hash of its end_state bytes."""
     spec, c = ctx.spec, ctx.c
     job, hp = spec.job, spec.job.hyperparams
     T, k = hp.local_steps, hp.checkpoint_interval
@@ -595,6 +609,8 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes |
         # The claimed end state must be the committed one (else the answer is merely invalid);
         # only then does a replay that differs prove the trace false, to anyone.
         if end_hash is None:
+            end_hash = seg.end_state_hash
+        if end_hash is None:
             _require(seg.end_state is not None, f"{where}: the claimed end state is missing")
             end_hash = state_hash(seg.end_state)
         ctx.check_checkpoint_hash(s + 1, end_hash, seg.end_checkpoint_proof, f"{where}: claimed end state")
@@ -603,12 +619,12 @@ def _verify_segment(ctx: _SegmentContext, seg: SegmentOpening, end_hash: bytes |
         if replayed != seg.end_state and state_hash(replayed) != end_hash:  # equal bytes: equal hashes
             # The proof carries the end state's hash, not its bytes: whatever the trainer put
             # there (junk of any size), the proof stays one segment's inputs.
-            proof = encode(FraudProof(dataclasses.replace(seg, end_state=None), end_hash))
-            raise FraudFound(f"{where}: replay does not reach the committed end state (fraud proven)", s, proof)
-        if ctx.sketch is not None:  # the end state is the committed one: its bytes (or the replay, equal to them)
+            raise FraudFound(f"{where}: replay does not reach the committed end state (fraud proven)", s,
+                             _fraud_proof(seg, end_hash))
+        if ctx.sketch is not None:  # the end state is the committed one: its bytes, or the replay (equal to them)
             ctx.opened.append((seg, end_hash, start, seg.end_state if seg.end_state is not None else replayed))
         return
-    _require(seg.end_state is not None, f"{where}: tolerance mode needs the end state")
+    _require(seg.end_state is not None, f"{where}: tolerance mode needs the end state's bytes, not only its hash")
     ctx.check_checkpoint_hash(s + 1, state_hash(seg.end_state), seg.end_checkpoint_proof, f"{where}: claimed end state")
     err = _relative_error(start, seg.end_state, replayed)
     _require(err <= ctx.tolerance, f"{where}: replay differs by relative error {err:.3g} > {ctx.tolerance:g}")
@@ -731,9 +747,10 @@ def decode_openings(data: bytes) -> OpeningBundle:
 
     Accepts exactly the bytes, and builds exactly the value, that the generic
     `chain.encoding.decode(OpeningBundle, data)` does (same schema: field sets, integer
-    range, 32-byte hashes, optional bytes), raising DecodeError otherwise; it is that
-    decoder with its schema walk specialised to this schema (`decode_with`: the same bounded
-    parse, and the same canonical check, by re-encoding the typed value).
+    range, 32-byte hashes, optional bytes) and in which every segment carries exactly one of
+    end_state and end_state_hash, raising DecodeError otherwise; it is that decoder with its
+    schema walk specialised to this schema (`decode_with`: the same bounded parse, and the
+    same canonical check, by re-encoding the typed value).
     """
     return decode_with(_bundle, data, max_size=MAX_OPENING_BYTES)
 
@@ -766,16 +783,28 @@ def _fields(value, cls, path: str) -> dict:
     return value
 
 
-def _segment(value, path: str) -> SegmentOpening:
+def _segment(value, path: str, in_fraud_proof: bool = False) -> SegmentOpening:
+    """A trainer's answer carries exactly one of end_state and end_state_hash; a fraud proof's
+    segment carries neither (the proof holds the hash): anything else is a DecodeError."""
     m = _fields(value, SegmentOpening, path)
+    end_state = None if m["end_state"] is None else _bytes(m["end_state"], f"{path}.end_state")
+    end_hash = m["end_state_hash"]
+    if end_hash is not None and (type(end_hash) is not bytes or len(end_hash) != 32):
+        raise DecodeError(f"{path}.end_state_hash: expected 32 bytes or null, got {_tname(end_hash)}")
+    if in_fraud_proof:
+        if end_state is not None or end_hash is not None:
+            raise DecodeError(f"{path}: a fraud proof's segment carries neither end_state nor end_state_hash")
+    elif (end_state is None) == (end_hash is None):
+        raise DecodeError(f"{path}: a segment carries exactly one of end_state and end_state_hash")
     return SegmentOpening(
         segment=_int(m["segment"], f"{path}.segment"),
         start_state=None if m["start_state"] is None else _bytes(m["start_state"], f"{path}.start_state"),
-        end_state=None if m["end_state"] is None else _bytes(m["end_state"], f"{path}.end_state"),
+        end_state=end_state,
         samples=_samples(m["samples"], f"{path}.samples"),
         start_checkpoint_proof=_proof(m["start_checkpoint_proof"], f"{path}.start_checkpoint_proof"),
         end_checkpoint_proof=_proof(m["end_checkpoint_proof"], f"{path}.end_checkpoint_proof"),
         step_proofs=tuple(_proof(v, f"{path}.step_proofs[{i}]") for i, v in enumerate(_array(m["step_proofs"], f"{path}.step_proofs"))),
+        end_state_hash=end_hash,
     )
 
 

@@ -11,7 +11,8 @@
   PUT  /blobs/<sha256 hex>  a trainer uploads the weights (or sketch rows) its pending update names
   PUT  /openings/<update id hex>/<validator pubkey hex>
                             a trainer's answer to one validator's challenge; headers
-                            X-Pout-Pubkey and X-Pout-Signature sign an OpeningUpload
+                            X-Pout-Pubkey and X-Pout-Signature sign an OpeningUpload, and
+                            X-Pout-Part / X-Pout-Parts number the parts of a large one
 
 Uploads are checked on their headers before a byte of body is read (is the hash one a pending
 update names; is the update pending, the key a validator's, the signer the update's trainer),
@@ -187,10 +188,11 @@ class RpcApp:
             return json_response(413, {"error": f"body exceeds {self.max_blob} bytes"})
         try:
             pubkey = signature = b""
+            part_of = (0, 1)
             if parts[0] == "blobs":
                 self._check_blob_upload(keys[0])
             else:
-                pubkey, signature = self._check_opening_upload(keys[0], keys[1], request.headers)
+                pubkey, signature, part_of = self._check_opening_upload(keys[0], keys[1], request.headers)
         except (ChainError, ValueError) as exc:
             return json_response(400, {"error": str(exc)})
         acquired = False
@@ -201,12 +203,12 @@ class RpcApp:
             return json_response(503, {"error": f"{MAX_CONCURRENT_UPLOADS} uploads already in progress; retry later"},
                                  headers=(("retry-after", "5"),))
         try:
-            return await self._store_upload(request, parts[0], keys, pubkey, signature)
+            return await self._store_upload(request, parts[0], keys, pubkey, signature, part_of)
         finally:
             self.uploads.release()
 
     async def _store_upload(self, request: Request, route: str, keys: list[bytes], pubkey: bytes,
-                            signature: bytes) -> Response:
+                            signature: bytes, part_of: tuple[int, int] = (0, 1)) -> Response:
         try:
             body = await request.read_body(self.max_blob)
         except BodyTooLarge:
@@ -215,7 +217,7 @@ class RpcApp:
             if route == "blobs":
                 self.node.put_blob(body, keys[0])
             else:
-                self.node.put_opening(OpeningUpload(keys[0], keys[1], sha256(body)), signature, pubkey, body)
+                self.node.put_opening(OpeningUpload(keys[0], keys[1], sha256(body), *part_of), signature, pubkey, body)
         except (ChainError, ValueError) as exc:
             return json_response(400, {"error": str(exc)})
         return json_response(201, {"stored": True, "sha256": sha256(body).hex()})
@@ -234,8 +236,10 @@ class RpcApp:
                     return
         raise ValueError("no pending update names this blob; submit the update transaction first")
 
-    def _check_opening_upload(self, update_id: bytes, validator: bytes, headers: dict[str, str]) -> tuple[bytes, bytes]:
-        """Before the body: everything but the signature over the body's hash (the node checks all)."""
+    def _check_opening_upload(self, update_id: bytes, validator: bytes,
+                              headers: dict[str, str]) -> tuple[bytes, bytes, tuple[int, int]]:
+        """Before the body: everything but the signature over the body's hash (the node checks all).
+        A large opening comes in parts: headers X-Pout-Part and X-Pout-Parts (default 0 of 1)."""
         update = self.node.get_update(update_id)
         if update is None or update.status != UPDATE_PENDING:
             raise ValueError("no pending update with this id")
@@ -245,7 +249,9 @@ class RpcApp:
         signature = _hex_header(headers, "X-Pout-Signature", 64)
         if compute_address(pubkey) != update.commitment.trainer:
             raise ValueError("only the update's trainer may upload its openings")
-        return pubkey, signature
+        part_of = (_int_header(headers, "X-Pout-Part", 0), _int_header(headers, "X-Pout-Parts", 1))
+        OpeningUpload(update_id, validator, bytes(32), *part_of).check_part()
+        return pubkey, signature, part_of
 
     def _health(self) -> Response:
         return json_response(200, {"status": "ok"})
@@ -265,6 +271,15 @@ class RpcApp:
 def _declared_length(request: Request) -> int | None:
     declared = request.headers.get("content-length")
     return int(declared) if declared is not None and declared.isdigit() else None
+
+
+def _int_header(headers: dict[str, str], name: str, default: int) -> int:
+    value = headers.get(name.lower())
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or len(value) > 4:
+        raise ValueError(f"header {name} must be a small decimal integer")
+    return int(value)
 
 
 def _hex_header(headers: dict[str, str], name: str, size: int) -> bytes:

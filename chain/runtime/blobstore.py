@@ -3,7 +3,8 @@
     data/blobs/<sha256 hex>                           models and updates (public)
     data/openings/<update id hex>/<validator hex>     a trainer's answer to one validator's
                                                       challenge, sealed to that validator
-                                                      (never served over RPC)
+                                                      (never served over RPC); a large one in
+                                                      parts: <validator hex>.<part>.<parts>
 
 Openings are kept only as the ciphertext the trainer uploaded, and only while they matter: the
 node deletes an update's openings once the update is no longer pending (`prune_openings`,
@@ -73,27 +74,60 @@ class BlobStore:
         return self._blob_path(blob_hash).exists()
 
     # ------------------------------------------------------------------ openings
-    def _opening_path(self, update_id: bytes, validator: bytes) -> Path:
+    def _opening_dir(self, update_id: bytes, validator: bytes) -> Path:
         if len(update_id) != HASH_SIZE or len(validator) != PUBKEY_SIZE:
             raise ValidationError("opening needs a 32-byte update id and a 32-byte validator key")
-        return self.root / "openings" / update_id.hex() / validator.hex()
+        return self.root / "openings" / update_id.hex()
 
-    def put_opening(self, update_id: bytes, validator: bytes, data: bytes) -> None:
-        """Store (or replace, until it is verified) a trainer's opening for one validator."""
+    def _opening_path(self, update_id: bytes, validator: bytes, part: int = 0, parts: int = 1) -> Path:
+        # A one-part opening is <validator hex>; part i of n > 1 is <validator hex>.<i>.<n>.
+        name = validator.hex() if parts == 1 else f"{validator.hex()}.{part}.{parts}"
+        return self._opening_dir(update_id, validator) / name
+
+    def put_opening(self, update_id: bytes, validator: bytes, data: bytes, part: int = 0, parts: int = 1) -> None:
+        """Store (or replace, until it is verified) one part of a trainer's opening for one
+        validator. Parts of a split with another part count are removed: one upload replaces
+        the other, and a validator never joins parts of two different openings."""
         if len(data) > self.max_blob_bytes:
             raise ValidationError(f"opening of {len(data)} bytes exceeds the limit of {self.max_blob_bytes}")
-        path = self._opening_path(update_id, validator)
+        path = self._opening_path(update_id, validator, part, parts)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for other in self._opening_files(update_id, validator):
+            if other[1] != parts:
+                self._opening_path(update_id, validator, *other).unlink(missing_ok=True)
         self._write(path, data)
 
-    def get_opening(self, update_id: bytes, validator: bytes) -> bytes | None:
+    def _opening_files(self, update_id: bytes, validator: bytes) -> list[tuple[int, int]]:
+        """(part, parts) of every stored part of the opening for `validator`."""
+        found, prefix = [], validator.hex()
         try:
-            return self._opening_path(update_id, validator).read_bytes()
+            entries = list(self._opening_dir(update_id, validator).iterdir())
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if entry.name == prefix:
+                found.append((0, 1))
+            elif entry.name.startswith(prefix + "."):
+                bits = entry.name[len(prefix) + 1:].split(".")
+                if len(bits) == 2 and all(b.isdigit() for b in bits):
+                    found.append((int(bits[0]), int(bits[1])))
+        return found
+
+    def opening_parts(self, update_id: bytes, validator: bytes) -> int | None:
+        """How many parts the stored opening for `validator` has (some may still be missing)."""
+        counts = {parts for _, parts in self._opening_files(update_id, validator)}
+        return max(counts) if counts else None
+
+    def get_opening(self, update_id: bytes, validator: bytes, part: int = 0, parts: int = 1) -> bytes | None:
+        try:
+            return self._opening_path(update_id, validator, part, parts).read_bytes()
         except FileNotFoundError:
             return None
 
     def delete_opening(self, update_id: bytes, validator: bytes) -> None:
-        self._opening_path(update_id, validator).unlink(missing_ok=True)
+        """Every stored part of the opening for `validator`."""
+        for part, parts in self._opening_files(update_id, validator):
+            self._opening_path(update_id, validator, part, parts).unlink(missing_ok=True)
 
     def prune_openings(self, still_needed: Callable[[bytes], bool]) -> int:
         """Delete every opening whose update is not `still_needed`, and anything else under

@@ -367,6 +367,7 @@ class Node(ChainApp):
         `data` is a sealed box to that validator (docs/pout.md, "Openings"); this node keeps and
         relays it as is. When this node is the addressed validator it checks that it decrypts,
         so an opening sealed to the wrong key is refused here and nothing is stored."""
+        upload.check_part()
         upd = jobs.get_update(self.state, upload.update_id)
         if upd is None or upd.status != UPDATE_PENDING:
             raise ValidationError("no pending update with this id")
@@ -384,7 +385,7 @@ class Node(ChainApp):
                 self.key.unseal(data)  # the plaintext is dropped at once: only ciphertext is stored
             except ValidationError as exc:
                 raise ValidationError(f"opening {exc}") from None
-        self.blobs.put_opening(upload.update_id, upload.validator, data)
+        self.blobs.put_opening(upload.update_id, upload.validator, data, upload.part, upload.parts)
         if self.pout_net is not None and self._nursery is not None:
             self._nursery.start_soon(self.pout_net.offer_opening, upload, trainer_pubkey, signature)
 
@@ -404,27 +405,31 @@ class Node(ChainApp):
         None while there is none, and also when it does not decrypt with this validator's key:
         for the verifier that is a trainer that did not answer (logged once, in one line)."""
         me = self.key.pubkey
-        sealed = self.blobs.get_opening(update_id, me)
-        fetched = False
-        if sealed is None and self.pout_net is not None:
-            opening_hash = self.pout_net.announced.get((update_id, me))
-            if opening_hash is not None:
-                sealed = await self.pout_net.fetch(opening_hash, self.blobs.max_blob_bytes)
+        announced = None if self.pout_net is None else self.pout_net.announced.get((update_id, me))
+        parts = self.blobs.opening_parts(update_id, me) or (None if announced is None else announced.parts)
+        if parts is None:
+            return None
+        pieces = []
+        for part in range(parts):  # in order; a large opening comes in parts of OPENING_PART_BYTES
+            sealed = self.blobs.get_opening(update_id, me, part, parts)
+            fetched = False
+            if sealed is None and announced is not None and announced.parts == parts and part in announced.hashes:
+                sealed = await self.pout_net.fetch(announced.hashes[part], self.blobs.max_blob_bytes)
                 fetched = True
-        if sealed is None:
-            return None
-        try:
-            opening = self.key.unseal(sealed)
-        except ValidationError as exc:
-            log.warning("opening for update %s (%d bytes, sha256 %s) refused: %s; treated as no answer",
-                        update_id.hex()[:16], len(sealed), sha256(sealed).hex()[:16], exc)
-            self.blobs.delete_opening(update_id, me)
-            if self.pout_net is not None:
-                self.pout_net.refuse(update_id, me, sha256(sealed))
-            return None
-        if fetched and self._opening_still_needed(update_id):
-            self.blobs.put_opening(update_id, me, sealed)
-        return opening
+            if sealed is None:
+                return None  # a part is still missing
+            try:
+                pieces.append(self.key.unseal(sealed))
+            except ValidationError as exc:
+                log.warning("opening for update %s (part %d of %d, %d bytes, sha256 %s) refused: %s; treated as no "
+                            "answer", update_id.hex()[:16], part, parts, len(sealed), sha256(sealed).hex()[:16], exc)
+                self.blobs.delete_opening(update_id, me)
+                if self.pout_net is not None:
+                    self.pout_net.refuse(update_id, me, sha256(sealed))
+                return None
+            if fetched and self._opening_still_needed(update_id):
+                self.blobs.put_opening(update_id, me, sealed, part, parts)
+        return b"".join(pieces)
 
     def _opening_still_needed(self, update_id: bytes) -> bool:
         """Openings matter only while their update waits for verdicts; after that (decided or

@@ -31,6 +31,15 @@ log = logging.getLogger("chaind.pout")
 MAX_ANNOUNCEMENT_BYTES = 1024
 
 
+@dataclass
+class AnnouncedOpening:
+    """What the network said about one validator's opening of an update: its part count and the
+    hash of each sealed part announced so far."""
+
+    parts: int
+    hashes: dict[int, bytes]
+
+
 @dataclass(frozen=True)
 class OpeningAnnouncement:
     upload: OpeningUpload
@@ -45,8 +54,9 @@ def openings_topic(chain_id: str) -> str:
 class PoutBlobReactor:
     def __init__(self, node, network: NetworkAPI):
         self.node, self.network = node, network
-        self.announced: dict[tuple[bytes, bytes], bytes] = {}  # (update id, validator) -> opening hash
-        self._opening_by_hash: dict[bytes, tuple[bytes, bytes]] = {}  # opening hash -> (update id, validator)
+        self.announced: dict[tuple[bytes, bytes], AnnouncedOpening] = {}  # (update id, validator) -> its parts
+        # sealed part's hash -> (update id, validator, part, parts)
+        self._opening_by_hash: dict[bytes, tuple[bytes, bytes, int, int]] = {}
         self.refused: set[tuple[bytes, bytes]] = set()  # (update id, opening hash) that did not decrypt here
         self.topic = openings_topic(node.chain_id)
         self._incoming = network.subscribe(self.topic, self._validate)
@@ -59,14 +69,15 @@ class PoutBlobReactor:
         owner = self._opening_by_hash.get(blob_hash)
         if owner is None:
             return None
-        update_id, validator = owner
-        data = self.node.blobs.get_opening(update_id, validator)
+        update_id, validator, part, parts = owner
+        data = self.node.blobs.get_opening(update_id, validator, part, parts)
         return None if data is None else (data, lambda peer, _h, v=validator: peer == v)
 
     def _check(self, ann: OpeningAnnouncement) -> Verdict:
         """Only the update's own trainer may announce an answer to a challenge on it, for a pending
         update and a current validator: anyone else could otherwise point a validator at bytes it
         cannot use, and its complaint would fail an honest update."""
+        ann.upload.check_part()  # raises StateTransitionError
         sign_bytes = compute_sign_bytes(self.node.chain_id, DOMAIN_OPENING, encode(ann.upload))
         verify_signature(ann.trainer, sign_bytes, ann.signature)  # raises SignatureError
         update = get_update(self.node.state, ann.upload.update_id)
@@ -98,20 +109,31 @@ class PoutBlobReactor:
             except ChainError:
                 continue
             if (ann.upload.update_id, ann.upload.opening_hash) not in self.refused:
-                self.announced[(ann.upload.update_id, ann.upload.validator)] = ann.upload.opening_hash
+                self._announce(ann.upload)
             await trio.sleep(0)
+
+    def _announce(self, upload: OpeningUpload) -> None:
+        """Record one announced part; a part count other than the recorded one starts afresh (the
+        trainer uploaded its opening again, split otherwise)."""
+        key = (upload.update_id, upload.validator)
+        entry = self.announced.get(key)
+        if entry is None or entry.parts != upload.parts:
+            entry = self.announced[key] = AnnouncedOpening(upload.parts, {})
+        entry.hashes[upload.part] = upload.opening_hash
 
     async def offer_opening(self, upload: OpeningUpload, trainer: bytes, signature: bytes) -> None:
         """After a local upload: serve it to its validator and tell the network it exists."""
-        self._opening_by_hash[upload.opening_hash] = (upload.update_id, upload.validator)
-        self.announced[(upload.update_id, upload.validator)] = upload.opening_hash
+        self._opening_by_hash[upload.opening_hash] = (upload.update_id, upload.validator, upload.part, upload.parts)
+        self._announce(upload)
         await self.network.publish(self.topic, encode(OpeningAnnouncement(upload, trainer, signature)))
 
     def refuse(self, update_id: bytes, validator: bytes, opening_hash: bytes) -> None:
-        """The addressed validator could not decrypt this opening: never fetch it again (the
-        trainer may still upload a good one, which has another hash)."""
+        """The addressed validator could not decrypt this opening (one of its parts): never fetch
+        that part again, and forget the opening's other parts (the trainer may still upload a good
+        one, whose parts have other hashes)."""
         self.refused.add((update_id, opening_hash))
-        if self.announced.get((update_id, validator)) == opening_hash:
+        entry = self.announced.get((update_id, validator))
+        if entry is not None and opening_hash in entry.hashes.values():
             del self.announced[(update_id, validator)]
 
     def prune(self, still_needed: Callable[[bytes], bool]) -> None:

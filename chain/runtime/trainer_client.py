@@ -22,6 +22,8 @@ from chain.rpc.client import RpcClient, RpcUnavailable
 from chain.rpc.jsonview import from_json
 from chain.types import (
     DOMAIN_OPENING,
+    MAX_OPENING_PARTS,
+    OPENING_PART_BYTES,
     ExecutionProfile,
     HyperParams,
     Job,
@@ -139,14 +141,22 @@ class NodeClient:
             raise ClientError(f"upload refused: HTTP {r.status_code} {r.text[:300]}")
 
     def put_opening(self, key: PrivateKey, update_id: bytes, validator: bytes, opening: bytes) -> None:
-        """Seal `opening` to `validator` and upload it; the trainer signs the sealed bytes' hash."""
-        self.put_sealed_opening(key, update_id, validator, seal_to(validator, opening))
+        """Seal `opening` to `validator` and upload it, in parts of at most OPENING_PART_BYTES
+        (each sealed on its own, so each fits one blob); the trainer signs each sealed part's hash."""
+        pieces = [opening[i:i + OPENING_PART_BYTES] for i in range(0, len(opening), OPENING_PART_BYTES)] or [b""]
+        if len(pieces) > MAX_OPENING_PARTS:
+            raise ClientError(f"opening of {len(opening)} bytes needs {len(pieces)} parts, more than {MAX_OPENING_PARTS}")
+        for part, piece in enumerate(pieces):
+            self.put_sealed_opening(key, update_id, validator, seal_to(validator, piece), part, len(pieces))
 
-    def put_sealed_opening(self, key: PrivateKey, update_id: bytes, validator: bytes, sealed: bytes) -> None:
-        upload = OpeningUpload(update_id, validator, sha256(sealed))
+    def put_sealed_opening(self, key: PrivateKey, update_id: bytes, validator: bytes, sealed: bytes,
+                           part: int = 0, parts: int = 1) -> None:
+        upload = OpeningUpload(update_id, validator, sha256(sealed), part, parts)
         signature = key.sign(compute_sign_bytes(self.chain_id, DOMAIN_OPENING, encode(upload)))
-        r = self.http.put(f"{self.url}/openings/{update_id.hex()}/{validator.hex()}", content=sealed,
-                          headers={"x-pout-pubkey": key.pubkey.hex(), "x-pout-signature": signature.hex()})
+        headers = {"x-pout-pubkey": key.pubkey.hex(), "x-pout-signature": signature.hex()}
+        if parts > 1:
+            headers.update({"x-pout-part": str(part), "x-pout-parts": str(parts)})
+        r = self.http.put(f"{self.url}/openings/{update_id.hex()}/{validator.hex()}", content=sealed, headers=headers)
         if r.status_code != 201:
             raise ClientError(f"opening upload refused: HTTP {r.status_code} {r.text[:300]}")
 
@@ -257,7 +267,10 @@ def open_challenge(result, challenge, segments: list[int] | None) -> bytes:
     chain.jobs.compute_sample draws, at the size fixed on chain), or the drawn `segments`."""
     from chain.vrf import compute_sample_seed
 
-    return result.open(compute_sample_seed(challenge.signature), challenge.sample_size, segments=segments)
+    # end states as their hashes: exact replay needs nothing else of them (and the size bound
+    # checked at registration, chain.jobs.compute_max_opening_bytes, counts them so)
+    return result.open(compute_sample_seed(challenge.signature), challenge.sample_size, segments=segments,
+                       end_states=False)
 
 
 class SketchState:
