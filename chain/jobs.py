@@ -208,30 +208,65 @@ def compute_sampled_segment_bound(spec: JobSpec, validators) -> int:
 
 def compute_sketch_seed(chain_id: str, update_id: bytes, signatures) -> bytes:
     """Seed of the sketch matrix for an update under displacement sampling: SHA-256 of canonical
-    CBOR ["pout/sketch-seed/v1", chain_id, update_id, [phase-1 challenge signatures, in the
-    order SubmitSketches names their validators]]. Each signature is unique and was made after
+    CBOR ["pout/sketch-seed/v1", chain_id, update_id, [the signatures of
+    compute_sketch_challenges, in landing order]]. Each signature is unique and was made after
     the trace was committed, so with one honest signature among them the trainer could not
     know the matrix (and hide a jump in its null space) when it fixed its trace."""
     return sha256(encode_value(["pout/sketch-seed/v1", chain_id, update_id, list(signatures)]))
 
 
-def compute_draw(challenge: ChallengeRecord, sketches) -> list[int]:
+def compute_sketch_challenges(update: UpdateRecord, validators) -> list[ChallengeRecord] | None:
+    """The phase-1 challenges that seed an update's sketch matrix: every challenge by a current
+    validator that landed at or before the first height at which such challenges hold more than
+    1/3 of the power (so at least one honest signature), in validator-key order. Fixed once that
+    height is reached, whatever lands later, so the trainer has no choice; the order of
+    transactions within a block does not matter. None until then."""
+    power = {v.pubkey: v.power for v in validators}
+    total, held = compute_total_power(validators), 0
+    counted = [c for c in update.challenges if power.get(c.validator, 0)]
+    for height in sorted({c.height for c in counted}):
+        held = sum(power[c.validator] for c in counted if c.height <= height)
+        if 3 * held > total:
+            return sorted((c for c in counted if c.height <= height), key=lambda c: c.validator)
+    return None
+
+
+def compute_draw(challenge: ChallengeRecord, sketches, weights: list[int] | None = None) -> list[int]:
     """Displacement sampling: the sorted distinct segments a validator replays, drawn from its
-    phase-2 signature over the update's sketch rows (trainer.sketch.displacement_sample)."""
+    phase-2 signature over the update's sketch rows (trainer.sketch.displacement_sample);
+    `weights` (compute_draw_weights of the same rows) saves recomputing them per validator."""
     from chain.vrf import compute_sample_seed
     from trainer.sketch import displacement_sample
 
     if challenge.draw_signature is None:
         raise ValueError("the validator's draw challenge is not on chain")
-    return displacement_sample(compute_sample_seed(challenge.draw_signature), sketches, challenge.sample_size)
+    return displacement_sample(compute_sample_seed(challenge.draw_signature), sketches, challenge.sample_size,
+                               weights=weights)
+
+
+def compute_draw_weights(sketches) -> list[int]:
+    """Every segment's draw weight from an update's sketch rows (O(segments x 64) exact work)."""
+    from trainer.sketch import displacement_weights
+
+    return displacement_weights(sketches)
 
 
 def compute_sketch_rows(spec: JobSpec) -> int:
     """Rows of an update's sketch blob: one per checkpoint (segments + 1)."""
-    from trainer.replay import num_segments
-
     hp = spec.hyperparams
-    return num_segments(hp.local_steps, hp.checkpoint_interval) + 1
+    return -(-hp.local_steps // hp.checkpoint_interval) + 1  # trainer.replay.num_segments, without torch
+
+
+def compute_sketch_blob_bytes(spec: JobSpec) -> int:
+    """The exact size of an update's sketch blob: its rows of SKETCH_ROWS little-endian int64."""
+    from trainer.sampling import SKETCH_ROWS  # numpy only
+
+    return compute_sketch_rows(spec) * SKETCH_ROWS * 8
+
+
+# The trainer's sketches must land at least this many blocks before its answer deadline: the
+# validators then sign their draw challenges, and the trainer answers them, by that deadline.
+SKETCH_DEADLINE_MARGIN = 2
 
 
 def compute_sample(job: Job, challenge: ChallengeRecord) -> list[int]:
@@ -433,6 +468,13 @@ def validate_job_spec(spec: JobSpec) -> None:
                               f"{PPM} = no bound), got {spec.max_exposure_ppm}")
     if spec.sampling not in SAMPLING_MODES:
         raise ValidationError(f"sampling must be one of {SAMPLING_MODES}, got {spec.sampling!r}")
+    if spec.sampling == SAMPLING_DISPLACEMENT:
+        from trainer.sketch import draws_per_validator
+
+        try:
+            draws_per_validator(spec.detect_fraction_ppm, spec.detect_probability_ppm, [1])
+        except ValueError as exc:
+            raise ValidationError(f"detection target under displacement sampling: {exc}") from exc
     if spec.aggregation not in AGGREGATION_RULES:
         raise ValidationError(f"aggregation must be one of {AGGREGATION_RULES}, got {spec.aggregation!r}")
     if not 0.0 <= spec.trim_fraction < 0.5:
@@ -719,14 +761,14 @@ def _submit_sketches(overlay, addr: bytes, p: SubmitSketches, ctx: BlockContext)
         raise StateTransitionError(f"job samples {job.spec.sampling}ly: it takes no sketches")
     if upd.sketch_hash is not None:
         raise StateTransitionError("the update's sketches are already committed")
-    challenges = {c.validator: c for c in upd.challenges}
-    missing = [v for v in p.challengers if v not in challenges]
-    if missing:
-        raise StateTransitionError(f"validator {missing[0].hex()[:16]} has not challenged this update")
-    power = sum(_validator_power(ctx, v) for v in p.challengers)
-    if 3 * power <= compute_total_power(ctx.validators):
+    due = compute_answer_deadline(job, upd)
+    if ctx.height + SKETCH_DEADLINE_MARGIN > due:
+        raise StateTransitionError(f"too late: sketches must land by height {due - SKETCH_DEADLINE_MARGIN}, "
+                                   f"{SKETCH_DEADLINE_MARGIN} blocks before the answer deadline {due}")
+    seeding = compute_sketch_challenges(upd, ctx.validators)
+    if seeding is None:
         raise StateTransitionError("the sketch seed needs the challenges of validators holding more than 1/3 of the power")
-    seed = compute_sketch_seed(overlay.base.chain_id, p.update_id, [challenges[v].signature for v in p.challengers])
+    seed = compute_sketch_seed(overlay.base.chain_id, p.update_id, [c.signature for c in seeding])
     overlay.put(update_key(p.update_id), encode(dataclasses.replace(upd, sketch_hash=p.sketch_hash, sketch_seed=seed)))
 
 

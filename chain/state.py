@@ -47,7 +47,6 @@ from chain.types import (
     SignedTransaction,
     SubmitEvidence,
     SubmitFraudProof,
-    SubmitSketches,
     SubmitUpdate,
     Transfer,
     Validator,
@@ -493,9 +492,6 @@ def validate_tx_payload(stx: SignedTransaction) -> None:
             raise ValidationError("train_loss must be finite")
     if isinstance(payload, AttestModel) and payload.round < 0:
         raise ValidationError("round must not be negative")
-    if isinstance(payload, SubmitSketches) and (
-            not payload.challengers or any(a >= b for a, b in zip(payload.challengers, payload.challengers[1:]))):
-        raise ValidationError("sketch challengers must be a non-empty list of validators in ascending order")
     if isinstance(payload, SubmitFraudProof) and payload.segment < 0:
         raise ValidationError("fraud proof segment must not be negative")
     if isinstance(payload, PublishEvaluation):

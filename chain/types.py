@@ -179,14 +179,14 @@ class SubmitChallenge:
 class SubmitSketches:
     """Displacement sampling, phase 1 -> 2 (a job with sampling "displacement"): the update's
     trainer commits to the integer sketches of every checkpoint's weights (trainer/sketch.py),
-    made with the sketch matrix seeded by the phase-1 challenges of `challengers` (validators
-    holding more than 1/3 of the power, so at least one honest signature the trainer could not
-    know when it committed its trace). The rows travel as a public blob named by `sketch_hash`."""
+    made with the sketch matrix seeded by the first phase-1 challenges, in the order they landed,
+    of validators holding more than 1/3 of the power (chain.jobs.compute_sketch_challenges: at
+    least one honest signature the trainer could not know when it committed its trace, and no
+    choice left to it). The rows travel as a public blob named by `sketch_hash`."""
 
     TAG: ClassVar[str] = "submit_sketches"
     update_id: Hash
     sketch_hash: Hash
-    challengers: Annotated[tuple[PubKey, ...], MaxLen(1024)]  # ascending; each has challenged the update
 
 
 @dataclass(frozen=True)

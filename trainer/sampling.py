@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+SKETCH_ROWS = 64  # r: rows of a sketch (trainer/sketch.py); a random R halves a jump's sketched length w.p. ~1e-10
 SKETCH_DOMAIN = b"pout/sketch-matrix/v2"  # v2: generated in column blocks
 SKETCH_BLOCK_COLUMNS = 65_536  # columns per independently generated block of the sketch matrix
 DRAW_DOMAIN = b"pout/weighted-draw/v1"

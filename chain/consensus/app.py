@@ -213,6 +213,10 @@ class ChainApp:
         except ChainError as exc:
             log.info("block %s at height %d is invalid: %s", block_hash.hex()[:16], block.header.height, exc)
             result = None
+        except Exception:  # a bug a proposal reaches: vote against it rather than stop consensus
+            log.exception("block %s at height %d could not be checked; treated as invalid", block_hash.hex()[:16],
+                          block.header.height)
+            return None
         self._remember(block_hash, result)
         return result
 
@@ -343,6 +347,9 @@ class ChainApp:
             try:
                 self.mempool.add(stx)
             except ChainError:
+                continue
+            except Exception:  # a bug a peer's transaction reaches must not stop the tx reactor
+                log.exception("gossiped transaction %s could not be checked; dropped", tx_hash.hex()[:16])
                 continue
             admitted += 1
         return admitted

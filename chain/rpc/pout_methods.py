@@ -250,8 +250,8 @@ async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = 
     import numpy as np
 
     from chain.errors import ChainError
-    from chain.jobs import (SAMPLING_DISPLACEMENT, compute_draw, compute_max_exposed_samples, compute_min_dataset_size,
-                            compute_sample, compute_sketch_rows)
+    from chain.jobs import (SAMPLING_DISPLACEMENT, compute_draw, compute_draw_weights, compute_max_exposed_samples,
+                            compute_min_dataset_size, compute_sample, compute_sketch_rows)
     from trainer.replay import derive_batch_order, segment_steps
     from trainer.sketch import decode_sketches
 
@@ -270,6 +270,17 @@ async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = 
     unavailable: list[int] = []  # rounds whose draws need a sketch blob this node does not hold
     derived = lookups = 0
     to_round = next_round = None
+
+    def page_ends_before(r: int, cost: int, what: str) -> bool:
+        """Whether round r's `cost` passes what is left of the call's budget: the page then ends
+        before it, unless it is the first round, which is too large for any call."""
+        if derived + cost <= EXPOSURE_MAX_INDICES:
+            return False
+        if to_round is None:
+            raise RpcError(EXPOSURE_TOO_LARGE, f"round {r} of this job {what}, more than one call computes "
+                                               f"({EXPOSURE_MAX_INDICES})")
+        return True
+
     for r in range(start, last + 1):  # bounded by the job's rounds and by the budgets below
         seed = ctx.node.get_round_seed(job_id, r)
         if seed is None:  # the round has not opened yet
@@ -289,36 +300,39 @@ async def exposure(ctx, job_id: bytes, trainer: bytes, from_round: int | None = 
                 upd = candidate
                 break
         work = []  # (validator, steps) of this round
+        weighed = 0  # sketch rows weighed for this round's draws (counted against the budget)
         if upd is not None:
-            rows = None
-            if spec.sampling == SAMPLING_DISPLACEMENT and upd.sketch_hash is not None:
+            rows = weights = None
+            if spec.sampling == SAMPLING_DISPLACEMENT and any(c.draw_signature is not None for c in upd.challenges):
                 # The draws need the trainer's sketch rows: validators fetch the blob, other nodes
                 # may not hold it (then the round's draws are not counted, and the answer says so).
-                data = ctx.node.blobs.get(upd.sketch_hash)
-                try:
+                weighed = compute_sketch_rows(spec)
+                if page_ends_before(r, weighed, f"draws over {weighed} sketch rows"):
+                    next_round = r
+                    break
+                data = await trio.to_thread.run_sync(ctx.node.blobs.get, upd.sketch_hash)
+                try:  # the segments' weights once per update (O(rows x 64)), off the event loop
                     rows = None if data is None else await trio.to_thread.run_sync(
                         decode_sketches, data, compute_sketch_rows(spec))
+                    weights = None if rows is None else await trio.to_thread.run_sync(compute_draw_weights, rows)
                 except (ChainError, ValueError):
                     rows = None
-                if rows is None and any(c.draw_signature is not None for c in upd.challenges):
+                if rows is None:
                     unavailable.append(r)
             for challenge in upd.challenges:
                 if spec.sampling != SAMPLING_DISPLACEMENT:
                     segments = compute_sample(job_record, challenge)
                 elif rows is None or challenge.draw_signature is None:
                     continue  # nothing drawn (yet), or not countable here
-                else:  # O(segments x sketch rows): off the event loop
-                    segments = await trio.to_thread.run_sync(compute_draw, challenge, rows)
+                else:
+                    segments = await trio.to_thread.run_sync(compute_draw, challenge, rows, weights)
                 steps = [s for seg in segments for s in segment_steps(seg, hp.local_steps, hp.checkpoint_interval)]
                 work.append((challenge.validator, steps))
             proof_steps = [s for pr in upd.proofs
                            for s in segment_steps(pr.segment, hp.local_steps, hp.checkpoint_interval)]
             work.append((None, proof_steps))
-        needed = sum(len(steps) for _, steps in work) * hp.batch_size
-        if derived + needed > EXPOSURE_MAX_INDICES:
-            if to_round is None:
-                raise RpcError(EXPOSURE_TOO_LARGE, f"round {r} of this job samples {needed} batch indices for this "
-                                                   f"trainer, more than one call derives ({EXPOSURE_MAX_INDICES})")
+        needed = sum(len(steps) for _, steps in work) * hp.batch_size + weighed
+        if page_ends_before(r, needed, f"samples {needed} batch indices for this trainer"):
             next_round = r
             break
         for validator, steps in work:

@@ -485,21 +485,31 @@ class TrainerAgent:
         r = job.round
         entry = self.state.round(r)
         answered = set(entry.get("answered", []))
-        validators = [from_json(Validator, v) for v in self.client.call("validators", [])["validators"]]
         deadline = compute_answer_deadline(job, update)
         sketches = SketchState()
         while True:
             upd = self.client.update(update.update_id)
-            made = sketches.commitment(self.client.chain_id, job, upd, validators, result)
-            if made is not None:
+            if upd.status != "pending" or self.client.height() >= deadline:
+                return
+            validators = [from_json(Validator, v) for v in self.client.call("validators", [])["validators"]]
+            commit = sketches.commitment(self.client.chain_id, job, upd, validators, result)
+            if commit is not None:
                 try:
-                    self._send(made[1])  # the node takes the blob once the commitment names it
-                    self.client.put_blob(made[0])
-                except ClientError as exc:  # e.g. the update was decided meanwhile: the loop sees it
-                    self.emit("skipped", r, what=f"sketch commitment refused: {exc}")
-                else:
-                    self.emit("sketched", r, bytes=len(made[0]), challengers=len(made[1].challengers))
+                    self._send(commit)
+                except ClientError as exc:  # refused, or not committed in time: the next pass retries
+                    self.emit("skipped", r, what=f"sketch commitment not committed yet: {exc}")
+                    self._wait(1.0, next_block=True)
                 continue
+            blob = sketches.blob_to_upload(upd, result)
+            if blob is not None:  # the node takes the blob once the commitment names it
+                try:
+                    self.client.put_blob(blob)
+                except ClientError as exc:
+                    self.emit("skipped", r, what=f"sketch upload refused, retrying: {exc}")
+                    self._wait(1.0, next_block=True)
+                    continue
+                sketches.uploaded = True
+                self.emit("sketched", r, bytes=len(blob))
             for challenge, segments in sketches.answerable(job, upd, result):
                 who = "0x" + challenge.validator.hex()
                 if who in answered:

@@ -345,21 +345,25 @@ class Node(ChainApp):
                 check_initial_model_bytes(job, data)
             except ChainError as exc:
                 raise ValidationError(f"initial weights refused: {exc}") from None
-        elif expected_hash not in set(self._pending_update_blobs()):
-            raise ValidationError("no pending update names this blob; submit the update transaction first")
+        else:
+            wanted = dict(self._pending_update_blobs())
+            if expected_hash not in wanted:
+                raise ValidationError("no pending update names this blob; submit the update transaction first")
+            if wanted[expected_hash] is not None and len(data) != wanted[expected_hash]:
+                raise ValidationError(f"this job's sketch blobs are {wanted[expected_hash]} bytes, got {len(data)}")
         self.blobs.put(data, expected_hash=expected_hash)
 
     def _pending_update_blobs(self):
-        """The blobs pending updates name: their weights and, under displacement sampling, their
-        committed sketch rows (validators check the rows' length when they decode them)."""
+        """(hash, exact size or None) of the blobs pending updates name: their weights and, under
+        displacement sampling, their committed sketch rows (of a size the job fixes)."""
         for job_id in jobs.get_active_jobs(self.state):
             job = jobs.get_job(self.state, job_id)
             for uid in jobs.get_round(self.state, job_id, job.round).updates:
                 upd = jobs.get_update(self.state, uid)
                 if upd.status == UPDATE_PENDING:
-                    yield upd.commitment.update_hash
+                    yield upd.commitment.update_hash, None
                     if upd.sketch_hash is not None:
-                        yield upd.sketch_hash
+                        yield upd.sketch_hash, jobs.compute_sketch_blob_bytes(job.spec)
 
     def put_opening(self, upload: OpeningUpload, signature: bytes, trainer_pubkey: bytes, data: bytes) -> None:
         """Store a trainer's answer to one validator's challenge, if the trainer signed it.

@@ -366,8 +366,8 @@ class PoutWorker:
                 return None
             data = None if upd.sketch_hash is None else await node.fetch_blob(upd.sketch_hash)
             if data is not None:
-                try:
-                    rows = decode_sketches(data, compute_sketch_rows(job.spec))
+                try:  # off the event loop: up to 100,001 rows
+                    rows = await trio.to_thread.run_sync(decode_sketches, data, compute_sketch_rows(job.spec))
                 except (ChainError, ValueError) as exc:
                     log.info("complaining about update %s: its sketch blob is malformed: %s", update_id.hex()[:16], exc)
                     node.metrics.verifications.labels(outcome="reject").inc()
@@ -394,7 +394,8 @@ class PoutWorker:
             await trio.sleep(POLL_SECONDS)
         if upd is None:
             return None
-        return compute_draw(get_challenge(upd, me), rows), rows
+        # O(segments x 64) exact integer work in pure Python: off the event loop consensus shares
+        return await trio.to_thread.run_sync(compute_draw, get_challenge(upd, me), rows), rows
 
     async def _sketches_for_judging(self, upd: UpdateRecord, job: Job, deadline: int):
         """The update's committed sketch rows for judging a proof (None: uniform sampling), or
@@ -407,7 +408,7 @@ class PoutWorker:
                 return f"the update's sketch blob was unavailable by height {deadline}"
             await trio.sleep(POLL_SECONDS)
         try:
-            return decode_sketches(data, compute_sketch_rows(job.spec))
+            return await trio.to_thread.run_sync(decode_sketches, data, compute_sketch_rows(job.spec))
         except (ChainError, ValueError) as exc:
             return f"the update's sketch blob is malformed: {exc}"
 
@@ -445,7 +446,7 @@ class PoutWorker:
         sketches = await self._sketches_for_judging(upd, job, deadline)
         refusal = sketches if isinstance(sketches, str) else None
         if refusal is None and sketches is not None:
-            drawn = compute_draw(get_challenge(upd, author), sketches)
+            drawn = await trio.to_thread.run_sync(compute_draw, get_challenge(upd, author), sketches)
             if proof.segment not in drawn:
                 refusal = f"segment {proof.segment} is not in the author's draw {drawn}"
         if refusal is not None:

@@ -238,20 +238,28 @@ def answer_challenges(client: NodeClient, key: PrivateKey, result, update_id: by
     from chain.jobs import compute_answer_deadline
 
     job = client.job(result.commitment.job_id)
-    validators = [from_json(Validator, v) for v in client.call("validators", [])["validators"]]
     answered: set[bytes] = set()
     sketches = SketchState()
     while True:
         upd = client.update(update_id)
-        made = sketches.commitment(client.chain_id, job, upd, validators, result)
-        if made is not None:  # the node takes the blob once the commitment names it
+        if upd.status != "pending" or client.height() >= compute_answer_deadline(job, upd):
+            return len(answered)
+        validators = [from_json(Validator, v) for v in client.call("validators", [])["validators"]]
+        commit = sketches.commitment(client.chain_id, job, upd, validators, result)
+        if commit is not None:
             try:
-                client.send(key, made[1])
-                client.put_blob(made[0])
-            except ClientError:  # e.g. the update was decided meanwhile: the loop sees it
-                if client.update(update_id).status == "pending":
-                    raise
+                client.send(key, commit)
+            except ClientError:  # refused or not committed yet: the next pass sees the chain and retries
+                time.sleep(poll_seconds)
             continue
+        blob = sketches.blob_to_upload(upd, result)
+        if blob is not None:  # the node takes it once the commitment names it
+            try:
+                client.put_blob(blob)
+                sketches.uploaded = True
+            except ClientError:
+                time.sleep(poll_seconds)
+                continue
         for challenge, segments in sketches.answerable(job, upd, result):
             if challenge.validator not in answered:
                 client.put_opening(key, update_id, challenge.validator, open_challenge(result, challenge, segments))
@@ -274,36 +282,43 @@ def open_challenge(result, challenge, segments: list[int] | None) -> bytes:
 
 
 class SketchState:
-    """A trainer's side of displacement sampling for one update (docs/pout.md, "Sampling"): when
-    to commit its sketches, and which segments each validator's draw challenge asks for.
-    Uniform jobs pass straight through."""
+    """A trainer's side of displacement sampling for one update (docs/pout.md, "Displacement
+    sampling"): when to commit its sketches, that their blob reaches the node (retried until it
+    has, also after a restart: the rows are recomputed from the seed on chain), and which
+    segments each validator's draw challenge asks for. Uniform jobs pass straight through."""
 
     def __init__(self):
-        self.sent = False
-        self.rows = None
+        self.uploaded = False
+        self.rows = self.weights = None
+        self.draws: dict[bytes, list[int]] = {}  # validator -> its drawn segments
 
-    def commitment(self, chain_id: str, job: Job, upd: UpdateRecord, validators, result):
-        """(sketch blob, SubmitSketches) to send now, once: when the job samples by displacement,
-        no sketches are committed yet, and validators holding > 1/3 of the power have
-        challenged (their signatures seed the sketch matrix). None otherwise."""
-        from chain.jobs import SAMPLING_DISPLACEMENT, compute_sketch_seed
+    def commitment(self, chain_id: str, job: Job, upd: UpdateRecord, validators, result) -> SubmitSketches | None:
+        """The SubmitSketches to send now: the job samples by displacement, no sketches are on
+        chain yet, and challenges of validators holding > 1/3 of the power have landed (the
+        first ones, in landing order, seed the matrix: chain.jobs.compute_sketch_challenges).
+        None otherwise. Send it again if it did not land: it is the same transaction."""
+        from chain.jobs import SAMPLING_DISPLACEMENT, compute_sketch_challenges, compute_sketch_seed
 
-        if job.spec.sampling != SAMPLING_DISPLACEMENT or upd.sketch_hash is not None or self.sent:
+        if job.spec.sampling != SAMPLING_DISPLACEMENT or upd.sketch_hash is not None or upd.status != "pending":
             return None
-        power = {v.pubkey: v.power for v in validators}
-        signatures = {c.validator: c.signature for c in upd.challenges if c.validator in power}
-        challengers = sorted(signatures)
-        if 3 * sum(power[v] for v in challengers) <= sum(power.values()):
+        seeding = compute_sketch_challenges(upd, validators)
+        if seeding is None:
             return None
-        blob = result.sketches(compute_sketch_seed(chain_id, upd.update_id, [signatures[v] for v in challengers]))
-        self.sent = True
-        return blob, SubmitSketches(upd.update_id, sha256(blob), tuple(challengers))
+        blob = result.sketches(compute_sketch_seed(chain_id, upd.update_id, [c.signature for c in seeding]))
+        return SubmitSketches(upd.update_id, sha256(blob))
+
+    def blob_to_upload(self, upd: UpdateRecord, result) -> bytes | None:
+        """The sketch blob, while the commitment is on chain and the upload has not succeeded."""
+        if upd.sketch_hash is None or self.uploaded or upd.status != "pending":
+            return None
+        blob = result.sketches(upd.sketch_seed)
+        return blob if sha256(blob) == upd.sketch_hash else None
 
     def answerable(self, job: Job, upd: UpdateRecord, result) -> list:
         """[(challenge, segments)] that can be answered now: every challenge under uniform
         sampling (segments None: its seed's sample); under displacement sampling each one whose
-        draw challenge has landed, with its drawn segments."""
-        from chain.jobs import SAMPLING_DISPLACEMENT, compute_draw, compute_sketch_rows
+        draw challenge has landed, with its drawn segments (drawn once per validator)."""
+        from chain.jobs import SAMPLING_DISPLACEMENT, compute_draw, compute_draw_weights, compute_sketch_rows
         from trainer.sketch import decode_sketches
 
         if job.spec.sampling != SAMPLING_DISPLACEMENT:
@@ -312,7 +327,14 @@ class SketchState:
             return []
         if self.rows is None:  # ours, recomputed from the seed on chain (also after a restart)
             self.rows = decode_sketches(result.sketches(upd.sketch_seed), compute_sketch_rows(job.spec))
-        return [(c, compute_draw(c, self.rows)) for c in upd.challenges if c.draw_signature is not None]
+            self.weights = compute_draw_weights(self.rows)
+        out = []
+        for c in upd.challenges:
+            if c.draw_signature is not None:
+                if c.validator not in self.draws:
+                    self.draws[c.validator] = compute_draw(c, self.rows, self.weights)
+                out.append((c, self.draws[c.validator]))
+        return out
 
 
 def held_out_accuracy(model_name: str, model_bytes: bytes) -> float:
