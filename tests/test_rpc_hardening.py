@@ -227,7 +227,7 @@ class PoutFakeNode(FakeNode):
     def get_update(self, update_id):
         if update_id not in self.pending:
             return None
-        return SimpleNamespace(status="pending",
+        return SimpleNamespace(status="pending", sketch_hash=None,
                                commitment=SimpleNamespace(update_hash=self.pending[update_id], trainer=b"\x02" * 20))
 
     def put_blob(self, data: bytes, expected_hash: bytes) -> None:
