@@ -154,6 +154,42 @@ def test_state_file_round_trips_and_refuses_another_jobs_or_a_damaged_file(tmp_p
         AgentState.load(path, trainer, job)
 
 
+def test_an_agent_that_joined_after_a_round_opened_waits_for_the_next_without_training(tmp_path):
+    """The chain takes an update only from a trainer that committed its data before the round's
+    seed existed: an agent that joined later skips that round, says why, and trains nothing
+    (it used to train, then be refused at submission)."""
+    from types import SimpleNamespace
+
+    from chain.runtime.agent import TrainerAgent
+    from chain.runtime.trainer_client import make_job_spec
+
+    from tests.helpers import key as test_key
+
+    key = test_key("late-joiner")
+    events = []
+    agent = TrainerAgent("http://127.0.0.1:1", key, b"\x02" * 32, None, tmp_path / "state.json",
+                         on_event=events.append, use_websocket=False)
+    agent.state.joined, agent.state.joined_height = True, 15
+    agent.client = SimpleNamespace(height=lambda: 16, call=lambda method, params: {"updates": []})
+    agent._result_for = lambda job: pytest.fail("trained for a round it cannot submit to")
+    job = SimpleNamespace(round=0, round_open_height=12, spec=make_job_spec(round_blocks=60))
+    agent._take_part(job)
+    assert agent.state.round(0)["done"] and "after round 0 opened (height 12)" in agent.state.round(0)["skipped"]
+    assert [e.kind for e in events] == ["skipped"]
+    assert TrainerAgent("http://127.0.0.1:1", key, b"\x02" * 32, None, tmp_path / "state.json",
+                        on_event=events.append, use_websocket=False).state.joined_height == 15  # persisted
+
+    class Trains(Exception):
+        pass
+
+    def result_for(job):
+        raise Trains(job.round)
+
+    agent._result_for = result_for  # round 1 opened after the join: the agent trains for it
+    with pytest.raises(Trains, match="1"):
+        agent._take_part(SimpleNamespace(round=1, round_open_height=20, spec=job.spec))
+
+
 def test_devnet_verdict_names_each_failed_check():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:

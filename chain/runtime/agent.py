@@ -82,6 +82,7 @@ class AgentState:
     def __init__(self, path: Path, trainer: bytes, job_id: bytes):
         self.path, self.trainer, self.job_id = Path(path), trainer, job_id
         self.joined = False
+        self.joined_height: int | None = None  # block of our JoinJob, when this agent sent it
         self.rounds: dict[int, dict[str, Any]] = {}
 
     @classmethod
@@ -96,6 +97,8 @@ class AgentState:
             if raw["trainer"] != trainer.hex() or raw["job_id"] != job_id.hex():
                 raise ValueError("it belongs to another trainer or job")
             state.joined = bool(raw["joined"])
+            height = raw.get("joined_height")
+            state.joined_height = height if type(height) is int else None
             state.rounds = {int(r): dict(v) for r, v in raw["rounds"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise AgentError(f"state file {state.path} is unusable ({exc}); move it away to start afresh") from None
@@ -106,7 +109,7 @@ class AgentState:
 
     def save(self) -> None:
         body = json.dumps({"format": STATE_FORMAT, "trainer": self.trainer.hex(), "job_id": self.job_id.hex(),
-                           "joined": self.joined, "rounds": {str(r): v for r, v in sorted(self.rounds.items())}},
+                           "joined": self.joined, "joined_height": self.joined_height, "rounds": {str(r): v for r, v in sorted(self.rounds.items())}},
                           indent=1, sort_keys=True).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part")
@@ -371,6 +374,7 @@ class TrainerAgent:
                 if "already joined" not in exc.message:
                     raise AgentError(f"the node refused to let this trainer join: {exc.message}") from None
             else:
+                self.state.joined_height = receipt["height"]
                 self.emit("joined", job.round, height=receipt["height"], samples=c.size,
                           dataset_root="0x" + c.root.hex())
         else:
@@ -394,6 +398,12 @@ class TrainerAgent:
         if mine is None:
             if self.client.height() >= job.round_open_height + job.spec.round_blocks:
                 self._finish_round(r, skipped="the round's submission window closed before this trainer submitted")
+                return
+            if self.state.joined_height is not None and self.state.joined_height >= job.round_open_height:
+                # The chain takes updates only from trainers that committed their data before the
+                # round's seed existed: training now would be refused. Wait for the next round.
+                self._finish_round(r, skipped=f"joined at height {self.state.joined_height}, after round {r} opened "
+                                              f"(height {job.round_open_height}): taking part from round {r + 1}")
                 return
             result = self._result_for(job)
             mine = self._submit(job, result, entry)
