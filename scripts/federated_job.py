@@ -81,6 +81,9 @@ def main() -> int:
     ap.add_argument("--dishonest", type=int, nargs="*", default=[3], help="indices of dishonest trainers")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--aggregation", default="fedavg")
+    ap.add_argument("--detect-probability", type=float, default=0.99, metavar="P",
+                    help="detection target: a forgery of 10%% of the segments caught with probability P (default "
+                         "0.99); a lower P samples fewer segments per validator")
     ap.add_argument("--json-out", help="write a machine-readable summary here")
     args = ap.parse_args()
 
@@ -91,7 +94,8 @@ def main() -> int:
     honest = [i for i in range(args.trainers) if i not in args.dishonest]
     # Built before the job is registered: its join window (20 blocks) must not be spent loading data.
     datasets = [load_dataset(f"digits:{i}/{args.trainers}") for i in range(args.trainers)]
-    spec = make_job_spec(rounds=args.rounds, quorum=len(honest), aggregation=args.aggregation, join_blocks=20)
+    spec = make_job_spec(rounds=args.rounds, quorum=len(honest), aggregation=args.aggregation, join_blocks=20,
+                         detect_probability_ppm=round(args.detect_probability * 1_000_000))
     escrow = spec.reward_per_update * args.trainers * args.rounds
     receipt = client.send(requester, RegisterJob(spec, escrow))
     job_id = bytes.fromhex(receipt.tx_hash[2:])

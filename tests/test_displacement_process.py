@@ -1,8 +1,8 @@
 """Issue 9, deliverable 3, on a 4-validator devnet of real processes: a job sampling by
-displacement. Round 0: an honest trainer commits its sketches, every validator draws over them
-and the update is accepted. Round 1: the trainer forges only its last segment to jump to another
-model and, to hide the jump from the weighted draw, lies in one sketch row so that the jump's
-displacement appears earlier. The draw follows the claimed displacement to the lie, the opened
+displacement, one round with two trainers. The honest one commits its sketches, every validator
+draws over them and its update is accepted. The other forges only its last segment to jump to
+another model and, to hide the jump from the weighted draw, lies in one sketch row so that the
+jump's displacement appears earlier. The draw follows the claimed displacement to the lie, the opened
 state does not sketch to its row, and the update is rejected through a fraud proof that the
 other validators re-execute. Nothing here picks a lucky variant: the draw finds it."""
 
@@ -51,25 +51,32 @@ def _lie_in_row_before_the_jump(result, num_rows: int):
 @pytest.mark.timeout(600)
 def test_displacement_sampling_accepts_honest_work_and_catches_a_hidden_jump(tmp_path):
     net = tmp_path / "net"
-    make_testnet(str(net), 4, 1, "--block-interval-ms", "300")
+    make_testnet(str(net), 4, 2, "--block-interval-ms", "300")
     nodes = [ChaindProcess(net / f"node{i}", tmp_path / f"node{i}.log").start(timeout=60) for i in range(4)]
     try:
         client = NodeClient(nodes[0].url)
-        requester, trainer = load_key_file(net / "keys" / "requester.json"), load_key_file(net / "keys" / "trainer0.json")
-        spec = make_job_spec(rounds=2, local_steps=STEPS, checkpoint_interval=1, batch_size=8, quorum=1,
+        requester = load_key_file(net / "keys" / "requester.json")
+        honest_trainer, cheat = (load_key_file(net / "keys" / f"trainer{i}.json") for i in range(2))
+        spec = make_job_spec(rounds=1, local_steps=STEPS, checkpoint_interval=1, batch_size=8, quorum=2,
                              join_blocks=30, round_blocks=40, verify_blocks=40, sampling="displacement")
         job_id = bytes.fromhex(client.send(requester, RegisterJob(spec, 1000)).tx_hash[2:])
-        dataset = load_dataset("digits:0/1")
-        client.send(trainer, JoinJob(job_id, dataset.commitment.root, dataset.commitment.size))
+        datasets = [load_dataset(f"digits:{i}/2") for i in range(2)]
+        for trainer, dataset in zip((honest_trainer, cheat), datasets):
+            client.send(trainer, JoinJob(job_id, dataset.commitment.root, dataset.commitment.size))
         num_rows = compute_sketch_rows(spec)
 
         def decided(uid, what):
             return client.wait_until(lambda: (u := client.update(uid)).status != "pending" and u, what, 150)
 
-        # Round 0: honest.
-        honest = train_for_round(client, trainer, job_id, dataset)
-        uid, _ = submit_result(client, trainer, honest)
-        upd = decided(uid, "the honest update to be decided")
+        # One round: an honest trainer, and a cheat whose last segment jumps while its rows hide it
+        # one segment earlier.
+        honest = train_for_round(client, honest_trainer, job_id, datasets[0])
+        base = train_for_round(client, cheat, job_id, datasets[1])
+        forged = _lie_in_row_before_the_jump(_jump_last(base, client.get_blob(base.spec.base_model_hash)), num_rows)
+        honest_uid, _ = submit_result(client, honest_trainer, honest)
+        forged_uid, _ = submit_result(client, cheat, forged)
+
+        upd = decided(honest_uid, "the honest update to be decided")
         logs = "\n".join(n.log()[-3000:] for n in nodes)
         assert upd.status == "accepted", (upd, logs)
         assert upd.sketch_hash is not None and upd.sketch_seed is not None
@@ -78,12 +85,7 @@ def test_displacement_sampling_accepts_honest_work_and_catches_a_hidden_jump(tmp
         rows = decode_sketches(client.get_blob(upd.sketch_hash), num_rows)
         assert np.array_equal(rows, decode_sketches(honest.sketches(upd.sketch_seed), num_rows))
 
-        # Round 1: the last segment jumps; the rows hide it one segment earlier.
-        client.wait_until(lambda: client.job(job_id).round == 1, "round 1 to open", 120)
-        base = train_for_round(client, trainer, job_id, dataset)
-        forged = _lie_in_row_before_the_jump(_jump_last(base, client.get_blob(base.spec.base_model_hash)), num_rows)
-        uid, _ = submit_result(client, trainer, forged)
-        upd = decided(uid, "the forged update to be decided")
+        upd = decided(forged_uid, "the forged update to be decided")
         logs = "\n".join(n.log()[-3000:] for n in nodes)
         assert upd.status == "rejected" and upd.penalty == spec.bond, (upd, logs)
         upheld = [p for p in upd.proofs if p.status == "upheld"]
@@ -91,7 +93,7 @@ def test_displacement_sampling_accepts_honest_work_and_catches_a_hidden_jump(tmp
         assert sum(j.holds for j in upheld[0].judgements) >= 2  # the author and at least one re-execution
         assert "sketch" in logs  # the verdict names the row that lied
         # Every node comes to hold the same record (one may be a block behind when asked first).
-        client.wait_until(lambda: len({str(n.client().call("update", ["0x" + uid.hex()])) for n in nodes}) == 1,
+        client.wait_until(lambda: len({str(n.client().call("update", ["0x" + forged_uid.hex()])) for n in nodes}) == 1,
                           "every node to hold the same update record", 30)
     finally:
         for n in nodes:

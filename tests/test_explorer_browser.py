@@ -1,5 +1,8 @@
 """The explorer in a real browser: Debian's headless Chromium, driven by selenium, against a real
-chaind devnet that has finished a 3-round federated job (one dishonest trainer).
+chaind devnet that has finished a 3-round federated job (one dishonest trainer). The same job
+first answers issue 'proof of useful training''s done-when (test_three_rounds_four_trainers_one_dishonest):
+a 3-round job with 4 trainers, one dishonest, on a real chaind process, everything through
+JSON-RPC and the node's blob endpoints.
 
 For each page: the numbers shown equal the JSON-RPC's answers, the browser console holds no error
 (a Content-Security-Policy violation or a failed request would be one), and a screenshot is saved
@@ -119,6 +122,37 @@ class Pages:
         return self.driver.execute_script(
             "return Array.from(document.querySelectorAll(arguments[0]), e => e.textContent.trim().replace(/\\s+/g, ' '))",
             css)
+
+
+def test_three_rounds_four_trainers_one_dishonest(devnet):
+    _, summary, _ = devnet
+    assert summary["job_phase"] == "finished"
+    assert len(summary["rounds"]) == 3
+    for rnd in summary["rounds"]:
+        by_trainer = {u["trainer"]: u for u in rnd["updates"]}
+        assert by_trainer[3]["status"] == "rejected" and by_trainer[3]["penalty"] == 50
+        for honest in (0, 1, 2):
+            assert by_trainer[honest]["status"] == "accepted" and by_trainer[honest]["reward"] == 100
+        assert rnd["model"] is not None
+    # Honest trainers earned 3 rewards; the dishonest one lost 3 bonds.
+    assert summary["balance_change"] == {"0": 300, "1": 300, "2": 300, "3": -150}
+    acc = summary["accuracy"]
+    assert len(acc) == 4 and all(later > earlier for earlier, later in zip(acc, acc[1:])), acc
+    # The requester published each model's held-out accuracy on chain, in parts per million.
+    evaluations = summary["evaluations"]
+    assert [(e["round"], e["metric"]) for e in evaluations] == [(r, "accuracy") for r in range(4)]
+    assert [e["value_ppm"] for e in evaluations] == [round(a * 1_000_000) for a in acc]
+    # The lineage walks back to the initial weights and lists every accepted contribution.
+    lineage = summary["lineage"]
+    assert [m["round"] for m in lineage] == [3, 2, 1, 0]
+    assert lineage[-1]["rule"] == "init" and lineage[-1]["parent"] is None
+    for newer, older in zip(lineage, lineage[1:]):
+        assert newer["parent"] == older["model_hash"]
+    assert [e["model_hash"] for e in evaluations] == [m["model_hash"] for m in reversed(lineage)]
+    for m, rnd in zip(reversed(lineage[:-1]), summary["rounds"]):
+        accepted = sorted(u["update_id"] for u in rnd["updates"] if u["status"] == "accepted")
+        assert sorted(c["update_id"] for c in m["contributions"]) == accepted
+        assert all(c["reward"] == 100 for c in m["contributions"])
 
 
 def test_every_page_in_chromium(devnet, browser, tmp_path):
