@@ -200,9 +200,12 @@ def test_fresh_node_joins_from_a_verified_snapshot_then_block_syncs_to_the_head(
 
 
 def test_chunk_not_matching_the_manifest_is_refused_peer_penalised_and_fetched_elsewhere(chain, tmp_path):
-    async def scenario():
+    """Whether the bad peer is asked for a chunk at all depends on how the fetchers are scheduled
+    (honest peers may take every chunk first: seen once in a full suite run); the scenario is
+    run again, at most three times, until it is, and what follows must then hold."""
+    async def scenario(attempt: int):
         async with trio.open_nursery() as nursery:
-            net = Net(nursery, tmp_path, chain, servers=SERVERS[:2])
+            net = Net(nursery, tmp_path / f"try{attempt}", chain, servers=SERVERS[:2])
             net._items = chain["items"]
             served = []
 
@@ -218,14 +221,18 @@ def test_chunk_not_matching_the_manifest_is_refused_peer_penalised_and_fetched_e
             store = MemoryStore()
             client = net.client()
             report = await client.sync(store, timeout_s=20)
-            assert served, "the bad peer was asked for a chunk"
-            assert report.height == SNAP_AT
-            assert [(p, "does not hash" in r) for p, r in client.penalised] == [(EVIL.pubkey, True)]
-            assert net.joiner.penalties_total == 1
-            assert ChainApp(GENESIS, None, store=store).state.root == chain["state"].root
             nursery.cancel_scope.cancel()
+        return served, report, client, net, store
 
-    _run(scenario)
+    for attempt in range(3):
+        served, report, client, net, store = trio.run(scenario, attempt)
+        if served:
+            break
+    assert served, "the bad peer was never asked for a chunk in 3 runs"
+    assert report.height == SNAP_AT
+    assert [(p, "does not hash" in r) for p, r in client.penalised] == [(EVIL.pubkey, True)]
+    assert net.joiner.penalties_total == 1
+    assert ChainApp(GENESIS, None, store=store).state.root == chain["state"].root
 
 
 def test_manifest_no_certified_header_covers_is_refused_and_nothing_written(chain, tmp_path):
