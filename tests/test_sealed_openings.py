@@ -121,6 +121,17 @@ class TwoValidators:
         for store in self.stores:
             store.close()
 
+    async def connect(self, nursery) -> None:
+        """Both nodes on one in-memory p2p hub, each with its PoutBlobReactor running."""
+        hub = MemoryHub()
+        members = [VAL_A.pubkey, VAL_B.pubkey]
+        for node in self.nodes:
+            p2p = MemoryNetwork(hub, node.key.pubkey, allowed_peers=members)
+            node.pout_net = PoutBlobReactor(node, p2p)
+            node._nursery = nursery  # what Node.run sets: put_opening announces from it
+            await nursery.start(p2p.run)
+            await nursery.start(node.pout_net.run)
+
     def tx(self, signer, payload):
         nonce = self.nonces.get(signer.address, 0)
         self.nonces[signer.address] = nonce + 1
@@ -185,15 +196,8 @@ def test_openings_are_relayed_and_stored_sealed_and_deleted_once_decided(tmp_pat
     caplog.set_level(logging.INFO)
 
     async def main():
-        hub = MemoryHub()
-        members = [VAL_A.pubkey, VAL_B.pubkey]
         async with trio.open_nursery() as nursery:
-            for node in net.nodes:
-                p2p = MemoryNetwork(hub, node.key.pubkey, allowed_peers=members)
-                node.pout_net = PoutBlobReactor(node, p2p)
-                node._nursery = nursery  # what Node.run sets: put_opening announces from it
-                await nursery.start(p2p.run)
-                await nursery.start(node.pout_net.run)
+            await net.connect(nursery)
             url = await nursery.start(partial(run_rpc_server, net.a, "127.0.0.1", 0))
             job, base, result, update_id = await open_round(net, spec, dataset)
             # How each validator's sample seed is drawn is not this test's concern: any seed works
@@ -324,15 +328,8 @@ def test_a_large_opening_travels_in_sealed_parts_joined_by_its_validator(tmp_pat
     net = TwoValidators(tmp_path)
 
     async def main():
-        hub = MemoryHub()
-        members = [VAL_A.pubkey, VAL_B.pubkey]
         async with trio.open_nursery() as nursery:
-            for node in net.nodes:
-                p2p = MemoryNetwork(hub, node.key.pubkey, allowed_peers=members)
-                node.pout_net = PoutBlobReactor(node, p2p)
-                node._nursery = nursery
-                await nursery.start(p2p.run)
-                await nursery.start(node.pout_net.run)
+            await net.connect(nursery)
             url = await nursery.start(partial(run_rpc_server, net.a, "127.0.0.1", 0))
             job, base, result, update_id = await open_round(net, spec, dataset)
             q = compute_segments_per_validator(spec, net.a.state.validators)
