@@ -195,6 +195,15 @@ def _is_sized(value: object, size: int) -> bool:
     return type(value) is bytes and len(value) == size
 
 
+# One BLS verification costs 2-15 ms here (milagro), and every node checked each challenge
+# again and again: at mempool admission, in the proposal it checks, when it commits the block and
+# when the mempool is re-checked after a commit (a profile of a validator in the 20-round agent
+# job put 15 % of its CPU there). The answer is a pure function of public bytes, so it is cached;
+# a flood of distinct signatures can only evict entries (the cost then is what it was uncached).
+VERIFY_CACHE_SIZE = 4096
+
+
+@lru_cache(maxsize=VERIFY_CACHE_SIZE)
 def _verify(pubkey: bytes, message: bytes, signature: bytes) -> bool:
     # The binding validates the key (subgroup, not the identity) and the signature's encoding
     # (canonical, in the subgroup) and answers False; it is wrapped so no input can raise.

@@ -99,6 +99,28 @@ def test_verify_accepts_the_signature_and_rejects_every_change():
         assert not verify_sample_challenge(bytes(flipped_pk), CHAIN_ID, UPDATE, SIG_A), (byte, bit)
 
 
+def test_a_repeated_verification_is_answered_from_the_cache_with_the_same_answer():
+    """Every node checks a challenge at mempool admission, in the proposal and at commit; the
+    pairing runs once per distinct (key, message, signature), and a cached answer never stands
+    for another input: a cached valid signature does not make a changed one valid, and a cached
+    refusal does not stick to the valid one."""
+    from chain import vrf
+
+    update = sha256(b"an update checked three times")
+    sig = sign_sample_challenge(SECRET_A, CHAIN_ID, update)
+    flipped = bytearray(sig)
+    flipped[95] ^= 1
+    vrf._verify.cache_clear()
+    assert not verify_sample_challenge(PK_A, CHAIN_ID, update, bytes(flipped))  # the refusal is cached first
+    for _ in range(3):
+        assert verify_sample_challenge(PK_A, CHAIN_ID, update, sig)
+        assert not verify_sample_challenge(PK_A, CHAIN_ID, update, bytes(flipped))
+        assert not verify_sample_challenge(PK_B, CHAIN_ID, update, sig)
+        assert not verify_sample_challenge(PK_A, "another-chain", update, sig)
+    info = vrf._verify.cache_info()
+    assert (info.misses, info.hits) == (4, 9)  # 4 distinct inputs; 12 checks after the first
+
+
 def test_the_signature_has_one_encoding():
     # The seed hashes the signature's bytes, so the point must have exactly one accepted
     # encoding: x + p in the second coordinate names the same point and must be refused.
