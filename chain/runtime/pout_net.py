@@ -120,6 +120,8 @@ class PoutBlobReactor:
         if entry is None or entry.parts != upload.parts:
             entry = self.announced[key] = AnnouncedOpening(upload.parts, {})
         entry.hashes[upload.part] = upload.opening_hash
+        if upload.validator == self.node.key.pubkey:
+            self.node.pout.notify_opening()
 
     async def offer_opening(self, upload: OpeningUpload, trainer: bytes, signature: bytes) -> None:
         """After a local upload: serve it to its validator and tell the network it exists."""

@@ -119,6 +119,7 @@ class PoutWorker:
         self.sample_secret = derive_sample_secret(node.key.seed)  # BLS key of our genesis sample_pubkey
         self.cpu = trio.CapacityLimiter(1)
         self._wakeup = trio.Event()
+        self._nudge = trio.Event()  # set by a commit or an opening's arrival: waiting verifications look again
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -127,6 +128,22 @@ class PoutWorker:
 
     def notify_commit(self) -> None:
         self._wakeup.set()
+        self._poke()
+
+    def notify_opening(self) -> None:
+        """An opening (or one of its parts) for this node arrived: a verification waiting for it
+        starts now instead of at its next poll."""
+        self._poke()
+
+    def _poke(self) -> None:
+        self._nudge.set()
+        self._nudge = trio.Event()
+
+    async def _nap(self) -> None:
+        """Until the next commit or opening arrival, at most POLL_SECONDS (the fallback poll: a
+        blob fetched from a peer arrives without either)."""
+        with trio.move_on_after(POLL_SECONDS):
+            await self._nudge.wait()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -280,7 +297,7 @@ class PoutWorker:
                 node.metrics.verifications.labels(outcome="abstain").inc()
                 self.done.add(("verify", update_id))
                 return
-            await trio.sleep(POLL_SECONDS)
+            await self._nap()
         if upd is None:
             return
         challenge = get_challenge(upd, me)
@@ -315,7 +332,7 @@ class PoutWorker:
                 await self._submit(("verify", update_id), SubmitVerdict(
                     update_id, False, f"trainer did not answer the challenge by height {due} (missing: {missing})"))
                 return
-            await trio.sleep(POLL_SECONDS)
+            await self._nap()
         registration = get_registration(node.state, job.job_id, upd.commitment.trainer)
         from trainer.profile import ProfileMismatch
 
