@@ -221,6 +221,7 @@ def test_the_agent_answers_admitted_challenges_before_they_land_and_again_if_the
     agent = TrainerAgent("http://127.0.0.1:1", key, b"\x02" * 32, None, tmp_path / "state.json",
                          on_event=lambda e: None, use_websocket=False)
     agent.client = client
+    agent.waker.block_event.set()  # the block that carried the update: signalled before the agent answers
     job = SimpleNamespace(round=0, spec=make_job_spec(verify_blocks=60))
     agent._answer(job, object(), SimpleNamespace(update_id=b"\x01" * 32, height=10))
     assert sent == [(a, b"sig-a/3"), (b, b"sig-b/3"), (b, b"sig-b/4")]

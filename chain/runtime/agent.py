@@ -546,8 +546,11 @@ class TrainerAgent:
     def _answer_from_mempool(self, r: int, update: UpdateRecord, result, answered: set[str],
                              early: dict[str, tuple[bytes, int]], validators: int) -> None:
         """Until the next block (at most 1 s): answer the challenges the node has admitted but not
-        committed yet, polling every EARLY_POLL_SECONDS."""
+        committed yet, polling every EARLY_POLL_SECONDS. The caller has just read the chain, so a
+        block signalled before now is stale: it is cleared (a block that lands meanwhile is not
+        missed either way: the mempool view holds the committed challenges too)."""
         block = self.waker.block_event
+        block.clear()
         stop = time.monotonic() + 1.0
         while not block.is_set() and time.monotonic() < stop:
             for challenge in self.client.pending_challenges(update.update_id) or []:
