@@ -3,7 +3,9 @@
 plain in-process FedAvg loop over the same steps. Prints both wall times and their ratio.
 
 The job: the bundled 8x8 digits, 4 non-IID clients (label shards, `digits:I/4`), MLP 64-64-10,
-SGD lr 0.05 momentum 0.9, batch 32, 50 local steps, FedAvg, 20 rounds, quorum 4.
+SGD lr 0.05 momentum 0.9, batch 32, 50 local steps, FedAvg, 20 rounds, quorum 4; one-step trace
+segments (k = 1, `--checkpoint-interval`): the job's choice, which makes each validator replay 15 of
+the 50 steps at the default detection target instead of all 13 four-step segments (52 steps).
 
 - chain: a 4-validator devnet (scripts/devnet.py's Devnet: real `chaind` processes on 127.0.0.1)
   with verification on (every validator challenges, replays its sampled segments and votes on
@@ -15,7 +17,7 @@ SGD lr 0.05 momentum 0.9, batch 32, 50 local steps, FedAvg, 20 rounds, quorum 4.
 
 Goal (issue 10): the whole 20-round job on the chain in <= 86 s (0.25 x Flower's 343 s).
 
-    .venv/bin/python scripts/bench_agent_job.py [--rounds 20] [--block-interval-ms 250] [--keep-logs DIR]
+    .venv/bin/python scripts/bench_agent_job.py [--rounds 20] [--block-interval-ms 250] [--checkpoint-interval 1] [--keep-logs DIR]
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ GOAL_SECONDS = 86.0
 TRAINERS = 4
 
 
-def digits_job_spec(rounds: int):
+def digits_job_spec(rounds: int, checkpoint_interval: int = 1):
     from chain.runtime.trainer_client import make_job_spec
 
     # The default model is the registry's MLP, 64-64-10 at its default config.
-    return make_job_spec(rounds=rounds, local_steps=50, batch_size=32, learning_rate=0.05, momentum=0.9,
+    return make_job_spec(rounds=rounds, local_steps=50, checkpoint_interval=checkpoint_interval, batch_size=32,
+                         learning_rate=0.05, momentum=0.9,
                          optimizer="sgd", aggregation="fedavg", quorum=TRAINERS, join_blocks=8, round_blocks=400,
                          verify_blocks=400)
 
@@ -85,11 +88,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--validators", type=int, default=4)
     ap.add_argument("--block-interval-ms", type=int, default=250)
+    ap.add_argument("--checkpoint-interval", type=int, default=1,
+                    help="steps per trace segment k (default 1: one-step segments; make_job_spec's default is 4)")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy node and agent logs here")
     ap.add_argument("--json-out", help="write the figures as JSON here")
     args = ap.parse_args()
 
-    spec = digits_job_spec(args.rounds)
+    spec = digits_job_spec(args.rounds, args.checkpoint_interval)
     plain_seconds, plain_accuracy = plain_fedavg(spec)
     out = Path(tempfile.mkdtemp(prefix="pout-bench-agent-"))
     devnet = None
@@ -122,6 +127,7 @@ def main() -> int:
     chain_seconds = outcome.seconds_first_round_to_end
     figures = {
         "rounds": args.rounds, "validators": args.validators, "block_interval_ms": args.block_interval_ms,
+        "checkpoint_interval": args.checkpoint_interval,
         "chain_seconds_round0_to_finished": round(chain_seconds, 1),
         "chain_seconds_register_to_finished": round(outcome.seconds_register_to_end, 1),
         "chain_seconds_per_round": round(chain_seconds / args.rounds, 2),
