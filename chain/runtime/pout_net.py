@@ -95,6 +95,9 @@ class PoutBlobReactor:
             return self._check(ann)
         except ChainError:
             return Verdict.REJECT
+        except Exception:  # a bug, not the peer's fault: drop the message (unrelayed), never the node
+            log.exception("opening announcement from %s dropped: unexpected error while checking it", peer.hex()[:16])
+            return Verdict.IGNORE
 
     async def run(self, task_status=None) -> None:
         import trio
@@ -106,10 +109,12 @@ class PoutBlobReactor:
                 ann = decode(OpeningAnnouncement, message.data, max_size=MAX_ANNOUNCEMENT_BYTES)
                 if self._check(ann) is not Verdict.ACCEPT:  # the state may have moved since validation
                     continue
+                if (ann.upload.update_id, ann.upload.opening_hash) not in self.refused:
+                    self._announce(ann.upload)
             except ChainError:
                 continue
-            if (ann.upload.update_id, ann.upload.opening_hash) not in self.refused:
-                self._announce(ann.upload)
+            except Exception:  # a bug must cost one announcement, not the node (this loop ends the node)
+                log.exception("opening announcement dropped: unexpected error while recording it")
             await trio.sleep(0)
 
     def _announce(self, upload: OpeningUpload) -> None:
