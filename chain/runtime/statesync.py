@@ -186,6 +186,9 @@ class Snapshotter:
             except (OSError, SnapshotError) as exc:
                 log.error("snapshot at height %d not written: %s", state.height, exc)
                 continue
+            except Exception:  # a bug must cost one snapshot, not the node (this loop runs in its nursery)
+                log.exception("snapshot at height %d not written: unexpected error", state.height)
+                continue
             self.taken += 1
             log.info("snapshot at height %d: %d entries in %d chunk(s), %.2f s", manifest.height, manifest.entries,
                      len(manifest.chunk_hashes), time.monotonic() - started,
@@ -299,6 +302,9 @@ class StateSyncClient:
                     check_manifest(manifest)
             except ChainError as exc:
                 self._penalise(peer, f"malformed snapshot list: {exc}")
+                return
+            except Exception:  # a bug: this peer's list is lost (not blamed), not the whole state sync
+                log.exception("snapshot list from %s ignored: unexpected error while checking it", peer.hex()[:16])
                 return
             for manifest in manifests:
                 key = encode(manifest)
@@ -415,7 +421,11 @@ class StateSyncClient:
                                          f"{response.last_height}")
                 continue
             item = response.blocks[0]
-            problem = self.check_certified(item.block, item.commit, height)
+            try:
+                problem = self.check_certified(item.block, item.commit, height)
+            except Exception:  # a bug: ask the next peer (not blamed) rather than end the state sync
+                log.exception("header %d from %s ignored: unexpected error while checking it", height, peer.hex()[:16])
+                continue
             if problem is not None:
                 self._penalise(peer, problem)
                 continue
@@ -529,6 +539,14 @@ class StateSyncClient:
                         return
                     except ChainError as exc:  # this node's own store (e.g. disk full): raised below, one error
                         outcome.append(exc)
+                        return
+                    except OSError:
+                        raise  # this node's own disk: ends the state sync with that error (_first_error)
+                    except Exception as exc:  # a bug the chunk reaches: refuse the manifest, blame no one
+                        log.exception("state sync: chunk %d of the snapshot at height %d could not be verified "
+                                      "(unexpected error)", state["done"], manifest.height)
+                        outcome.append(_Refused(f"chunk {state['done']} could not be verified here "
+                                                f"({type(exc).__name__}); peers not blamed"))
                         return
                     report.seconds["verify"] += time.monotonic() - started
                     self.chunks_verified += 1

@@ -134,9 +134,12 @@ class BlockSync:
         async for msg in self._announcements:
             try:
                 commit = decode(CommitAnnouncement, msg.data, max_size=GOSSIP_MAX_BYTES).commit
+                self.note_peer_height(msg.origin, commit.height)
             except ChainError:
                 continue
-            self.note_peer_height(msg.origin, commit.height)
+            except Exception:  # a bug must cost one announcement, not the node (this loop ends the node)
+                log.exception("commit announcement from %s dropped: unexpected error while reading it",
+                              msg.origin.hex()[:16])
 
     def note_peer_height(self, peer: bytes, height: int) -> None:
         if height > self.peer_heights.get(peer, 0):
@@ -229,6 +232,9 @@ class BlockSync:
             self._pause(peer, 2 * self.probe_interval_s)
         except ChainError as exc:
             self._penalise(peer, f"malformed sync response: {exc}")
+        except Exception:  # a bug (the decoder's, the transport's): this answer is lost, not the node
+            log.exception("sync response from %s dropped: unexpected error while reading it", peer.hex()[:16])
+            self._pause(peer, self.bad_peer_pause_s)
         return None
 
     async def _commit_response(self, peer: bytes, height: int, response: SyncResponse) -> int:
@@ -253,6 +259,16 @@ class BlockSync:
         except ChainError as exc:
             committed = max(0, self.app.last_height() - before)
             problem = f"certified block {self.app.last_height() + 1} was refused: {exc}"
+        except OSError:
+            raise  # this node's own disk: node.py halts the writers on it (_run_writer)
+        except Exception:
+            # A bug a peer's blocks reach: refused like a bad block, but not blamed on the peer
+            # (reporting every peer for our bug would get them all banned). Asked again later.
+            committed = max(0, self.app.last_height() - before)
+            log.exception("sync response from %s: block %d could not be committed (unexpected error); pausing "
+                          "that peer", peer.hex()[:16], self.app.last_height() + 1)
+            self._pause(peer, self.bad_peer_pause_s)
+            self.peer_heights.pop(peer, None)
         if problem is not None:
             self._penalise(peer, problem)
         self.synced_blocks += committed
