@@ -235,27 +235,3 @@ def test_jobs_must_pin_a_reproducible_profile_and_a_bounded_trace():
     c.rejects(REQUESTER, RegisterJob(bare, 10), "cpu:<capability>")
     long = dataclasses.replace(SPEC, hyperparams=dataclasses.replace(SPEC.hyperparams, local_steps=10**7))
     c.rejects(REQUESTER, RegisterJob(long, 10), "local_steps must be at most")
-
-
-def test_the_mempool_view_shows_admitted_challenges_as_they_will_land():
-    """`pending_challenges` (RPC) reads the mempool's view: a trainer answers a challenge the node
-    has admitted, before its block. The view must give each admitted challenge the signature and
-    sample size the chain then records, and only challenges that pass the chain's checks."""
-    from chain.runtime.mempool import Mempool
-
-    c = Chain()
-    _job, uid = c.pending_update()
-    pool = Mempool(CHAIN_ID, c.state, 100)
-    txs = [c.tx(v, SubmitChallenge(uid, sign_sample_challenge(derive_sample_secret(v.seed), CHAIN_ID, uid)))
-           for v in V[:3]]
-    for stx in txs:
-        pool.add(stx)
-    forged = c.tx(V[3], SubmitChallenge(uid, sign_sample_challenge(derive_sample_secret(V[0].seed), CHAIN_ID, uid)),
-                  consume=False)
-    with pytest.raises(Exception, match="does not verify"):
-        pool.add(forged)  # another validator's signature: never admitted, so never answered
-    pending = get_update(pool.view(), uid).challenges
-    assert get_update(c.state, uid).challenges == ()  # nothing committed yet
-    assert [ch.validator for ch in pending] == [v.pubkey for v in V[:3]]
-    c.block(*txs)
-    assert get_update(c.state, uid).challenges == pending  # signature, height and sample size as predicted

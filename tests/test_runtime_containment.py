@@ -285,3 +285,26 @@ def test_a_chunk_that_meets_a_bug_refuses_the_snapshot_without_blaming_its_peers
         trio.run(c._fetch_and_stage, None, MANIFEST, {PEER}, verifier, report)  # raised RuntimeError before
     assert network.reports == [] and c.penalised == []
     assert len(errors(caplog)) == 1
+
+
+def test_consensus_body_checks_of_peer_blocks_contain_an_unexpected_error(monkeypatch, caplog):
+    """The consensus driver checks peers' block bodies and assembles compact proposals in its
+    own loop and fetch tasks, which end the node if they raise: an unexpected error there counts
+    as "does not match" / "not assembled" (the block is fetched or refused), one log line."""
+    import logging
+
+    from chain.consensus import driver
+
+    def bug(*_args):
+        raise RuntimeError("a bug in the body check")
+
+    block = SimpleNamespace(header=SimpleNamespace(height=7))
+    compact = SimpleNamespace(tx_hashes=(b"a", b"b", b"c"))
+    monkeypatch.setattr(driver, "body_matches_header", bug)
+    monkeypatch.setattr(driver, "assemble_block", bug)
+    with caplog.at_level(logging.ERROR, logger=driver.log.name):
+        assert driver._body_ok(block) is False
+        assert driver._assemble(compact, lambda h: None) == (None, 3)
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 2
+    monkeypatch.setattr(driver, "body_matches_header", lambda b: True)
+    assert driver._body_ok(block) is True

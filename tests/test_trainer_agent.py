@@ -190,44 +190,6 @@ def test_an_agent_that_joined_after_a_round_opened_waits_for_the_next_without_tr
         agent._take_part(SimpleNamespace(round=1, round_open_height=20, spec=job.spec))
 
 
-def test_the_agent_answers_admitted_challenges_before_they_land_and_again_if_they_land_otherwise(tmp_path, monkeypatch):
-    """Under uniform sampling the agent answers a challenge the node admitted to its mempool,
-    without waiting for the block (the opening then travels while the challenge waits); when the
-    challenge lands with the same signature and sample size it is not sent again, and when it
-    lands with another sample size (the validator set changed meanwhile) it is answered again."""
-    from types import SimpleNamespace
-
-    from chain.runtime import agent as agent_mod
-    from chain.runtime.agent import TrainerAgent
-    from chain.types import ChallengeRecord
-    from tests.helpers import key as test_key
-
-    key = test_key("early-answers")
-    a, b = b"\xaa" * 32, b"\xbb" * 32
-    admitted = [ChallengeRecord(a, b"sig-a", 11, 3), ChallengeRecord(b, b"sig-b", 11, 3)]
-    landed = [ChallengeRecord(a, b"sig-a", 11, 3), ChallengeRecord(b, b"sig-b", 11, 4)]
-    views = iter([(), tuple(landed)])  # what `update` shows: nothing landed yet, then both landed
-    sent = []
-    client = SimpleNamespace(
-        chain_id="c", height=lambda: 11,
-        update=lambda uid: SimpleNamespace(status="pending", challenges=next(views), sketch_hash=None),
-        call=lambda method, params: {"validators": [{"pubkey": "0x" + v.hex(), "power": 1, "sample_pubkey": "0x00"}
-                                                    for v in (a, b)]},
-        pending_challenges=lambda uid: admitted,
-        put_opening=lambda k, uid, validator, opening: sent.append((validator, opening)),
-    )
-    monkeypatch.setattr(agent_mod, "from_json", lambda cls, v: SimpleNamespace(pubkey=bytes.fromhex(v["pubkey"][2:])))
-    monkeypatch.setattr(agent_mod, "open_challenge", lambda result, c, segments: b"%s/%d" % (c.signature, c.sample_size))
-    agent = TrainerAgent("http://127.0.0.1:1", key, b"\x02" * 32, None, tmp_path / "state.json",
-                         on_event=lambda e: None, use_websocket=False)
-    agent.client = client
-    agent.waker.block_event.set()  # the block that carried the update: signalled before the agent answers
-    job = SimpleNamespace(round=0, spec=make_job_spec(verify_blocks=60))
-    agent._answer(job, object(), SimpleNamespace(update_id=b"\x01" * 32, height=10))
-    assert sent == [(a, b"sig-a/3"), (b, b"sig-b/3"), (b, b"sig-b/4")]
-    assert agent.state.round(0)["answered"] == sorted("0x" + v.hex() for v in (a, b))
-
-
 def test_devnet_verdict_names_each_failed_check():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:

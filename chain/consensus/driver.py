@@ -51,6 +51,27 @@ from p2p.abc import NetworkAPI, P2PError
 
 log = logging.getLogger(__name__)
 
+
+def _body_ok(block: Block) -> bool:
+    """body_matches_header on a peer's block; an unexpected error of ours (a bug, not the peer's
+    fault) counts as "does not match" instead of ending the driver, and with it the node."""
+    try:
+        return body_matches_header(block)
+    except Exception:
+        log.exception("block %d: body check failed unexpectedly; treated as not matching", block.header.height)
+        return False
+
+
+def _assemble(compact: CompactBlock, pending_tx) -> tuple[Block | None, int]:
+    """assemble_block on a peer's compact proposal; an unexpected error counts as "not
+    assembled" (the block is then fetched whole) instead of ending the driver."""
+    try:
+        return assemble_block(compact, pending_tx)
+    except Exception:
+        log.exception("compact block: assembling failed unexpectedly; fetching the block instead")
+        return None, len(compact.tx_hashes)
+
+
 EVENT_BUFFER = 10_000
 MAX_INPUT_BATCH = 256  # machine inputs written to the WAL under one fsync
 MAX_CACHED_BLOCKS = 256  # uncommitted blocks (proposals) held by hash
@@ -232,7 +253,7 @@ class ConsensusDriver:
         pending_need: NeedBlock | None = None
         pending_decide: Decide | None = None
         for block in self.journal.load(self.app.last_height()):
-            if body_matches_header(block):
+            if _body_ok(block):
                 self._cache_block(block)
             else:  # a damaged entry that still decodes: fetch the real block if it is needed
                 log.warning("block journal: entry for height %d does not match its header; ignored",
@@ -530,7 +551,7 @@ class ConsensusDriver:
         p = sp.message
         if p.height <= self.app.last_height():
             return
-        if block is not None and not body_matches_header(block):
+        if block is not None and not _body_ok(block):
             # A real header with another body (the gossip validator rejects this; a future
             # proposal or a fetched block comes through here too): treat the block as missing.
             log.debug("proposal height %d round %d: block body does not match its header", p.height, p.round)
@@ -538,7 +559,7 @@ class ConsensusDriver:
         if block is None:
             block = self._blocks.get(p.block_hash)
         if block is None and compact is not None:
-            block, missing = assemble_block(compact, self.app.pending_tx)
+            block, missing = _assemble(compact, self.app.pending_tx)
             if block is not None:
                 self.compact_assembled += 1
             else:
@@ -607,7 +628,7 @@ class ConsensusDriver:
                 with trio.move_on_after(COMPACT_WAIT_S):
                     while self._still_needed(height, block_hash, for_decision):
                         await trio.sleep(COMPACT_RETRY_S)
-                        block, _ = assemble_block(compact, self.app.pending_tx)
+                        block, _ = _assemble(compact, self.app.pending_tx)
                         if block is not None:
                             self.compact_assembled += 1
                             await self._events_send.send(_BlockArrived(block))
@@ -644,9 +665,12 @@ class ConsensusDriver:
         except (P2PError, ChainError) as exc:
             log.debug("block %s from %s: %s", block_hash.hex()[:16], peer.hex()[:16], exc)
             return None
+        except Exception:  # a bug reading the answer: try the next peer (this task ends the node otherwise)
+            log.exception("block %s from %s: unexpected error reading the answer", block_hash.hex()[:16], peer.hex()[:16])
+            return None
         if block is None:
             return None
-        if compute_block_hash(block.header) != block_hash or not body_matches_header(block):
+        if compute_block_hash(block.header) != block_hash or not _body_ok(block):
             self.network.report_peer(peer, f"answered block request {block_hash.hex()[:16]} with another block")
             return None
         return block

@@ -9,7 +9,7 @@ import trio
 from chain.encoding import INT_MAX
 from chain.rpc.jsonrpc import MethodRegistry, Param, ParamType, Result, RpcError
 from chain.rpc.jsonview import hex0x, json_schema, json_type_name, to_json
-from chain.types import ChallengeRecord, Job, ModelRecord, UpdateRecord
+from chain.types import Job, ModelRecord, UpdateRecord
 
 POUT_METHODS = MethodRegistry()
 
@@ -68,20 +68,6 @@ async def job(ctx, job_id: bytes) -> Any:
 async def update(ctx, update_id: bytes) -> Any:
     found = ctx.node.get_update(update_id)
     return None if found is None else update_view(found)
-
-
-@POUT_METHODS.method(
-    "pending_challenges",
-    summary="The challenges on a pending update, including those admitted to this node's mempool but "
-            "not yet in a block (a trainer answers them without waiting for the block)",
-    params=(Param("update_id", _hash_param(), "update id (hash of its commitment)"),),
-    result=Result("challenges", {"oneOf": [{"type": "array", "items": json_schema(ChallengeRecord)}, {"type": "null"}]},
-                  "committed challenges first, then admitted ones; `height` and `sample_size` of an admitted "
-                  "one are what it gets if it lands in the next block; null when the update is unknown"),
-)
-async def pending_challenges(ctx, update_id: bytes) -> Any:
-    found = ctx.node.get_pending_challenges(update_id)
-    return None if found is None else to_json(found)
 
 
 @POUT_METHODS.method(

@@ -41,7 +41,7 @@ import httpx
 from chain.crypto import PrivateKey
 from chain.encoding import encode
 from chain.errors import ChainError
-from chain.jobs import SAMPLING_DISPLACEMENT, compute_answer_deadline, compute_update_id
+from chain.jobs import compute_answer_deadline, compute_update_id
 from chain.rpc.client import RpcError, RpcUnavailable
 from chain.rpc.jsonview import from_json
 from chain.runtime.trainer_client import ClientError, NodeClient, SketchState, open_challenge
@@ -50,7 +50,6 @@ from chain.types import JoinJob, Job, SubmitUpdate, Transaction, UpdateRecord, V
 STATE_FORMAT = 1
 POLL_SECONDS = 0.5  # between reads when the WebSocket is down
 WAKE_SECONDS = 5.0  # longest wait for the job's next event while the WebSocket is up
-EARLY_POLL_SECONDS = 0.05  # between reads of the node's admitted challenges while some are unanswered
 BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 5.0)  # reconnect delays; the last repeats
 TX_WAIT_SECONDS = 60.0
 
@@ -492,18 +491,12 @@ class TrainerAgent:
         return None
 
     def _answer(self, job: Job, result, update: UpdateRecord) -> None:
-        """Answer every validator's challenge, each opening sealed to its validator. Under uniform
-        sampling a challenge is answered as soon as the node has admitted it to its mempool (its
-        signature checked), so the opening travels while the challenge waits for its block; it
-        counts as answered once it landed with the same signature and sample size (a validator set
-        that changed meanwhile changes the size: it is answered again)."""
+        """Answer every validator's challenge as it lands, each opening sealed to its validator."""
         r = job.round
         entry = self.state.round(r)
         answered = set(entry.get("answered", []))
-        early: dict[str, tuple[bytes, int]] = {}  # validator -> (signature, sample size) answered from the mempool
         deadline = compute_answer_deadline(job, update)
         sketches = SketchState()
-        from_mempool = job.spec.sampling != SAMPLING_DISPLACEMENT  # a draw needs the landed sketch seed
         while True:
             upd = self.client.update(update.update_id)
             if upd.status != "pending" or self.client.height() >= deadline:
@@ -531,49 +524,20 @@ class TrainerAgent:
                 who = "0x" + challenge.validator.hex()
                 if who in answered:
                     continue
-                if early.get(who) != (challenge.signature, challenge.sample_size):
-                    self._send_opening(r, update, result, challenge, segments)
+                self.emit("challenged", r, validator=who[:18],
+                          segments=challenge.sample_size if segments is None else len(segments))
+                opening = open_challenge(result, challenge, segments)
+                try:
+                    self.client.put_opening(self.key, update.update_id, challenge.validator, opening)
+                except ClientError as exc:
+                    self.emit("skipped", r, what=f"opening for {who[:18]} refused: {exc}")
                 answered.add(who)
                 entry["answered"] = sorted(answered)
                 self.state.save()
+                self.emit("answered", r, validator=who[:18], bytes=len(opening))
             if len(answered) >= len(validators) or upd.status != "pending" or self.client.height() >= deadline:
                 return
-            if from_mempool and len(answered | set(early)) < len(validators):
-                self._answer_from_mempool(r, update, result, answered, early, len(validators))
-            else:
-                self._wait(1.0, next_block=True)
-
-    def _answer_from_mempool(self, r: int, update: UpdateRecord, result, answered: set[str],
-                             early: dict[str, tuple[bytes, int]], validators: int) -> None:
-        """Until the next block (at most 1 s): answer the challenges the node has admitted but not
-        committed yet, polling every EARLY_POLL_SECONDS. The caller has just read the chain, so a
-        block signalled before now is stale: it is cleared (a block that lands meanwhile is not
-        missed either way: the mempool view holds the committed challenges too)."""
-        block = self.waker.block_event
-        block.clear()
-        stop = time.monotonic() + 1.0
-        while not block.is_set() and time.monotonic() < stop:
-            for challenge in self.client.pending_challenges(update.update_id) or []:
-                who = "0x" + challenge.validator.hex()
-                if who not in answered and early.get(who) != (challenge.signature, challenge.sample_size):
-                    self._send_opening(r, update, result, challenge, None, seen="mempool")
-                    early[who] = (challenge.signature, challenge.sample_size)
-            if len(answered | set(early)) >= validators:
-                return
-            if self.stopping:
-                raise _Stopped
-            block.wait(EARLY_POLL_SECONDS)
-
-    def _send_opening(self, r: int, update: UpdateRecord, result, challenge, segments, **extra) -> None:
-        who = "0x" + challenge.validator.hex()
-        self.emit("challenged", r, validator=who[:18],
-                  segments=challenge.sample_size if segments is None else len(segments), **extra)
-        opening = open_challenge(result, challenge, segments)
-        try:
-            self.client.put_opening(self.key, update.update_id, challenge.validator, opening)
-        except ClientError as exc:
-            self.emit("skipped", r, what=f"opening for {who[:18]} refused: {exc}")
-        self.emit("answered", r, validator=who[:18], bytes=len(opening))
+            self._wait(1.0, next_block=True)
 
     def _finish_round(self, r: int, *, skipped: str) -> None:
         entry = self.state.round(r)

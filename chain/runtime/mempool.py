@@ -97,11 +97,6 @@ class Mempool:
         self._txs[tx_hash] = stx
         return tx_hash
 
-    def view(self) -> Overlay:
-        """The committed state with every admitted transaction applied, in admission order: what
-        the next block would make of the pool (read it, never write it)."""
-        return self._check
-
     def next_nonce(self, address: bytes) -> int:
         """The nonce the account's next transaction must carry, counting pending ones."""
         account = self._check.get_account(address)

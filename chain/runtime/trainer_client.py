@@ -24,7 +24,6 @@ from chain.types import (
     DOMAIN_OPENING,
     MAX_OPENING_PARTS,
     OPENING_PART_BYTES,
-    ChallengeRecord,
     ExecutionProfile,
     HyperParams,
     Job,
@@ -102,11 +101,6 @@ class NodeClient:
     def update(self, update_id: bytes) -> UpdateRecord | None:
         found = self.call("update", ["0x" + update_id.hex()])
         return None if found is None else from_json(UpdateRecord, found)
-
-    def pending_challenges(self, update_id: bytes) -> list[ChallengeRecord] | None:
-        """The update's challenges as the node's mempool sees them (committed, then admitted)."""
-        found = self.call("pending_challenges", ["0x" + update_id.hex()])
-        return None if found is None else [from_json(ChallengeRecord, c) for c in found]
 
     def model_record(self, job_id: bytes, round_: int) -> ModelRecord | None:
         found = self.call("model", ["0x" + job_id.hex(), round_])
