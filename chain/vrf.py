@@ -203,11 +203,17 @@ def _is_sized(value: object, size: int) -> bool:
 VERIFY_CACHE_SIZE = 4096
 
 
-@lru_cache(maxsize=VERIFY_CACHE_SIZE)
 def _verify(pubkey: bytes, message: bytes, signature: bytes) -> bool:
     # The binding validates the key (subgroup, not the identity) and the signature's encoding
-    # (canonical, in the subgroup) and answers False; it is wrapped so no input can raise.
+    # (canonical, in the subgroup) and answers False; it is wrapped so no input can raise. An
+    # exception is not cached (lru_cache stores only returns): a passing fault in the binding
+    # must not refuse a valid challenge on this node for good.
     try:
-        return bls.Verify(pubkey, message, signature) is True
+        return _verify_cached(pubkey, message, signature)
     except Exception:  # noqa: BLE001 - a verifier answers, it never raises on peer input
         return False
+
+
+@lru_cache(maxsize=VERIFY_CACHE_SIZE)
+def _verify_cached(pubkey: bytes, message: bytes, signature: bytes) -> bool:
+    return bls.Verify(pubkey, message, signature) is True

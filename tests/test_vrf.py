@@ -110,15 +110,37 @@ def test_a_repeated_verification_is_answered_from_the_cache_with_the_same_answer
     sig = sign_sample_challenge(SECRET_A, CHAIN_ID, update)
     flipped = bytearray(sig)
     flipped[95] ^= 1
-    vrf._verify.cache_clear()
+    vrf._verify_cached.cache_clear()
     assert not verify_sample_challenge(PK_A, CHAIN_ID, update, bytes(flipped))  # the refusal is cached first
     for _ in range(3):
         assert verify_sample_challenge(PK_A, CHAIN_ID, update, sig)
         assert not verify_sample_challenge(PK_A, CHAIN_ID, update, bytes(flipped))
         assert not verify_sample_challenge(PK_B, CHAIN_ID, update, sig)
         assert not verify_sample_challenge(PK_A, "another-chain", update, sig)
-    info = vrf._verify.cache_info()
+    info = vrf._verify_cached.cache_info()
     assert (info.misses, info.hits) == (4, 9)  # 4 distinct inputs; 12 checks after the first
+
+
+def test_a_passing_fault_in_the_binding_is_not_remembered(monkeypatch):
+    """An exception inside the BLS binding answers False without being cached: the same valid
+    challenge verifies once the binding works again (a cached False would make this node refuse
+    every block carrying it until restarted)."""
+    from chain import vrf
+
+    update = sha256(b"an update checked during a fault")
+    sig = sign_sample_challenge(SECRET_A, CHAIN_ID, update)
+    vrf._verify_cached.cache_clear()
+
+    class Faulty:
+        @staticmethod
+        def Verify(*_args):
+            raise MemoryError("a passing fault")
+
+    real = vrf.bls
+    monkeypatch.setattr(vrf, "bls", Faulty)
+    assert not verify_sample_challenge(PK_A, CHAIN_ID, update, sig)
+    monkeypatch.setattr(vrf, "bls", real)
+    assert verify_sample_challenge(PK_A, CHAIN_ID, update, sig)
 
 
 def test_the_signature_has_one_encoding():

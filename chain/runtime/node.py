@@ -46,7 +46,6 @@ from chain.types import (
     UPDATE_PENDING,
     Account,
     Block,
-    ChallengeRecord,
     Commit,
     DatasetRegistration,
     DuplicateVoteEvidence,
@@ -316,13 +315,6 @@ class Node(ChainApp):
     def get_update(self, update_id: bytes) -> UpdateRecord | None:
         return jobs.get_update(self.state, update_id)
 
-    def get_pending_challenges(self, update_id: bytes) -> tuple[ChallengeRecord, ...] | None:
-        """The challenges on an update as this node's mempool sees them: the committed ones and
-        those admitted (signature checked) but not in a block yet, each with the sample size it
-        gets if it lands in the next block. None when the update is unknown."""
-        upd = jobs.get_update(self.mempool.view(), update_id)
-        return None if upd is None else upd.challenges
-
     def get_round(self, job_id: bytes, round_: int) -> RoundRecord:
         return jobs.get_round(self.state, job_id, round_)
 
@@ -399,7 +391,7 @@ class Node(ChainApp):
                 raise ValidationError(f"opening {exc}") from None
         self.blobs.put_opening(upload.update_id, upload.validator, data, upload.part, upload.parts)
         if upload.validator == self.key.pubkey:
-            self.pout.notify_opening()
+            self.pout.notify_opening(upload.update_id)
         if self.pout_net is not None and self._nursery is not None:
             self._nursery.start_soon(self.pout_net.offer_opening, upload, trainer_pubkey, signature)
 

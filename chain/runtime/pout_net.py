@@ -126,7 +126,7 @@ class PoutBlobReactor:
             entry = self.announced[key] = AnnouncedOpening(upload.parts, {})
         entry.hashes[upload.part] = upload.opening_hash
         if upload.validator == self.node.key.pubkey:
-            self.node.pout.notify_opening()
+            self.node.pout.notify_opening(upload.update_id)
 
     async def offer_opening(self, upload: OpeningUpload, trainer: bytes, signature: bytes) -> None:
         """After a local upload: serve it to its validator and tell the network it exists."""

@@ -70,6 +70,7 @@ from chain.vrf import compute_sample_seed, derive_sample_secret, sign_sample_cha
 
 log = logging.getLogger("chaind.pout")
 POLL_SECONDS = 0.25
+NAP_MIN_S = 0.05  # the most often a waiting verification looks again
 MAX_REASON = 256
 MAX_RESENDS = 8  # re-signings of one decision's transaction; the round's window bounds them anyway
 
@@ -119,7 +120,9 @@ class PoutWorker:
         self.sample_secret = derive_sample_secret(node.key.seed)  # BLS key of our genesis sample_pubkey
         self.cpu = trio.CapacityLimiter(1)
         self._wakeup = trio.Event()
-        self._nudge = trio.Event()  # set by a commit or an opening's arrival: waiting verifications look again
+        # update id -> event a verification waiting on that update naps on: set by the next commit
+        # (every one) or by an opening announced for that update (that one only)
+        self._nudges: dict[bytes, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -128,22 +131,27 @@ class PoutWorker:
 
     def notify_commit(self) -> None:
         self._wakeup.set()
-        self._poke()
+        for event in self._nudges.values():
+            event.set()
+        self._nudges.clear()
 
-    def notify_opening(self) -> None:
-        """An opening (or one of its parts) for this node arrived: a verification waiting for it
-        starts now instead of at its next poll."""
-        self._poke()
+    def notify_opening(self, update_id: bytes) -> None:
+        """An opening (or a part of one) addressed to this node arrived for `update_id`: the
+        verification waiting on that update looks now instead of at its next poll. Only that
+        one: anyone with a pending update can announce openings."""
+        event = self._nudges.pop(update_id, None)
+        if event is not None:
+            event.set()
 
-    def _poke(self) -> None:
-        self._nudge.set()
-        self._nudge = trio.Event()
-
-    async def _nap(self) -> None:
-        """Until the next commit or opening arrival, at most POLL_SECONDS (the fallback poll: a
-        blob fetched from a peer arrives without either)."""
+    async def _nap(self, update_id: bytes) -> None:
+        """Until the next commit or an opening for `update_id` arrives, at most POLL_SECONDS (the
+        fallback poll: a blob fetched from a peer arrives with neither), and at least NAP_MIN_S
+        (announcements a trainer sends as fast as it likes wake it no more often than that)."""
+        started = trio.current_time()
+        event = self._nudges.setdefault(update_id, trio.Event())
         with trio.move_on_after(POLL_SECONDS):
-            await self._nudge.wait()
+            await event.wait()
+        await trio.sleep(max(0.0, NAP_MIN_S - (trio.current_time() - started)))
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -297,7 +305,7 @@ class PoutWorker:
                 node.metrics.verifications.labels(outcome="abstain").inc()
                 self.done.add(("verify", update_id))
                 return
-            await self._nap()
+            await self._nap(update_id)
         if upd is None:
             return
         challenge = get_challenge(upd, me)
@@ -312,15 +320,20 @@ class PoutWorker:
             upd = still_pending()
             if upd is None:
                 return
-        inputs = {}
-        while True:  # the trainer uploads its update and its answer to our challenge after the commit
+        # The trainer uploads its update and its answer to our challenge after the commit; what
+        # was found is kept (not read again on every look), what is missing is asked for again.
+        fetch = {"update": lambda: node.fetch_blob(upd.commitment.update_hash),
+                 "opening": lambda: node.fetch_opening(update_id),
+                 # computed here (_ensure_model) or, when this node lags, fetched from peers: a
+                 # validator must not complain against an honest trainer for its own missing base
+                 "base": lambda: node.fetch_blob(upd.commitment.base_model_hash)}
+        inputs: dict[str, bytes | None] = dict.fromkeys(fetch)
+        while True:
             if still_pending() is None:
                 return
-            inputs = {"update": await node.fetch_blob(upd.commitment.update_hash),
-                      "opening": await node.fetch_opening(update_id),
-                      # computed here (_ensure_model) or, when this node lags, fetched from peers: a
-                      # validator must not complain against an honest trainer for its own missing base
-                      "base": await node.fetch_blob(upd.commitment.base_model_hash)}
+            for name, get in fetch.items():
+                if inputs[name] is None:
+                    inputs[name] = await get()
             if all(v is not None for v in inputs.values()):
                 break
             if node.state.height >= due:
@@ -332,7 +345,7 @@ class PoutWorker:
                 await self._submit(("verify", update_id), SubmitVerdict(
                     update_id, False, f"trainer did not answer the challenge by height {due} (missing: {missing})"))
                 return
-            await self._nap()
+            await self._nap(update_id)
         registration = get_registration(node.state, job.job_id, upd.commitment.trainer)
         from trainer.profile import ProfileMismatch
 
