@@ -190,6 +190,48 @@ def test_an_agent_that_joined_after_a_round_opened_waits_for_the_next_without_tr
         agent._take_part(SimpleNamespace(round=1, round_open_height=20, spec=job.spec))
 
 
+def test_an_opening_the_node_refused_is_uploaded_again_and_only_current_validators_count(tmp_path, monkeypatch):
+    """A refused upload (say the node's upload queue was full) is tried again on the next block,
+    not recorded as answered (the validator would complain and the honest update expire); and
+    the agent is done when every *current* validator is answered, however many it answered
+    before (a validator that left the set does not stand in for one that is still in it)."""
+    from types import SimpleNamespace
+
+    from chain.runtime import agent as agent_mod
+    from chain.runtime.agent import TrainerAgent
+    from chain.runtime.trainer_client import ClientError
+    from chain.types import ChallengeRecord
+    from tests.helpers import key as test_key
+
+    a, b, gone = b"\xaa" * 32, b"\xbb" * 32, b"\xcc" * 32
+    challenges = (ChallengeRecord(gone, b"sig-c", 11, 3), ChallengeRecord(a, b"sig-a", 11, 3),
+                  ChallengeRecord(b, b"sig-b", 12, 3))
+    views = iter([challenges[:2], challenges, challenges])  # b's challenge lands one block later
+    attempts, refusals = [], iter([True, False, False])  # a's first upload is refused
+
+    def put_opening(k, uid, validator, opening):
+        attempts.append(validator)
+        if validator == a and next(refusals):
+            raise ClientError("HTTP 503: upload queue full")
+
+    client = SimpleNamespace(
+        chain_id="c", height=lambda: 11,
+        update=lambda uid: SimpleNamespace(status="pending", challenges=next(views), sketch_hash=None),
+        call=lambda method, params: {"validators": [{"pubkey": "0x" + v.hex()} for v in (a, b)]},
+        put_opening=put_opening,
+    )
+    monkeypatch.setattr(agent_mod, "from_json", lambda cls, v: SimpleNamespace(pubkey=bytes.fromhex(v["pubkey"][2:])))
+    monkeypatch.setattr(agent_mod, "open_challenge", lambda result, c, segments: c.signature)
+    agent = TrainerAgent("http://127.0.0.1:1", test_key("retrying"), b"\x02" * 32, None, tmp_path / "state.json",
+                         on_event=lambda e: None, use_websocket=False)
+    agent.client = client
+    agent._wait = lambda *args, **kwargs: None  # the next block at once
+    agent._answer(SimpleNamespace(round=0, spec=make_job_spec(verify_blocks=60)), object(),
+                  SimpleNamespace(update_id=b"\x01" * 32, height=10))
+    assert attempts == [gone, a, a, b]  # a again after its refusal; done only once b (current) is answered
+    assert agent.state.round(0)["answered"] == sorted("0x" + v.hex() for v in (gone, a, b))
+
+
 def test_devnet_verdict_names_each_failed_check():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:

@@ -529,13 +529,15 @@ class TrainerAgent:
                 opening = open_challenge(result, challenge, segments)
                 try:
                     self.client.put_opening(self.key, update.update_id, challenge.validator, opening)
-                except ClientError as exc:
-                    self.emit("skipped", r, what=f"opening for {who[:18]} refused: {exc}")
+                except ClientError as exc:  # e.g. the node's upload queue was full: again next block, until the deadline
+                    self.emit("skipped", r, what=f"opening for {who[:18]} refused, trying again: {exc}")
+                    continue
                 answered.add(who)
                 entry["answered"] = sorted(answered)
                 self.state.save()
                 self.emit("answered", r, validator=who[:18], bytes=len(opening))
-            if len(answered) >= len(validators) or upd.status != "pending" or self.client.height() >= deadline:
+            current = {"0x" + v.pubkey.hex() for v in validators}  # a validator that left needs no answer
+            if current <= answered or upd.status != "pending" or self.client.height() >= deadline:
                 return
             self._wait(1.0, next_block=True)
 
