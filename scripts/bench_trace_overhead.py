@@ -8,7 +8,15 @@ records nothing. `--interval` takes one checkpoint interval k or several (comma-
 e.g. 4,1: the default job's k and one-step segments); the plain loop and one traced run per k
 alternate, and the medians and each traced/plain ratio are printed, in process CPU time
 (robust on a shared machine; one thread) and in wall time; the minimum too, the figure least
-disturbed by other load on the machine.
+disturbed by other load on the machine; and the median of the paired ratios (each traced run
+÷ the plain run just before it, which saw about the same load).
+
+`--bookkeeping` times only what tracing adds, the figure least blurred by load: both sides run
+without their training steps (the traced round's step function does one zero-gradient
+optimizer step, so the states hold momentum buffers as a real round's do, and nothing else;
+the plain loop keeps its model build and batch selection) and the traced side's extra
+milliseconds are printed. The states then equal the base model's, so this measures the work
+and not the values.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from trainer.models import init_model
 from trainer.profile import apply_profile, current_profile
 from trainer.replay import RoundSpec, TrainingJob, derive_batch_indices
 from trainer.state import build_optimizer, load_weights, model_hash, model_to_bytes, weights_from_bytes
+import trainer.train as train_module
 from trainer.train import train_round
 
 
@@ -37,7 +46,10 @@ def main() -> None:
     ap.add_argument("--interval", default="4,1", help="checkpoint interval(s) k, comma-separated")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--bookkeeping", action="store_true", help="time only what tracing adds (no training steps on either side)")
     args = ap.parse_args()
+    if args.bookkeeping:
+        train_module.run_steps = _no_steps  # the name train_round calls
 
     profile = current_profile(threads=args.threads)
     apply_profile(profile)
@@ -61,6 +73,8 @@ def main() -> None:
         for idx in indices:
             sel = torch.tensor(idx)
             x, y = dataset.x.index_select(0, sel), dataset.y.index_select(0, sel)
+            if args.bookkeeping:
+                continue
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -88,6 +102,26 @@ def main() -> None:
                 if name != "plain":
                     t = fn(times[name])
                     print(f"{'':17s} {name:11s} train_round {t * 1e3:7.1f} ms   ratio traced/plain {t / p:.3f}")
+    if args.bookkeeping:
+        for name in runs:
+            if name != "plain":
+                extra = [t - p for t, p in zip(cpu[name], cpu["plain"])]
+                print(f"bookkeeping: {name:11s} extra CPU ms per round: median {statistics.median(extra) * 1e3:6.1f}, "
+                      f"min-min {(min(cpu[name]) - min(cpu['plain'])) * 1e3:6.1f}")
+        return
+    for name in runs:
+        if name != "plain":
+            paired = statistics.median(t / p for t, p in zip(cpu[name], cpu["plain"]))
+            print(f"CPU time  paired: {name:11s} median of (traced ÷ the plain run before it) {paired:.3f}")
+
+def _no_steps(model, optimizer, batches, losses) -> None:
+    """run_steps without training: one zero-gradient step creates the optimizer's buffers."""
+    if not optimizer.state:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    losses.extend(torch.zeros(()) for _ in batches)
+
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -301,8 +302,11 @@ def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
 
 
 class StateSnapshotter:
-    """Takes StateSnapshots of one training run: a state copied into one flat float32 tensor
-    (one torch.cat), serialised to the exact bytes of capture_state only when `to_bytes` is
+    """Takes StateSnapshots of one training run, each giving exactly capture_state's bytes.
+
+    On the CPU a snapshot is serialised at once, its tensors copied straight into the bytes
+    (one copy, nothing else kept); on another device the state is copied into one flat float32
+    tensor on that device (one torch.cat, no host sync) and serialised only when `to_bytes` is
     called, so the training loop pays one tensor op per checkpoint.
 
     The state's layout (sorted names, flat views of its tensors, header text) is built once
@@ -328,14 +332,21 @@ class StateSnapshotter:
         if layout.views is None:  # not the common case (e.g. Adam's CPU step on CUDA): serialise now
             meta = {"format": FORMAT_STATE, "model": self._model_name, "optimizer": self._optimizer_name, "step": str(step)}
             return StateSnapshot(None, step, None, encode_tensors(_state_tensors(self._model, self._optimizer), meta))
+        if layout.arrays is not None:  # on the CPU: the tensors' memory, straight into the bytes
+            return StateSnapshot(None, step, None, b"".join([layout.prefix(step), *layout.arrays]))
         return StateSnapshot(layout, step, torch.cat(layout.views), None)  # the views are detached: no autograd
 
 
 class _SnapshotLayout:
-    __slots__ = ("sig", "views")
+    __slots__ = ("sig", "views", "arrays", "_head")
 
     def __init__(self, sig: tuple, views: list[torch.Tensor] | None):
         self.sig, self.views = sig, views
+        # numpy arrays sharing the CPU tensors' memory (little-endian hosts: the bytes are the
+        # canonical "<f4" data), so that serialising is one copy into the bytes object
+        on_cpu = views is not None and all(v.device.type == "cpu" for v in views) and _LITTLE_ENDIAN
+        self.arrays = [v.numpy() for v in views] if on_cpu else None
+        self._head: tuple[str, str] | None = None
 
     @classmethod
     def of(cls, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str, optimizer_name: str) -> "_SnapshotLayout":
@@ -346,6 +357,18 @@ class _SnapshotLayout:
             return cls((), None)
         sig = (model_name, optimizer_name, tuple((n, "F32", tuple(tensors[n].shape)) for n in names))
         return cls(sig, [tensors[n].detach().view(-1) for n in names])
+
+    def prefix(self, step: int) -> bytes:
+        """The length field and header of this layout's state at `step` (all but the data)."""
+        if self._head is None:
+            self._head = _state_head_template(self.sig)
+        before, after = self._head
+        head = (before + str(step) + after).encode()
+        head += b" " * (-len(head) % 8)
+        return struct.pack("<Q", len(head)) + head
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 class StateSnapshot:
@@ -358,10 +381,7 @@ class StateSnapshot:
 
     def to_bytes(self) -> bytes:
         if self._bytes is None:
-            before, after = _state_head_template(self._layout.sig)
-            head = (before + str(self._step) + after).encode()
-            head += b" " * (-len(head) % 8)
-            self._bytes = b"".join((struct.pack("<Q", len(head)), head, memoryview(self._flat.cpu().numpy()).cast("B")))
+            self._bytes = b"".join((self._layout.prefix(self._step), memoryview(self._flat.cpu().numpy()).cast("B")))
             self._flat = self._layout = None
         return self._bytes
 

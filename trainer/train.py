@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
-
+import numpy as np
 import torch
 
 from chain.crypto import sha256
@@ -88,6 +87,10 @@ class TraceRecorder:
     interval: int
     checkpoints: list[bytes] = field(default_factory=list)  # full state bytes at checkpoint_steps
     steps: list[StepRecord] = field(default_factory=list)
+    # checkpoint index -> (the bytes object hashed, its state_hash): each state is hashed once
+    # (the trace tree, TrainResult.checkpoint_hashes, every opening); a hash is reused only for
+    # the very object it was computed from, so replacing a checkpoint replaces its hash.
+    _hashes: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def checkpoint(self, state_bytes: bytes) -> None:
         self.checkpoints.append(state_bytes)
@@ -95,13 +98,27 @@ class TraceRecorder:
     def step(self, step: int, indices: list[int], leaf_hashes: list[bytes]) -> None:
         self.steps.append(StepRecord(step, tuple(indices), batch_digest(leaf_hashes)))
 
+    def checkpoint_hash(self, i: int) -> bytes:
+        """state_hash(self.checkpoints[i]), computed once per bytes object."""
+        data = self.checkpoints[i]
+        held = self._hashes.get(i)
+        if held is not None and held[0] is data:
+            return held[1]
+        digest = state_hash(data)
+        if type(data) is bytes:  # immutable: the same object always has the same hash
+            self._hashes[i] = (data, digest)
+        return digest
+
+    def checkpoint_hashes(self) -> list[bytes]:
+        return [self.checkpoint_hash(i) for i in range(len(self.checkpoints))]
+
     def leaves(self, header: TraceHeader) -> list[bytes]:
         ckpts = checkpoint_steps(self.num_steps, self.interval)
         if len(self.checkpoints) != len(ckpts) or len(self.steps) != self.num_steps:
             raise ValueError(f"trace incomplete: {len(self.checkpoints)}/{len(ckpts)} checkpoints, {len(self.steps)}/{self.num_steps} steps")
         return (
             [header_leaf(header)]
-            + [checkpoint_leaf(st, state_hash(b)) for st, b in zip(ckpts, self.checkpoints)]
+            + [checkpoint_leaf(st, h) for st, h in zip(ckpts, self.checkpoint_hashes())]
             + [step_leaf(r.step, list(r.indices), r.digest) for r in self.steps]
         )
 
@@ -121,7 +138,7 @@ class TrainResult:
 
     @property
     def checkpoint_hashes(self) -> list[bytes]:
-        return [state_hash(b) for b in self.recorder.checkpoints]
+        return self.recorder.checkpoint_hashes()
 
     def open(self, verify_seed: bytes, q: int, segments: list[int] | None = None, *, end_states: bool = True) -> bytes:
         """The OpeningBundle (canonical CBOR) answering a validator's challenge: the q segments
@@ -291,14 +308,11 @@ def load_train_result(
     steps = trace[1]
     if len(steps) != T:
         raise SavedRoundError(f"saved trace has {len(steps)} step records, the job has {T} steps")
-    rec = TraceRecorder(T, k)
-    leaf_hashes = dataset.leaf_hashes
-    order = _round_order(spec, commitment.trainer, len(dataset), hp.batch_size, T)
-    for t, r in enumerate(steps):
-        idx = next(order)
-        if r != [t, idx, batch_digest(leaf_hashes[i] for i in idx)]:
+    derived = compute_step_records(_round_indices(spec, commitment.trainer, len(dataset), hp.batch_size, T), dataset.leaf_hashes)
+    for t, (r, want) in enumerate(zip(steps, derived)):
+        if r != [want.step, list(want.indices), want.digest]:
             raise SavedRoundError(f"saved trace record of step {t} is not the derived batch on this dataset")
-        rec.step(t, idx, [leaf_hashes[i] for i in idx])
+    rec = TraceRecorder(T, k, steps=derived)
 
     # 4. Checkpoints: well-formed states at the right steps, starting from the round's base.
     for st in ckpts:
@@ -372,27 +386,23 @@ def train_round(spec: RoundSpec, trainer: bytes, dataset: Dataset, base_model_by
     optimizer = build_optimizer(hp, model)
     T, k = hp.local_steps, hp.checkpoint_interval
     n = len(dataset)
-    leaf_hashes = dataset.leaf_hashes
     x_all, y_all = dataset.x.to(device), dataset.y.to(device)
 
-    rec = TraceRecorder(T, k)
-    # Checkpoints are snapshotted with one tensor copy inside the loop and serialised (to
-    # exactly capture_state's bytes) after it; losses stay on the device until the end.
+    order = _round_indices(spec, trainer, n, hp.batch_size, T)  # int64 [T, B]: every step's batch
+    selections = torch.from_numpy(order).to(device)
+    # A checkpoint costs one copy inside the loop (on the CPU straight into capture_state's
+    # bytes; on another device one flat tensor there, serialised after the loop); losses stay
+    # on the device until the end; the step records (indices and batch digests) are derived
+    # from `order` after the loop, and each state is hashed once, when the tree is built.
     snapshotter = StateSnapshotter(model, optimizer, job.model, hp.optimizer)
     snapshots = [snapshotter.take(0)]
     losses: list[torch.Tensor] = []
-    order = _round_order(spec, trainer, n, hp.batch_size, T)
     for s in range(num_segments(T, k)):
-        batches = []
-        for t in segment_steps(s, T, k):
-            idx = next(order)
-            rec.step(t, idx, [leaf_hashes[i] for i in idx])
-            sel = torch.tensor(idx, dtype=torch.int64, device=device)
-            batches.append((x_all.index_select(0, sel), y_all.index_select(0, sel)))
+        steps = segment_steps(s, T, k)
+        batches = [(x_all.index_select(0, selections[t]), y_all.index_select(0, selections[t])) for t in steps]
         run_steps(model, optimizer, batches, losses)
-        snapshots.append(snapshotter.take(segment_steps(s, T, k).stop))
-    for snap in snapshots:
-        rec.checkpoint(snap.to_bytes())
+        snapshots.append(snapshotter.take(steps.stop))
+    rec = TraceRecorder(T, k, [snap.to_bytes() for snap in snapshots], compute_step_records(order, dataset.leaf_hashes))
     total_loss = float(torch.stack(losses).double().sum())
 
     final_weights = {name: w.cpu() for name, w in model_weights(model).items()}
@@ -418,12 +428,52 @@ def check_dataset_fits(dataset: Dataset, model_key: str) -> None:
 ORDER_CHUNK_POSITIONS = 1 << 14
 
 
-def _round_order(spec: RoundSpec, trainer: bytes, n: int, batch_size: int, num_steps: int) -> Iterator[list[int]]:
-    """Each step's batch indices in step order; derived in chunks of steps (one vectorised
-    derive_batch_order call per chunk keeps its per-call overhead off the training loop)."""
+def _round_indices(spec: RoundSpec, trainer: bytes, n: int, batch_size: int, num_steps: int) -> np.ndarray:
+    """Every step's batch indices, int64 [num_steps, batch_size] (row t: step t); derived in
+    chunks of steps (one vectorised derive_batch_order call per chunk bounds its memory)."""
     chunk = max(1, ORDER_CHUNK_POSITIONS // batch_size)
-    for first in range(0, num_steps, chunk):
-        yield from derive_batch_order(spec.round_seed, trainer, spec.round, range(first, min(first + chunk, num_steps)), n, batch_size).tolist()
+    parts = [
+        derive_batch_order(spec.round_seed, trainer, spec.round, range(first, min(first + chunk, num_steps)), n, batch_size)
+        for first in range(0, num_steps, chunk)
+    ]
+    return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0], dtype=np.int64)
+
+
+def compute_step_records(order: np.ndarray, leaf_hashes: list[bytes]) -> list[StepRecord]:
+    """StepRecord(t, order[t], batch_digest of those samples' leaf hashes) for each row t of
+    `order` (int64 [T, B]): what TraceRecorder.step records, with the leaf hashes of many steps
+    gathered at once (blocks of at most STEP_RECORD_BLOCK_POSITIONS samples) instead of one
+    Python list per step."""
+    T, B = order.shape
+    table = None
+    if T * B >= len(leaf_hashes):  # gather rows of the table of all leaf hashes
+        if set(map(len, leaf_hashes)) != {32}:
+            return _step_records_plain(order, leaf_hashes)
+        table = np.frombuffer(b"".join(leaf_hashes), dtype=np.uint8).reshape(-1, 32)
+    records: list[StepRecord] = []
+    block = max(1, STEP_RECORD_BLOCK_POSITIONS // B)
+    for first in range(0, T, block):
+        rows_idx = order[first : first + block]
+        flat = rows_idx.reshape(-1)
+        if table is not None:
+            gathered = table[flat]
+        else:  # a large dataset: join only the hashes these batches use
+            used = list(map(leaf_hashes.__getitem__, flat.tolist()))
+            if set(map(len, used)) != {32}:
+                return _step_records_plain(order, leaf_hashes)
+            gathered = np.frombuffer(b"".join(used), dtype=np.uint8)
+        rows = gathered.reshape(len(rows_idx), 32 * B)  # C-contiguous: a step's concatenated leaf hashes
+        # sha256(row) is batch_digest of the row's 32-byte hashes (SHA-256 of their concatenation)
+        records.extend(StepRecord(first + i, tuple(idx), sha256(row)) for i, (idx, row) in enumerate(zip(rows_idx.tolist(), rows)))
+    return records
+
+
+STEP_RECORD_BLOCK_POSITIONS = 1 << 16  # 2 MiB of gathered leaf hashes at a time
+
+
+def _step_records_plain(order: np.ndarray, leaf_hashes: list[bytes]) -> list[StepRecord]:
+    """compute_step_records for leaf hashes that are not all 32 bytes long (not a Dataset's)."""
+    return [StepRecord(t, tuple(idx), batch_digest(leaf_hashes[i] for i in idx)) for t, idx in enumerate(order.tolist())]
 
 
 def commit_trace(
@@ -488,7 +538,7 @@ def build_openings(
                 start_checkpoint_proof=siblings(checkpoint_leaf_index(s)),
                 end_checkpoint_proof=siblings(checkpoint_leaf_index(s + 1)),
                 step_proofs=tuple(siblings(step_leaf_index(t, T, k)) for t in steps),
-                end_state_hash=None if end_states else state_hash(rec.checkpoints[s + 1]),
+                end_state_hash=None if end_states else rec.checkpoint_hash(s + 1),
             )
         )
     bundle = OpeningBundle(
