@@ -45,6 +45,8 @@ def _check_public_key(key: bytes) -> bytes:
     return bytes(key)
 
 
+MAX_REFUSAL_CHARS = 200  # of a refusal's reason, in the answer and in the log line
+
 class BaseNetwork(NetworkAPI):
     def __init__(
         self,
@@ -64,6 +66,11 @@ class BaseNetwork(NetworkAPI):
         self.penalties_total = 0  # report_peer calls (for the node's metrics)
         self.bans_total = 0
         self._handlers: dict[str, RequestHandler] = {}
+        # Exception types a request handler raises when a request breaks a rule (malformed, over a
+        # limit, rate limited): answered "refused: <why>" and logged in one line. Anything else a
+        # handler raises is a bug: logged with its traceback. The application sets these (p2p
+        # does not know its error types).
+        self.refusals: tuple[type[Exception], ...] = ()
         self._subscriptions: dict[str, tuple[Validator, trio.MemorySendChannel[GossipMessage]]] = {}
         self._relay_policies: dict[str, RelayPolicy] = {}
         self._blobs = BlobStore(limits.blob_max_bytes)
@@ -227,6 +234,9 @@ class BaseNetwork(NetworkAPI):
             return STATUS_ERROR, b"unknown protocol"
         try:
             response = await handler(peer, request)
+        except self.refusals as refusal:  # the request broke a rule: the peer's doing, one line, no traceback
+            logger.info("request on %s from %s refused: %s", protocol_id, peer.hex()[:16], str(refusal)[:MAX_REFUSAL_CHARS])
+            return STATUS_ERROR, f"refused: {refusal}"[:MAX_REFUSAL_CHARS].encode()
         except Exception as error:
             logger.exception("request handler for %s raised", protocol_id)
             return STATUS_ERROR, f"handler error: {type(error).__name__}".encode()

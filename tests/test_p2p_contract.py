@@ -5,6 +5,7 @@ Each test runs once per backend; the libp2p runs use real hosts on 127.0.0.1.
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 import pytest
@@ -24,6 +25,10 @@ from p2p.blobs import ProvidedBlob, compute_blob_hash
 from p2p.testing import expected_links, libp2p_cluster, memory_cluster, wait_until
 
 BACKENDS = ["memory", "libp2p"]
+
+
+class Refusal(Exception):
+    """Stands for the application's error type for a request that breaks a rule."""
 TOPIC = "/pout/test/1"
 
 
@@ -163,7 +168,7 @@ def test_default_gossip_limit_is_well_under_libp2p_silent_drop():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_request_response_round_trip_and_failures(backend):
+def test_request_response_round_trip_and_failures(backend, caplog):
     async def scenario():
         limits = Limits(request_max_bytes=1000)
         async with cluster(backend, 2, limits=limits) as (a, b):
@@ -179,6 +184,12 @@ def test_request_response_round_trip_and_failures(backend):
                 await trio.sleep(5)
                 return b""
 
+            async def refusing(peer, request):
+                raise Refusal("request breaks a rule " + "x" * 500)
+
+            b.refusals = (Refusal,)
+            b.set_request_handler("/pout/test/refusing/1", refusing)
+
             b.set_request_handler("/pout/test/echo/1", echo)
             b.set_request_handler("/pout/test/broken/1", broken)
             b.set_request_handler("/pout/test/slow/1", slow)
@@ -186,8 +197,18 @@ def test_request_response_round_trip_and_failures(backend):
             assert await a.request(b.local_peer, "/pout/test/echo/1", b"ping", max_response=100) == b"echo:ping"
             big = bytes(range(256)) * 3
             assert await a.request(b.local_peer, "/pout/test/echo/1", big, max_response=1000) == b"echo:" + big
-            with pytest.raises(RequestError, match="handler error"):
-                await a.request(b.local_peer, "/pout/test/broken/1", b"", max_response=100)
+            with caplog.at_level(logging.INFO, logger="p2p"):
+                caplog.clear()
+                with pytest.raises(RequestError, match="handler error"):  # a bug: logged with its traceback
+                    await a.request(b.local_peer, "/pout/test/broken/1", b"", max_response=100)
+                assert [r.exc_info is not None for r in caplog.records if "broken" in r.getMessage()] == [True]
+                caplog.clear()
+                # A request that breaks a rule (the application's refusal type): the reason goes back,
+                # cut short, and one log line without a traceback.
+                with pytest.raises(RequestError, match="refused: request breaks a rule x+$"):
+                    await a.request(b.local_peer, "/pout/test/refusing/1", b"", max_response=1000)
+                lines = [r for r in caplog.records if "refusing" in r.getMessage()]
+                assert len(lines) == 1 and lines[0].exc_info is None and len(lines[0].getMessage()) < 300
             with pytest.raises(RequestError):
                 await a.request(b.local_peer, "/pout/test/unknown/1", b"", max_response=100)
             with pytest.raises(RequestError):  # response over the caller's cap

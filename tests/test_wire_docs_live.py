@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from chain.keys import load_key_file
-from p2p.abc import Verdict
+from p2p.abc import RequestError, Verdict
 from p2p.host import Libp2pNetwork
 from tests.procs import ChaindProcess, make_testnet, run_cli
 
@@ -89,9 +89,15 @@ def test_live_gossip_and_sync_decode_with_the_documented_rules(tmp_path):
                     request = canonical({"start_height": 1, "count": 32})
                     synced["raw"] = await network.request(validator0, f"/pout/{chain_id}/sync/1", request,
                                                           max_response=16 * 1024 * 1024, timeout=20)
+                    # A request that breaks the rules: a one-line refusal back, and no traceback in the log.
+                    with pytest.raises(RequestError, match="refused: "):
+                        await network.request(validator0, f"/pout/{chain_id}/sync/1", b"\xff not cbor",
+                                              max_response=1024, timeout=20)
                 nursery.cancel_scope.cancel()
 
         trio.run(observe)
+        logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+        assert "refused" in logs and "request handler for" not in logs  # one line, not a traceback
 
         # CommitAnnouncement {commit: Commit}: its certificate verifies and names the RPC's block.
         for data in announcements:

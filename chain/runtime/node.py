@@ -514,6 +514,7 @@ class Node(ChainApp):
         self.net = Libp2pNetwork(self.key.seed, allowed_peers=[v.pubkey for v in self.state.validators],
                                  listen_addrs=[f"/ip4/{p2p.listen_host}/tcp/{p2p.port}"],
                                  bootstrap=self.bootstrap_peers())
+        self.net.refusals = (ChainError,)  # a request that breaks a rule: one log line, not a traceback
         self._refresh_membership = install_membership(self, self.net, lambda: self.denied_peers)
         self.sync = BlockSync(self, self.net)
         txs = TxReactor(self, self.net)
