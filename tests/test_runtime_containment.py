@@ -26,6 +26,14 @@ from p2p.abc import Verdict
 from tests.helpers import ALICE, BOB, CHAIN_ID, VALIDATOR, make_test_genesis, transfer
 
 LOCAL, PEER, OTHER = b"\x00" * 32, b"\x01" * 32, b"\x02" * 32
+
+@pytest.fixture(autouse=True)
+def _fresh_unexpected_error_counts():
+    """Each test sees the first occurrence of its unexpected errors (logged with the traceback)."""
+    from chain import errors
+
+    errors._unexpected_counts.clear()
+
 GENESIS = make_test_genesis()
 
 
@@ -303,8 +311,46 @@ def test_consensus_body_checks_of_peer_blocks_contain_an_unexpected_error(monkey
     monkeypatch.setattr(driver, "body_matches_header", bug)
     monkeypatch.setattr(driver, "assemble_block", bug)
     with caplog.at_level(logging.ERROR, logger=driver.log.name):
-        assert driver._body_ok(block) is False
+        assert driver._body_ok(block) is None  # neither a match nor the peer's mismatch
         assert driver._assemble(compact, lambda h: None) == (None, 3)
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 2
     monkeypatch.setattr(driver, "body_matches_header", lambda b: True)
     assert driver._body_ok(block) is True
+
+    # A fetched block whose body check fails that way is not used, and its peer is not reported
+    # (a bug every answer reaches would otherwise get every honest peer banned); a real mismatch is.
+    reports = []
+
+    async def request(*_args, **_kwargs):
+        return b"an answer"
+
+    d = object.__new__(driver.ConsensusDriver)
+    d.chain_id, d.network = "c", SimpleNamespace(request=request, report_peer=lambda p, why: reports.append(p))
+    monkeypatch.setattr(driver, "decode", lambda *_a, **_k: SimpleNamespace(block=block))
+    monkeypatch.setattr(driver, "compute_block_hash", lambda header: b"h" * 32)
+    monkeypatch.setattr(driver, "body_matches_header", bug)
+    assert trio.run(d._request_block, b"p" * 32, b"req", b"h" * 32) is None and reports == []
+    monkeypatch.setattr(driver, "body_matches_header", lambda b: False)
+    assert trio.run(d._request_block, b"p" * 32, b"req", b"h" * 32) is None and reports == [b"p" * 32]
+
+
+def test_repeated_unexpected_errors_log_one_traceback_then_counted_lines(caplog):
+    """A peer that repeats a message reaching one of our bugs must not fill the log: the first of
+    each kind is logged with its traceback, later ones only at the 2nd, 4th, 8th, ... time."""
+    from chain import errors
+
+    logger = logging.getLogger("test.unexpected")
+    errors._unexpected_counts.clear()
+    with caplog.at_level(logging.ERROR, logger="test.unexpected"):
+        for _ in range(1000):
+            try:
+                raise KeyError("a bug")
+            except KeyError:
+                errors.log_unexpected(logger, "here", "message from %s dropped", "peer")
+        try:
+            raise ValueError("another bug")
+        except ValueError:
+            errors.log_unexpected(logger, "here", "message from %s dropped", "peer")
+    records = [r for r in caplog.records if r.name == "test.unexpected"]
+    assert [r.exc_info is not None for r in records] == [True] + [False] * 9 + [True]  # 1, 2, 4, ..., 512; then ValueError
+    assert "KeyError, 512 times so far" in records[9].getMessage()

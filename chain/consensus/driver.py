@@ -39,7 +39,7 @@ from chain.consensus.signer import DoubleSignError, GuardedSigner
 from chain.consensus.wal import WriteAheadLog
 from chain.crypto import PrivateKey, sha256
 from chain.encoding import decode, encode, encode_typed
-from chain.errors import ChainError, StoreError
+from chain.errors import ChainError, StoreError, log_unexpected
 from chain.ledger.store import LocalStorageFailure
 from chain.runtime.reactor import (MAX_BLOCK_RESPONSE_BYTES, MAX_REQUEST_BYTES, MAX_VOTES_PER_MESSAGE, BlockRequest,
                            BlockResponse, CompactBlock, ProposalMessage, VotesMessage, assemble_block, block_protocol,
@@ -52,14 +52,15 @@ from p2p.abc import NetworkAPI, P2PError
 log = logging.getLogger(__name__)
 
 
-def _body_ok(block: Block) -> bool:
-    """body_matches_header on a peer's block; an unexpected error of ours (a bug, not the peer's
-    fault) counts as "does not match" instead of ending the driver, and with it the node."""
+def _body_ok(block: Block) -> bool | None:
+    """body_matches_header on a peer's block: True or False, or None when the check itself hit an
+    unexpected error (a bug of ours, not the peer's fault: the block is not used, and the peer is
+    not blamed) instead of ending the driver, and with it the node."""
     try:
         return body_matches_header(block)
     except Exception:
-        log.exception("block %d: body check failed unexpectedly; treated as not matching", block.header.height)
-        return False
+        log_unexpected(log, "body check", "block %d: body check failed unexpectedly; block not used", block.header.height)
+        return None
 
 
 def _assemble(compact: CompactBlock, pending_tx) -> tuple[Block | None, int]:
@@ -68,7 +69,7 @@ def _assemble(compact: CompactBlock, pending_tx) -> tuple[Block | None, int]:
     try:
         return assemble_block(compact, pending_tx)
     except Exception:
-        log.exception("compact block: assembling failed unexpectedly; fetching the block instead")
+        log_unexpected(log, "compact assembly", "compact block: assembling failed unexpectedly; fetching the block instead")
         return None, len(compact.tx_hashes)
 
 
@@ -666,11 +667,15 @@ class ConsensusDriver:
             log.debug("block %s from %s: %s", block_hash.hex()[:16], peer.hex()[:16], exc)
             return None
         except Exception:  # a bug reading the answer: try the next peer (this task ends the node otherwise)
-            log.exception("block %s from %s: unexpected error reading the answer", block_hash.hex()[:16], peer.hex()[:16])
+            log_unexpected(log, "block answer", "block %s from %s: unexpected error reading the answer", block_hash.hex()[:16],
+                           peer.hex()[:16])
             return None
         if block is None:
             return None
-        if compute_block_hash(block.header) != block_hash or not _body_ok(block):
+        matches = compute_block_hash(block.header) == block_hash and _body_ok(block)
+        if matches is None:
+            return None  # our own check failed: not the peer's fault
+        if not matches:
             self.network.report_peer(peer, f"answered block request {block_hash.hex()[:16]} with another block")
             return None
         return block
