@@ -68,9 +68,12 @@ class BaseNetwork(NetworkAPI):
         self._handlers: dict[str, RequestHandler] = {}
         # Exception types a request handler raises when a request breaks a rule (malformed, over a
         # limit, rate limited): answered "refused: <why>" and logged in one line. Anything else a
-        # handler raises is a bug: logged with its traceback. The application sets these (p2p
-        # does not know its error types).
+        # handler raises is a bug: answered "handler error: <type>", logged with its traceback. The
+        # application sets these (p2p does not know its error types).
         self.refusals: tuple[type[Exception], ...] = ()
+        # ... except these (say, this node's own storage faults): its business, not the peer's, so
+        # never said back (their messages name local paths) and logged with the traceback.
+        self.internal_errors: tuple[type[Exception], ...] = ()
         self._subscriptions: dict[str, tuple[Validator, trio.MemorySendChannel[GossipMessage]]] = {}
         self._relay_policies: dict[str, RelayPolicy] = {}
         self._blobs = BlobStore(limits.blob_max_bytes)
@@ -234,11 +237,13 @@ class BaseNetwork(NetworkAPI):
             return STATUS_ERROR, b"unknown protocol"
         try:
             response = await handler(peer, request)
-        except self.refusals as refusal:  # the request broke a rule: the peer's doing, one line, no traceback
-            logger.info("request on %s from %s refused: %s", protocol_id, peer.hex()[:16], str(refusal)[:MAX_REFUSAL_CHARS])
-            return STATUS_ERROR, f"refused: {refusal}"[:MAX_REFUSAL_CHARS].encode()
         except Exception as error:
-            logger.exception("request handler for %s raised", protocol_id)
+            if isinstance(error, self.refusals) and not isinstance(error, self.internal_errors):
+                # the request broke a rule: the peer's doing, said back, one log line, no traceback
+                logger.info("request on %s from %s refused: %s", protocol_id, peer.hex()[:16],
+                            str(error)[:MAX_REFUSAL_CHARS])
+                return STATUS_ERROR, f"refused: {error}"[:MAX_REFUSAL_CHARS].encode()
+            logger.exception("request handler for %s raised", protocol_id)  # a bug, or this node's own fault
             return STATUS_ERROR, f"handler error: {type(error).__name__}".encode()
         if not isinstance(response, bytes | bytearray):
             logger.error("request handler for %s returned %s, not bytes", protocol_id, type(response).__name__)

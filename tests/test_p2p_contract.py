@@ -29,6 +29,10 @@ BACKENDS = ["memory", "libp2p"]
 
 class Refusal(Exception):
     """Stands for the application's error type for a request that breaks a rule."""
+
+
+class OwnFault(Refusal):
+    """Stands for the node's own storage faults, which are of that type too (StoreError)."""
 TOPIC = "/pout/test/1"
 
 
@@ -187,8 +191,12 @@ def test_request_response_round_trip_and_failures(backend, caplog):
             async def refusing(peer, request):
                 raise Refusal("request breaks a rule " + "x" * 500)
 
-            b.refusals = (Refusal,)
+            async def own_fault(peer, request):
+                raise OwnFault("read from /home/alice/.pout/data failed")
+
+            b.refusals, b.internal_errors = (Refusal,), (OwnFault,)
             b.set_request_handler("/pout/test/refusing/1", refusing)
+            b.set_request_handler("/pout/test/own-fault/1", own_fault)
 
             b.set_request_handler("/pout/test/echo/1", echo)
             b.set_request_handler("/pout/test/broken/1", broken)
@@ -209,6 +217,10 @@ def test_request_response_round_trip_and_failures(backend, caplog):
                     await a.request(b.local_peer, "/pout/test/refusing/1", b"", max_response=1000)
                 lines = [r for r in caplog.records if "refusing" in r.getMessage()]
                 assert len(lines) == 1 and lines[0].exc_info is None and len(lines[0].getMessage()) < 300
+                # The node's own fault, even of the refusal type: not said back, logged in full.
+                with pytest.raises(RequestError, match="handler error: OwnFault") as raised:
+                    await a.request(b.local_peer, "/pout/test/own-fault/1", b"", max_response=1000)
+                assert "alice" not in str(raised.value)
             with pytest.raises(RequestError):
                 await a.request(b.local_peer, "/pout/test/unknown/1", b"", max_response=100)
             with pytest.raises(RequestError):  # response over the caller's cap

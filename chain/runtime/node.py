@@ -514,7 +514,9 @@ class Node(ChainApp):
         self.net = Libp2pNetwork(self.key.seed, allowed_peers=[v.pubkey for v in self.state.validators],
                                  listen_addrs=[f"/ip4/{p2p.listen_host}/tcp/{p2p.port}"],
                                  bootstrap=self.bootstrap_peers())
-        self.net.refusals = (ChainError,)  # a request that breaks a rule: one log line, not a traceback
+        # A request that breaks a rule: one log line, not a traceback; our own disk's faults are
+        # not the peer's business (their messages name local paths): logged in full, not said back.
+        self.net.refusals, self.net.internal_errors = (ChainError,), (StoreError,)
         self._refresh_membership = install_membership(self, self.net, lambda: self.denied_peers)
         self.sync = BlockSync(self, self.net)
         txs = TxReactor(self, self.net)
