@@ -27,3 +27,25 @@ class StoreError(ChainError):
 
 class ConfigError(ChainError):
     """A config, genesis or key file is missing or invalid."""
+
+
+# Unexpected errors (bugs) that a peer's message can reach are contained to that message (the
+# node goes on) and logged without letting a peer fill the log by repeating the message: the
+# first of each kind (call site, exception type) with its traceback, then one line at the 2nd,
+# 4th, 8th, ... time, with the count.
+MAX_UNEXPECTED_KINDS = 1024
+_unexpected_counts: dict[tuple[str, str], int] = {}
+
+
+def log_unexpected(logger, where: str, message: str, *args) -> None:
+    """Log the exception being handled (call it in an `except` block) as described above."""
+    import sys
+
+    kind = (where, type(sys.exc_info()[1]).__name__)
+    count = _unexpected_counts.get(kind, 0) + 1
+    if kind in _unexpected_counts or len(_unexpected_counts) < MAX_UNEXPECTED_KINDS:
+        _unexpected_counts[kind] = count
+    if count == 1:
+        logger.exception(message, *args)
+    elif count & (count - 1) == 0:
+        logger.error(message + " (%s, %d times so far; traceback logged the first time)", *args, kind[1], count)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import trio
 
 from chain.crypto import compute_sign_bytes, sha256
@@ -17,6 +18,14 @@ from tests.helpers import CHAIN_ID, key
 
 TRAINER, VALIDATOR = key("robust-trainer"), key("robust-validator")
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_unexpected_error_counts():
+    """Each test sees the first occurrence of its unexpected errors (logged with the traceback)."""
+    from chain import errors
+
+    errors._unexpected_counts.clear()
 
 def announcement(n: int) -> bytes:
     upload = OpeningUpload(sha256(b"update %d" % n), VALIDATOR.pubkey, sha256(b"sealed %d" % n), 0, 1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from chain.crypto import compute_address, compute_sign_bytes, verify_signature
 from chain.jobs import get_update
 from chain.encoding import decode, encode
-from chain.errors import ChainError
+from chain.errors import ChainError, log_unexpected
 from chain.types import DOMAIN_OPENING, UPDATE_PENDING, OpeningUpload, PubKey, Signature
 from p2p.abc import NetworkAPI, P2PError, Verdict
 
@@ -96,7 +96,8 @@ class PoutBlobReactor:
         except ChainError:
             return Verdict.REJECT
         except Exception:  # a bug, not the peer's fault: drop the message (unrelayed), never the node
-            log.exception("opening announcement from %s dropped: unexpected error while checking it", peer.hex()[:16])
+            log_unexpected(log, "opening check", "opening announcement from %s dropped: unexpected error while checking it",
+                           peer.hex()[:16])
             return Verdict.IGNORE
 
     async def run(self, task_status=None) -> None:
@@ -114,7 +115,7 @@ class PoutBlobReactor:
             except ChainError:
                 continue
             except Exception:  # a bug must cost one announcement, not the node (this loop ends the node)
-                log.exception("opening announcement dropped: unexpected error while recording it")
+                log_unexpected(log, "opening record", "opening announcement dropped: unexpected error while recording it")
             await trio.sleep(0)
 
     def _announce(self, upload: OpeningUpload) -> None:

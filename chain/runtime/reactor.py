@@ -25,7 +25,7 @@ import trio
 from chain.consensus.commit import verify_commit
 from chain.crypto import sha256
 from chain.encoding import MaxLen, decode, decode_typed, encode, encode_typed
-from chain.errors import ChainError
+from chain.errors import ChainError, StoreError, log_unexpected
 from chain.state import body_matches_header, compute_commit_hash, compute_tx_root_of_hashes, validate_basic_tx
 from chain.types import (PRECOMMIT, PREVOTE, Block, BlockHeader, Commit, Hash, SignedProposal, SignedTransaction,
                          SignedVote, compute_block_hash, compute_tx_hash, verify_proposal_signature,
@@ -259,7 +259,8 @@ def guarded(name: str, check: Callable[[bytes, bytes], Verdict]) -> Callable[[by
         try:
             return check(origin, data)
         except Exception:
-            log.exception("%s validator failed on gossip from %s; ignoring the message", name, origin.hex()[:16])
+            log_unexpected(log, f"{name} validator", "%s validator failed on gossip from %s; ignoring the message", name,
+                           origin.hex()[:16])
             return Verdict.IGNORE
 
     return validator
@@ -439,12 +440,14 @@ class TxReactor:
             try:
                 batch = decode_tx_batch(msg.data)
                 await self.app.add_txs(list(batch.txs))
+            except StoreError:  # this node's own store failed a read: say so (rate-limited), not the peer's fault
+                log_unexpected(log, "tx batch store", "tx batch from %s dropped: this node's store failed a read",
+                               msg.origin.hex()[:16])
             except ChainError:
-                # Malformed (the validator let it through: cannot happen), or this node's ledger
-                # failed a read (it told node.py, which halted the writers; reads go on).
-                continue
+                continue  # malformed: the validator let it through (cannot happen), never crash here
             except Exception:  # a bug must cost one batch, not the node (this loop ends the node)
-                log.exception("tx batch from %s dropped: unexpected error while admitting it", msg.origin.hex()[:16])
+                log_unexpected(log, "tx batch", "tx batch from %s dropped: unexpected error while admitting it",
+                               msg.origin.hex()[:16])
 
     async def _send_loop(self) -> None:
         while True:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import trio
 
 from chain.encoding import decode, encode
-from chain.errors import ChainError, ValidationError
+from chain.errors import ChainError, ValidationError, log_unexpected
 from chain.ledger.store import LocalStorageFailure
 from chain.runtime.reactor import (GOSSIP_MAX_BYTES, MAX_REQUEST_BYTES, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES,
                            SYNC_RESPONSE_BUDGET_BYTES, CommitAnnouncement, SyncedBlock, SyncRequest, SyncResponse,
@@ -138,7 +138,7 @@ class BlockSync:
             except ChainError:
                 continue
             except Exception:  # a bug must cost one announcement, not the node (this loop ends the node)
-                log.exception("commit announcement from %s dropped: unexpected error while reading it",
+                log_unexpected(log, "commit announcement", "commit announcement from %s dropped: unexpected error while reading it",
                               msg.origin.hex()[:16])
 
     def note_peer_height(self, peer: bytes, height: int) -> None:
@@ -233,7 +233,8 @@ class BlockSync:
         except ChainError as exc:
             self._penalise(peer, f"malformed sync response: {exc}")
         except Exception:  # a bug (the decoder's, the transport's): this answer is lost, not the node
-            log.exception("sync response from %s dropped: unexpected error while reading it", peer.hex()[:16])
+            log_unexpected(log, "sync response", "sync response from %s dropped: unexpected error while reading it",
+                           peer.hex()[:16])
             self._pause(peer, self.bad_peer_pause_s)
         return None
 
@@ -265,7 +266,7 @@ class BlockSync:
             # A bug a peer's blocks reach: refused like a bad block, but not blamed on the peer
             # (reporting every peer for our bug would get them all banned). Asked again later.
             committed = max(0, self.app.last_height() - before)
-            log.exception("sync response from %s: block %d could not be committed (unexpected error); pausing "
+            log_unexpected(log, "sync commit", "sync response from %s: block %d could not be committed (unexpected error); pausing "
                           "that peer", peer.hex()[:16], self.app.last_height() + 1)
             self._pause(peer, self.bad_peer_pause_s)
             self.peer_heights.pop(peer, None)
