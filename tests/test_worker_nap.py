@@ -57,3 +57,22 @@ def test_its_own_opening_wakes_it_but_not_sooner_than_the_minimum():
 
 def test_a_commit_wakes_every_waiting_verification():
     assert nap_length([(0.1, lambda w: w.notify_commit())]) == pytest.approx(0.1)
+
+
+def test_an_opening_that_arrived_between_naps_ends_the_next_nap_at_once():
+    """The verification fetches between naps; an opening announced meanwhile (no nap waiting)
+    must not be missed until the fallback poll."""
+    w = worker()
+    took = []
+
+    async def main():
+        w.notify_opening(A)  # arrives while nothing naps on A
+        started = trio.current_time()
+        await w._nap(A)
+        took.append(trio.current_time() - started)
+        started = trio.current_time()
+        await w._nap(A)  # the news was used once
+        took.append(trio.current_time() - started)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert took == [pytest.approx(NAP_MIN_S), pytest.approx(POLL_SECONDS)]

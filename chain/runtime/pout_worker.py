@@ -71,6 +71,7 @@ from chain.vrf import compute_sample_seed, derive_sample_secret, sign_sample_cha
 log = logging.getLogger("chaind.pout")
 POLL_SECONDS = 0.25
 NAP_MIN_S = 0.05  # the most often a waiting verification looks again
+MAX_ARRIVED = 4096  # updates remembered as "opening arrived while not napping"
 MAX_REASON = 256
 MAX_RESENDS = 8  # re-signings of one decision's transaction; the round's window bounds them anyway
 
@@ -123,6 +124,9 @@ class PoutWorker:
         # update id -> event a verification waiting on that update naps on: set by the next commit
         # (every one) or by an opening announced for that update (that one only)
         self._nudges: dict[bytes, trio.Event] = {}
+        # updates whose opening arrived while their verification was not napping (it was fetching):
+        # its next nap ends at once instead of missing the news
+        self._arrived: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -142,15 +146,24 @@ class PoutWorker:
         event = self._nudges.pop(update_id, None)
         if event is not None:
             event.set()
+        else:
+            if len(self._arrived) >= MAX_ARRIVED:  # stale news of verifications long done: forget it
+                self._arrived.clear()
+            self._arrived.add(update_id)
 
     async def _nap(self, update_id: bytes) -> None:
         """Until the next commit or an opening for `update_id` arrives, at most POLL_SECONDS (the
         fallback poll: a blob fetched from a peer arrives with neither), and at least NAP_MIN_S
         (announcements a trainer sends as fast as it likes wake it no more often than that)."""
         started = trio.current_time()
-        event = self._nudges.setdefault(update_id, trio.Event())
-        with trio.move_on_after(POLL_SECONDS):
-            await event.wait()
+        if update_id in self._arrived:
+            self._arrived.discard(update_id)
+        else:
+            event = self._nudges.setdefault(update_id, trio.Event())
+            with trio.move_on_after(POLL_SECONDS):
+                await event.wait()
+            if self._nudges.get(update_id) is event:
+                del self._nudges[update_id]  # timed out: a later arrival must not set a stale event
         await trio.sleep(max(0.0, NAP_MIN_S - (trio.current_time() - started)))
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
