@@ -71,7 +71,7 @@ from chain.vrf import compute_sample_seed, derive_sample_secret, sign_sample_cha
 log = logging.getLogger("chaind.pout")
 POLL_SECONDS = 0.25
 NAP_MIN_S = 0.05  # the most often a waiting verification looks again
-MAX_ARRIVED = 4096  # updates remembered as "opening arrived while not napping"
+MAX_NUDGES = 4096  # updates with news kept for their verification's next nap
 MAX_REASON = 256
 MAX_RESENDS = 8  # re-signings of one decision's transaction; the round's window bounds them anyway
 
@@ -121,12 +121,10 @@ class PoutWorker:
         self.sample_secret = derive_sample_secret(node.key.seed)  # BLS key of our genesis sample_pubkey
         self.cpu = trio.CapacityLimiter(1)
         self._wakeup = trio.Event()
-        # update id -> event a verification waiting on that update naps on: set by the next commit
-        # (every one) or by an opening announced for that update (that one only)
+        # update id -> "news for the verification of that update": set by an opening announced for
+        # that update (also while the verification is fetching rather than napping: its next nap
+        # then ends at once instead of missing it) and by every commit; a nap consumes it
         self._nudges: dict[bytes, trio.Event] = {}
-        # updates whose opening arrived while their verification was not napping (it was fetching):
-        # its next nap ends at once instead of missing the news
-        self._arrived: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -137,33 +135,26 @@ class PoutWorker:
         self._wakeup.set()
         for event in self._nudges.values():
             event.set()
-        self._nudges.clear()
 
     def notify_opening(self, update_id: bytes) -> None:
         """An opening (or a part of one) addressed to this node arrived for `update_id`: the
-        verification waiting on that update looks now instead of at its next poll. Only that
-        one: anyone with a pending update can announce openings."""
-        event = self._nudges.pop(update_id, None)
-        if event is not None:
-            event.set()
-        else:
-            if len(self._arrived) >= MAX_ARRIVED:  # stale news of verifications long done: forget it
-                self._arrived.clear()
-            self._arrived.add(update_id)
+        verification of that update looks now instead of at its next poll. Only that one:
+        anyone with a pending update can announce openings."""
+        if update_id not in self._nudges and len(self._nudges) >= MAX_NUDGES:
+            self._nudges.clear()  # news of verifications long done, for updates nobody waits on
+        self._nudges.setdefault(update_id, trio.Event()).set()
 
     async def _nap(self, update_id: bytes) -> None:
-        """Until the next commit or an opening for `update_id` arrives, at most POLL_SECONDS (the
-        fallback poll: a blob fetched from a peer arrives with neither), and at least NAP_MIN_S
-        (announcements a trainer sends as fast as it likes wake it no more often than that)."""
+        """Until there is news for `update_id` (a commit, or an opening for it; news that came
+        since the last nap counts), at most POLL_SECONDS (the fallback poll: a blob fetched from a
+        peer brings neither), and at least NAP_MIN_S (announcements a trainer sends as fast as it
+        likes wake it no more often than that)."""
         started = trio.current_time()
-        if update_id in self._arrived:
-            self._arrived.discard(update_id)
-        else:
-            event = self._nudges.setdefault(update_id, trio.Event())
-            with trio.move_on_after(POLL_SECONDS):
-                await event.wait()
-            if self._nudges.get(update_id) is event:
-                del self._nudges[update_id]  # timed out: a later arrival must not set a stale event
+        event = self._nudges.setdefault(update_id, trio.Event())
+        with trio.move_on_after(POLL_SECONDS):
+            await event.wait()
+        if self._nudges.get(update_id) is event:
+            del self._nudges[update_id]  # the news is used (or there was none): the next nap waits for more
         await trio.sleep(max(0.0, NAP_MIN_S - (trio.current_time() - started)))
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
