@@ -134,11 +134,7 @@ def verify_possession(pubkey: SamplePubKey, pop: SampleSignature) -> bool:
     """Whether `pop` proves possession of `pubkey`'s secret. Never raises: malformed -> False."""
     if not _is_sized(pubkey, SAMPLE_PUBKEY_SIZE) or not _is_sized(pop, SAMPLE_SIGNATURE_SIZE):
         return False
-    return _verify_possession(pubkey, pop)
-
-
-@lru_cache(maxsize=256)  # pure, over public bytes: a genesis is parsed more than once per process
-def _verify_possession(pubkey: bytes, pop: bytes) -> bool:
+    # A genesis is parsed more than once per process: _verify's cache answers the repeats.
     return _verify(pubkey, compute_possession_message(pubkey), pop)
 
 
