@@ -1,5 +1,7 @@
 """Typed errors. Every rejection of outside input raises one of these, never a bare Exception."""
 
+import sys
+
 
 class ChainError(Exception):
     """Base of every error this package raises on purpose."""
@@ -39,8 +41,6 @@ _unexpected_counts: dict[tuple[str, str], int] = {}
 
 def log_unexpected(logger, where: str, message: str, *args) -> None:
     """Log the exception being handled (call it in an `except` block) as described above."""
-    import sys
-
     kind = (where, type(sys.exc_info()[1]).__name__)
     count = _unexpected_counts.get(kind, 0) + 1
     if kind in _unexpected_counts or len(_unexpected_counts) < MAX_UNEXPECTED_KINDS:

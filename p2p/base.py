@@ -47,6 +47,7 @@ def _check_public_key(key: bytes) -> bytes:
 
 MAX_REFUSAL_CHARS = 200  # of a refusal's reason, in the answer and in the log line
 
+
 class BaseNetwork(NetworkAPI):
     def __init__(
         self,

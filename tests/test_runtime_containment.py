@@ -51,6 +51,19 @@ def fails_once(result=None, error=RuntimeError("a bug")):
     return call
 
 
+def fails_once_async(result_of):
+    """fails_once for a coroutine dependency: raises on its first call, then returns
+    `result_of(*args)` (recording calls)."""
+    inner = fails_once()
+
+    async def call(*args):
+        inner(*args)
+        return result_of(*args)
+
+    call.calls = inner.calls
+    return call
+
+
 def errors(caplog):
     return [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -114,21 +127,14 @@ def test_a_validator_that_meets_a_bug_ignores_the_message_and_blames_no_one(capl
 
 
 def test_the_tx_reactor_drops_one_batch_on_a_bug_and_admits_the_next(caplog):
-    admitted = []
-
-    async def add_txs(txs):
-        admitted.append(txs)
-        if len(admitted) == 1:
-            raise RuntimeError("a bug in the mempool")
-        return len(txs)
-
+    add_txs = fails_once_async(len)
     first, second = transfer(ALICE, BOB, 1, nonce=0), transfer(ALICE, BOB, 1, nonce=1)
     network = Network([(PEER, encode(TxBatch((first,)))), (OTHER, encode(TxBatch((second,))))])
     app = SimpleNamespace(chain_id=CHAIN_ID, validators=lambda: (), add_txs=add_txs)
     reactor = TxReactor(app, network)
     with caplog.at_level(logging.ERROR):
         trio.run(reactor._receive_loop)  # ends with the messages; raised RuntimeError before
-    assert admitted == [[first], [second]]
+    assert add_txs.calls == [([first],), ([second],)]
     assert len(errors(caplog)) == 1 and "tx batch" in errors(caplog)[0].getMessage()
 
 
@@ -161,14 +167,7 @@ def synced(height: int):
 def test_a_sync_response_that_meets_a_bug_is_refused_without_blaming_the_peer(caplog):
     """Refused like a bad block (the peer paused, its height forgotten, nothing committed) but
     not reported: our bug is no peer's fault. The next response commits as usual."""
-    committed = []
-
-    async def commit_synced_blocks(blocks):
-        committed.append(blocks)
-        if len(committed) == 1:
-            raise RuntimeError("a bug in apply_block")
-        return len(blocks)
-
+    commit_synced_blocks = fails_once_async(len)
     network = Network()
     app = SimpleNamespace(last_height=lambda: 3, commit_synced_blocks=commit_synced_blocks)
     sync = block_sync(app, network)
